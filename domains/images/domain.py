@@ -1,0 +1,70 @@
+"""The built-in ``images`` domain: RGB images from a folder, DINOv2 multi-crop or MAE views."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domains.images.folder import ImageFolder, ImageSampleSource, read_rgb
+from domains.images.sample import make_sample_images
+from foundation.config import Config
+from foundation.data.views import EvalView, MAEView, MultiCropViews
+from foundation.domain import ViewTransform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _ImageViews:
+    def __init__(self, views: Any) -> None:
+        self.views = views
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        return self.views(sample["image"], generator)
+
+
+class ImageFolderDataset:
+    """Labelled, ordered images at the evaluation size (``dataset[i] -> {"image", "label", "id"}``)."""
+
+    def __init__(self, folder: ImageFolder, size: int, mean, std) -> None:
+        self.folder = folder
+        self.classes = list(folder.classes)
+        self.view = EvalView(size, mean, std)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.folder.files[index]
+        return {"image": self.view(read_rgb(path)), "label": self.folder.labels[index], "id": str(path)}
+
+
+class ImagesDomain:
+    """A folder of ordinary images: the path for custom data and for tests."""
+
+    name = "images"
+    channels = 3
+    spatial_dims = 2
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def make_sample(self, root: Path) -> Path:
+        return make_sample_images(Path(root))
+
+    def sample_source(self, path: str, cfg: Config) -> ImageSampleSource:
+        return ImageSampleSource(ImageFolder.scan(path), cfg.seed)
+
+    def ssl_transform(self, cfg: Config) -> ViewTransform:
+        crops = cfg.data.crops
+        if cfg.ssl.method == "mae":
+            return _ImageViews(MAEView(crops.global_size, self.mean, self.std))
+        return _ImageViews(MultiCropViews(crops, self.mean, self.std))
+
+    def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
+        return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)
+
+    def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
+        return None

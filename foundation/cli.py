@@ -1,0 +1,218 @@
+"""``foundation``: argument parsing only; every command dispatches to a function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from foundation.errors import FoundationError
+
+log = logging.getLogger("foundation")
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+EPILOG_PRETRAIN = """\
+examples:
+  foundation pretrain                                   # images domain, embedded sample, tiny CPU recipe
+  foundation pretrain --domain images --data photos/ --out runs/photos train.steps=500 train.batch_size=32
+  foundation pretrain --data photos/ --nproc 2          # spawns 2 local workers (torchrun)
+  torchrun --nproc-per-node 8 -m foundation pretrain --data photos/ --config configs/images/vit_small_dinov2.yaml
+  # several nodes: torchrun --nnodes 4 --node-rank $RANK --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+  #   --nproc-per-node 8 -m foundation pretrain ...   (same command on every node)
+
+Re-running the same command with the same --out resumes from the last checkpoint.
+"""
+
+
+def _setup_logging(quiet: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if (quiet or rank != 0) else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def default_config_path(domain: str) -> Path | None:
+    path = CONFIG_ROOT / domain / "tiny.yaml"
+    return path if path.is_file() else None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA when available"
+    )
+
+
+def _spawn_local(nproc: int, argv: list[str]) -> int:
+    """``--nproc N``: re-run this command under torchrun with N local workers."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+        del i
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "foundation",
+    ]
+    return subprocess.call(cmd + rest)
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from foundation.config import load_config
+    from foundation.train.distributed import destroy_distributed, init_distributed
+    from foundation.train.engine import pretrain
+
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _spawn_local(args.nproc, sys.argv[1:])
+    config_path = args.config or default_config_path(args.domain)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    cfg = load_config(config_path, overrides, domain=args.domain)
+    if args.out:
+        out = Path(args.out)
+    else:  # the default location is ours to create
+        out = Path("runs") / f"{cfg.domain}-{cfg._name}"
+        out.parent.mkdir(exist_ok=True)
+    dist_info = init_distributed(args.device)
+    try:
+        export_dir = pretrain(cfg, out, dist_info, quiet=args.quiet)
+    finally:
+        destroy_distributed()
+    if dist_info.is_main:
+        log.info("run folder: %s", out)
+        print(json.dumps({"run": str(out), "export": str(export_dir)}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from foundation.export import export_backbone, load_backbone
+
+    backbone, meta = load_backbone(args.run)
+    out = export_backbone(
+        backbone, meta["backbone_args"], Path(args.out), mean=meta.get("mean", ()), std=meta.get("std", ())
+    )
+    log.info("exported %s -> %s", meta["source"], out)
+    print(json.dumps({"export": str(out), "source": meta["source"]}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from foundation.eval.commands import evaluate
+
+    result = evaluate(args)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from foundation.info import environment_info
+
+    print(json.dumps(environment_info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foundation",
+        description="Domain-specialist foundation models: DINOv2/MAE pretraining, evaluation and export.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a ViT with DINOv2 or MAE (resumes when --out has checkpoints)",
+        epilog=EPILOG_PRETRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--domain", default="images", help="registered domain (see `foundation info`); default: images"
+    )
+    p.add_argument("--data", help="data folder; default: the domain's embedded sample")
+    p.add_argument("--config", help="YAML recipe; default: configs/<domain>/tiny.yaml")
+    p.add_argument("--out", help="run folder (its parent must exist); default: runs/<domain>-<recipe>")
+    p.add_argument(
+        "--nproc", type=int, default=0, help="spawn this many local workers (torchrun --standalone)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="config overrides key=value, e.g. train.steps=50 train.batch_size=32"
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("export", help="write a run's backbone as model.safetensors + timm config.json")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument(
+        "--out", required=True, help="export folder (loads with timm.create_model('local-dir:OUT'))"
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="kNN or linear probe on frozen features; prints one JSON line")
+    p.add_argument(
+        "protocol", choices=["knn", "linear"], help="knn: DINO protocol (k=20, T=0.07); linear: probe"
+    )
+    p.add_argument("--backbone", help="run folder, export folder or checkpoint")
+    p.add_argument(
+        "--random-init", action="store_true", help="evaluate an untrained backbone of the same architecture"
+    )
+    p.add_argument("--domain", default="images")
+    p.add_argument("--data", required=True, help="labelled training images (class sub-folders)")
+    p.add_argument("--val-data", required=True, help="labelled validation images (same classes)")
+    p.add_argument(
+        "--pooling", default="cls", choices=["cls", "cls+mean"], help="feature: CLS or CLS + mean patch"
+    )
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--img-size", type=int, help="evaluation image size; default: the backbone's")
+    p.add_argument("--cache-dir", help="feature cache folder (linear probe); default: none for knn")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and the probe")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="versions, devices and registered domains")
+    p.set_defaults(func=cmd_info, quiet=False)
+
+    from foundation.domain import get_domain, list_domains
+
+    for name in list_domains():
+        try:
+            get_domain(name).add_commands(sub)
+        except FoundationError as e:
+            log.warning("domain %r: commands not available: %s", name, e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return args.func(args)
+    except FoundationError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""Training: distributed setup, the loop, checkpoints, schedules, optimiser and logging."""

@@ -1,0 +1,343 @@
+"""One training loop for every objective and domain (torchtitan's plain ``Trainer``, dinov2's ``do_train``).
+
+The objective is an ``nn.Module`` whose ``forward(batch, step)`` returns a dict of losses; the loop does not
+know whether it runs DINOv2 or MAE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from foundation.config import Config, config_to_dict, save_config
+from foundation.data.sampler import StepBatchSampler, micro_batch_size
+from foundation.data.stream import SSLViewDataset, collate_views
+from foundation.domain import Domain, get_domain, resolve_data_path
+from foundation.errors import CheckpointError, DataError, TrainingError
+from foundation.export import export_backbone
+from foundation.models.factory import backbone_args, build_backbone
+from foundation.ssl.registry import get_objective_factory
+from foundation.train import checkpoint as ckpt
+from foundation.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    maybe_no_sync,
+)
+from foundation.train.metrics import MetricsLogger
+from foundation.train.optim import apply_schedules, build_optimizer, build_param_groups
+from foundation.train.schedules import cosine_schedule, scaled_lr
+
+log = logging.getLogger(__name__)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode and augment; the main process owns the cores for the model
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+class _StopFlag:
+    """SIGTERM sets a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """Builds the model, optimiser, schedules and data for ``cfg``; :meth:`train` runs (or resumes) it."""
+
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, *, quiet: bool = False) -> None:
+        self.cfg, self.run_dir, self.dist, self.quiet = cfg, run_dir, dist_info, quiet
+        self.device = dist_info.device
+        self.domain: Domain = get_domain(cfg.domain)
+        tc = cfg.train
+        self.micro_batch = micro_batch_size(tc.batch_size, dist_info.world_size, tc.grad_accum_steps)
+        torch.manual_seed(cfg.seed + dist_info.rank)  # drop-path and other model randomness, per rank
+
+        self.source = self.domain.sample_source(resolve_data_path(self.domain, cfg.data.path), cfg)
+        self.backbone_args = backbone_args(cfg.model, self.domain.channels, self.domain.spatial_dims)
+        backbone = build_backbone(cfg.model, self.domain.channels, self.domain.spatial_dims)
+        make_objective = get_objective_factory(cfg.ssl.method)
+        self.objective, extras = make_objective(backbone, cfg.ssl, cfg.data.crops, tc.steps)
+        self.objective.to(self.device)
+        self.dataset = SSLViewDataset(self.source, self.domain.ssl_transform(cfg), cfg.seed, extras)
+
+        param_groups = build_param_groups(
+            self.objective.trainable_named_parameters(),
+            self.objective.student_backbone,
+            self.objective.backbone_prefix,
+            cfg.optim,
+        )
+        self.optimizer = build_optimizer(param_groups, cfg.optim, self.device)
+        self.params = [p for g in param_groups for p in g["params"]]
+        self.last_layer_params = [p for g in param_groups if g["is_last_layer"] for p in g["params"]]
+        oc = cfg.optim
+        peak_lr = scaled_lr(oc.lr, tc.batch_size, oc.reference_batch_size, oc.lr_scaling)
+        self.lr = cosine_schedule(peak_lr, oc.min_lr, tc.steps, oc.warmup_steps)
+        self.wd = cosine_schedule(oc.weight_decay, oc.weight_decay_end, tc.steps)
+        self.model: torch.nn.Module = self.objective
+        if cfg.train.compile:
+            self.objective.student_backbone.compile()
+        if dist_info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.objective, device_ids=ids, broadcast_buffers=False)
+        precision = (
+            tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
+        self.amp_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.start_step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "model": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": all_gather_objects(ckpt.rng_state()),
+            "world_size": self.dist.world_size,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_total": self.nonfinite_total,
+            "backbone_args": self.backbone_args,
+            "export_prefix": self.objective.export_prefix,
+            "normalization": {"mean": list(self.domain.mean), "std": list(self.domain.std)},
+            "domain": self.cfg.domain,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        if state.get("backbone_args") != self.backbone_args:
+            raise CheckpointError(
+                f"{path} was written for backbone {state.get('backbone_args')}, this config builds "
+                f"{self.backbone_args}; use another --out or the original config"
+            )
+        try:
+            self.objective.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path} does not match this model/objective: {e}") from e
+        self.start_step = int(state["step"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        if state["world_size"] == self.dist.world_size:
+            ckpt.set_rng_state(state["rng"][self.dist.rank])
+        else:
+            log.warning(
+                "world size changed (%d -> %d): the data stream resumes exactly, model RNG (drop-path) does not",
+                state["world_size"],
+                self.dist.world_size,
+            )
+
+    def save(self, step: int) -> None:
+        state = self.state_dict(step)  # collective (RNG states), so every rank calls it
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints)
+            log.info("checkpoint: %s", path)
+        barrier()
+
+    def maybe_resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        self.load_state_dict(ckpt.load_checkpoint(path), path)
+        if self.dist.is_main:
+            log.info("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.train.steps)
+        return True
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict[str, Any]]:
+        tc = self.cfg.train
+        sampler = StepBatchSampler(
+            global_batch=tc.batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            grad_accum_steps=tc.grad_accum_steps,
+            start_step=self.start_step,
+            steps=tc.steps,
+        )
+        workers = self.cfg.data.num_workers
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_views,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=4 if workers else None,
+        )
+        for batch in loader:
+            yield _to_device(batch, self.device)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def train_step(self, step: int, batches: Iterator[dict[str, Any]]) -> dict[str, float] | None:
+        """Forward/backward over the accumulation micro-batches and one optimiser step.
+
+        Returns the step's metrics, or None when a non-finite loss made every rank skip the update.
+        """
+        tc, oc = self.cfg.train, self.cfg.optim
+        frozen_last_layer = step < oc.freeze_last_layer_steps
+        apply_schedules(self.optimizer, float(self.lr[step]), float(self.wd[step]), frozen_last_layer)
+        sums: dict[str, float] = defaultdict(float)
+        finite = True
+        for micro in range(tc.grad_accum_steps):
+            batch = next(batches)
+            autocast = (
+                torch.autocast(self.device.type, dtype=self.amp_dtype)
+                if self.amp_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with maybe_no_sync(self.model, micro < tc.grad_accum_steps - 1):
+                with autocast:
+                    losses = self.model(batch, step)
+                (losses["loss"] / tc.grad_accum_steps).backward()
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            finite &= all(math.isfinite(v) for v in values.values())
+            for k, v in values.items():
+                sums[k] += v / tc.grad_accum_steps
+        if any_rank(not finite, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if frozen_last_layer:
+            for p in self.last_layer_params:
+                p.grad = None
+        metrics = dict(sums)
+        if oc.clip_grad:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, oc.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(self.objective.update_teacher(step))
+        return metrics
+
+    def train(self) -> None:
+        tc = self.cfg.train
+        logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.dist.is_main,
+            start_step=self.start_step,
+            total_steps=tc.steps,
+            quiet=self.quiet,
+        )
+        batches = self.batches()
+        self.objective.train()
+        tic = time.perf_counter()
+        try:
+            with _StopFlag() as stop:
+                for step in range(self.start_step, tc.steps):
+                    if any_rank(stop.requested, self.device):
+                        log.warning("SIGTERM: writing a checkpoint at step %d, then exiting", step)
+                        self.save(step)
+                        raise SystemExit(143)
+                    metrics = self.train_step(step, batches)
+                    if metrics is None:
+                        self.nonfinite_in_a_row += 1
+                        self.nonfinite_total += 1
+                        log.warning(
+                            "step %d: non-finite loss, update skipped (%d in a row, %d in total)",
+                            step,
+                            self.nonfinite_in_a_row,
+                            self.nonfinite_total,
+                        )
+                        logger.log(step, {"skipped_nonfinite": 1, "nonfinite_total": self.nonfinite_total})
+                        if self.nonfinite_in_a_row >= tc.max_nonfinite_in_a_row:
+                            raise TrainingError(
+                                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {step}: training "
+                                "diverged. Lower optim.lr, raise train.batch_size, or check the input data"
+                            )
+                    else:
+                        self.nonfinite_in_a_row = 0
+                        metrics = all_reduce_mean(metrics, self.device)
+                        now = time.perf_counter()
+                        metrics["lr"] = float(self.lr[step])
+                        metrics["wd"] = float(self.wd[step])
+                        metrics["img_s"] = tc.batch_size / max(now - tic, 1e-9)
+                        tic = now
+                        if (step + 1) % tc.log_every == 0 or step == self.start_step or step + 1 == tc.steps:
+                            logger.log(step, metrics)
+                        logger.progress(
+                            1, {"loss": metrics["loss"], "lr": metrics["lr"], "img/s": metrics["img_s"]}
+                        )
+                    if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+                        self.save(step + 1)
+        finally:
+            logger.close()
+
+
+def _check_out(out: Path) -> None:
+    if not out.parent.exists():
+        raise DataError(f"the parent folder of --out {str(out)!r} does not exist; create it first")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {str(out)!r} exists and is not a folder")
+
+
+def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False) -> Path:
+    """Pretrain (or resume) into ``out``; returns the exported backbone folder.
+
+    A run folder is complete when ``export/`` exists. If the run fails before its first checkpoint, a
+    folder this call created is removed, so nothing half-made looks like a run.
+    """
+    out = Path(out)
+    _check_out(out)
+    created = not out.exists()
+    try:
+        trainer = Trainer(cfg, out, dist_info, quiet=quiet)  # data errors surface here, before any output
+        if dist_info.is_main:
+            out.mkdir(exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        barrier()
+        resumed = trainer.maybe_resume()
+        if not resumed and dist_info.is_main:
+            log.info("new run in %s (%d steps, global batch %d)", out, cfg.train.steps, cfg.train.batch_size)
+        if trainer.start_step < cfg.train.steps:
+            trainer.train()
+        elif dist_info.is_main:
+            log.info("run %s already finished %d steps", out, cfg.train.steps)
+    except BaseException:
+        if created and dist_info.is_main and out.exists() and not ckpt.list_checkpoints(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    export_dir = out / "export"
+    if dist_info.is_main:
+        export_backbone(
+            trainer.objective.export_backbone(),
+            trainer.backbone_args,
+            export_dir,
+            mean=trainer.domain.mean,
+            std=trainer.domain.std,
+            extra={"domain": cfg.domain, "ssl_method": cfg.ssl.method, "steps": cfg.train.steps},
+        )
+        log.info("exported backbone: %s", export_dir)
+    barrier()
+    return export_dir
