@@ -71,7 +71,10 @@ def export_backbone(
 
 
 def _from_export(path: Path) -> tuple[ViT, dict[str, Any]]:
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not a readable export config ({e})") from e
     args = config.get("foundation", {}).get("backbone_args")
     if args is None:  # a plain timm export: rebuild from model_args
         m = config["model_args"]
@@ -96,7 +99,12 @@ def _from_export(path: Path) -> tuple[ViT, dict[str, Any]]:
             qkv_bias=m.get("qkv_bias", True),
         )
     model = build_vit(**args)
-    result = model.load_state_dict(read_state_dict(path / "model.safetensors"), strict=False)
+    try:
+        result = model.load_state_dict(read_state_dict(path / "model.safetensors"), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights are from another architecture than its config.json: {e}"
+        ) from e
     if [k for k in result.missing_keys if k != "mask_token"] or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not match its config.json ({result})")
     meta = {"backbone_args": args, **config.get("pretrained_cfg", {}), "source": str(path)}

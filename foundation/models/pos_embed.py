@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,10 @@ def resample_pos_embed(
         raise ValueError(
             f"pos_embed has {pos_embed.shape[1]} tokens, grid {old_grid} needs {math.prod(old_grid)}"
         )
+    if len(old_grid) == 2:  # exactly timm's resampling (bicubic, antialiased), so exports match timm
+        return resample_abs_pos_embed(
+            pos_embed, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0
+        )
     grid = pos_embed.reshape(1, *old_grid, e).movedim(-1, 1).float()
-    mode = "bicubic" if len(old_grid) == 2 else "trilinear"
-    out = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
+    out = F.interpolate(grid, size=tuple(new_grid), mode="trilinear", align_corners=False)
     return out.movedim(1, -1).reshape(1, -1, e).to(pos_embed.dtype)

@@ -144,6 +144,11 @@ class ViT(VisionTransformer):
         self, x: torch.Tensor, indices: list[int], norm: bool = True
     ) -> tuple[list[torch.Tensor], tuple[int, ...]]:
         """Patch tokens ``(B, N, E)`` after the given blocks (for dense heads such as DPT/UNETR), and the grid."""
+        depth = len(self.blocks)
+        indices = [i + depth if i < 0 else i for i in indices]
+        bad = [i for i in indices if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for a backbone of depth {depth}")
         tokens, grid = self.prepare_tokens(x)
         tokens = self.norm_pre(tokens)
         wanted, outs = set(indices), {}

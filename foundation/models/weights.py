@@ -71,19 +71,36 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: ViT) -> dict[str, to
             continue
         out[key] = value
     if "pos_embed" in out:
-        pos = out["pos_embed"]
-        n = pos.shape[1]
-        dims = model.spatial_dims
-        side = round(n ** (1 / dims))
-        if side**dims != n:  # CLS (and maybe registers) carry a position: drop them
-            extra = n - round((n - 1) ** (1 / dims)) ** dims
-            pos = pos[:, extra:]
-            side = round(pos.shape[1] ** (1 / dims))
-        out["pos_embed"] = resample_pos_embed(pos, (side,) * dims, tuple(model.patch_embed.grid_size))
+        out["pos_embed"] = _patch_pos_embed(out, model)
     w = out.get("patch_embed.proj.weight")
     if w is not None:
         out["patch_embed.proj.weight"] = expand_patch_embed(w, model.in_chans)
     return out
+
+
+def _grid_side(n: int, dims: int) -> int | None:
+    side = round(n ** (1 / dims)) if n > 0 else 0
+    return side if side > 0 and side**dims == n else None
+
+
+def _patch_pos_embed(state: dict[str, torch.Tensor], model: ViT) -> torch.Tensor:
+    """The patch part of a position table, resampled to the model's grid.
+
+    timm tables may also hold positions for the CLS (and register) tokens (``no_embed_class=False``). The
+    source's prefix count comes from its own ``cls_token``/``reg_token``; a table that is a whole grid once
+    those are removed is read as carrying them.
+    """
+    pos = state["pos_embed"]
+    n, dims = pos.shape[1], model.spatial_dims
+    prefix = int("cls_token" in state) + (state["reg_token"].shape[1] if "reg_token" in state else 0)
+    if prefix and _grid_side(n - prefix, dims):
+        pos = pos[:, prefix:]
+    side = _grid_side(pos.shape[1], dims)
+    if side is None:
+        raise CheckpointError(
+            f"pos_embed with {n} tokens is neither a {dims}-D grid nor one plus {prefix} prefix tokens"
+        )
+    return resample_pos_embed(pos, (side,) * dims, tuple(model.patch_embed.grid_size))
 
 
 def load_backbone_weights(model: ViT, path: str | Path) -> None:

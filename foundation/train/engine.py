@@ -174,7 +174,7 @@ class Trainer:
             return False
         self.load_state_dict(ckpt.load_checkpoint(path), path)
         if self.dist.is_main:
-            log.info("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.train.steps)
+            log.warning("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.train.steps)
         return True
 
     # -- data ------------------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""``foundation evaluate knn|linear``: frozen features of a backbone (or its random-init twin) on labelled data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foundation.config import load_config
+from foundation.domain import get_domain
+from foundation.errors import ConfigError, DataError
+from foundation.eval.features import cached_features, extract_features, feature_cache_key
+from foundation.eval.knn import knn_evaluate
+from foundation.eval.linear import linear_probe
+from foundation.export import load_backbone, random_like, resolve_backbone_source
+
+log = logging.getLogger(__name__)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _remap_labels(
+    train_classes: list[str], val_classes: list[str], labels: torch.Tensor, path: str
+) -> torch.Tensor:
+    """Validation labels in the training set's class order (classes are matched by name)."""
+    index = {c: i for i, c in enumerate(train_classes)}
+    missing = [c for c in val_classes if c not in index]
+    if missing:
+        raise DataError(f"{path}: classes {missing} do not occur in the training data")
+    table = torch.tensor([index[c] for c in val_classes], dtype=torch.long)
+    return table[labels]
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.backbone:
+        raise ConfigError("--backbone is required (a run folder, export folder or checkpoint)")
+    backbone, meta = load_backbone(args.backbone)
+    source = resolve_backbone_source(args.backbone)
+    if args.random_init:
+        backbone = random_like(meta)
+    size = args.img_size or meta["backbone_args"]["img_size"]
+    domain = get_domain(args.domain)
+    cfg = load_config(
+        None,
+        [
+            f"data.crops.global_size={size}",
+            f"model.patch_size={meta['backbone_args']['patch_size']}",
+            f"model.img_size={meta['backbone_args']['img_size']}",
+            f"data.crops.local_size={meta['backbone_args']['patch_size']}",
+        ],
+        domain=args.domain,
+    )
+    train_set = domain.eval_dataset(args.data, cfg)
+    val_set = domain.eval_dataset(args.val_data, cfg)
+    device = _device(args.device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+
+    def features(dataset, path: str):
+        def compute():
+            return extract_features(
+                backbone,
+                dataset,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=device,
+                pooling=args.pooling,
+                amp_dtype=amp,
+                progress=not args.quiet,
+            )
+
+        if not args.cache_dir:
+            return compute()
+        stamp = "random" if args.random_init else f"{source.resolve()}:{source.stat().st_mtime_ns}"
+        key = feature_cache_key(stamp, str(Path(path).resolve()), str(size), args.pooling, str(args.seed))
+        return cached_features(Path(args.cache_dir), key, compute)
+
+    if args.random_init:
+        torch.manual_seed(args.seed)
+    train_f, train_l, _ = features(train_set, args.data)
+    val_f, val_l, _ = features(val_set, args.val_data)
+    val_l = _remap_labels(list(train_set.classes), list(val_set.classes), val_l, args.val_data)
+    num_classes = len(train_set.classes)
+    if num_classes < 2:
+        raise DataError(f"{args.data}: needs at least two classes (class sub-folders) for evaluation")
+    if args.protocol == "knn":
+        result = knn_evaluate(
+            train_f, train_l, val_f, val_l, num_classes, k=args.k, temperature=args.temperature
+        )
+    else:
+        result = linear_probe(train_f, train_l, val_f, val_l, num_classes, seed=args.seed)
+    return {
+        "protocol": args.protocol,
+        **result,
+        "backbone": str(source),
+        "random_init": bool(args.random_init),
+        "pooling": args.pooling,
+        "n_train": len(train_set),
+        "n_val": len(val_set),
+    }

@@ -1,0 +1,183 @@
+"""Starting weights: file formats, RGB -> N-channel expansion, timm-style position embeddings, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from foundation.errors import CheckpointError
+from foundation.models.pos_embed import resample_pos_embed
+from foundation.models.vit import ViT, build_vit
+from foundation.models.weights import expand_patch_embed, load_backbone_weights, read_state_dict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int, arch: str = "vit_tiny", **kwargs) -> ViT:
+    torch.manual_seed(seed)
+    args = dict(in_chans=3, patch_size=8, img_size=32)
+    args.update(kwargs)
+    return build_vit(arch, **args).eval()
+
+
+def images(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def save_safetensors(model: torch.nn.Module, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def source() -> ViT:
+    return tiny(seed=1, reg_tokens=2)
+
+
+def test_expand_patch_embed_mean_scaled() -> None:
+    w = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = expand_patch_embed(w, 5)
+    assert out.shape == (6, 5, 4, 4)
+    expected = w.mean(dim=1, keepdim=True) * 3 / 5
+    for c in range(5):
+        torch.testing.assert_close(out[:, c : c + 1], expected)
+    assert expand_patch_embed(w, 3) is w  # same count: unchanged
+    w3d = torch.randn(6, 3, 2, 2, 2)
+    assert expand_patch_embed(w3d, 1).shape == (6, 1, 2, 2, 2)
+    torch.testing.assert_close(expand_patch_embed(w3d, 1)[:, 0], w3d.sum(dim=1))
+
+
+def test_constant_image_same_patch_response_after_expansion(tmp_path: Path) -> None:
+    rgb = tiny(seed=1)
+    path = save_safetensors(rgb, tmp_path / "rgb.safetensors")
+    five = tiny(seed=2, in_chans=5)
+    load_backbone_weights(five, path)
+    assert five.patch_embed.proj.weight.shape[1] == 5
+    for value in (0.0, 0.7, -1.3):
+        with torch.no_grad():
+            before = rgb.patch_embed(torch.full((1, 3, 32, 32), value))
+            after = five.patch_embed(torch.full((1, 5, 32, 32), value))
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(five.blocks[3].mlp.fc1.weight, rgb.blocks[3].mlp.fc1.weight)
+
+
+def test_load_safetensors_reproduces_outputs(tmp_path: Path, source: ViT) -> None:
+    path = save_safetensors(source, tmp_path / "w.safetensors")
+    target = tiny(seed=2, reg_tokens=2)
+    x = images(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(target(x), source(x))
+        load_backbone_weights(target, path)
+        torch.testing.assert_close(target.forward_features(x), source.forward_features(x), rtol=0, atol=0)
+
+
+def test_load_torch_file_with_model_wrapper(tmp_path: Path, source: ViT) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": source.state_dict(), "epoch": 3}, path)
+    assert set(read_state_dict(path)) == set(source.state_dict())
+    target = tiny(seed=3, reg_tokens=2)
+    load_backbone_weights(target, path)
+    x = images(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_load_prefixed_and_headed_state(tmp_path: Path, source: ViT) -> None:
+    state = {f"backbone.{k}": v for k, v in source.state_dict().items() if k != "mask_token"}
+    state["backbone.head.weight"] = torch.zeros(10, 192)  # classifier heads are ignored
+    path = tmp_path / "prefixed.pt"
+    torch.save({"state_dict": state}, path)
+    target = tiny(seed=3, reg_tokens=2)
+    load_backbone_weights(target, path)
+    torch.testing.assert_close(target.pos_embed, source.pos_embed)
+
+
+def test_rgb_weights_into_four_channel_model(tmp_path: Path) -> None:
+    rgb = tiny(seed=1)
+    path = save_safetensors(rgb, tmp_path / "rgb.safetensors")
+    four = tiny(seed=4, in_chans=4)
+    load_backbone_weights(four, path)
+    w = rgb.patch_embed.proj.weight
+    expected = (w.mean(dim=1, keepdim=True) * 3 / 4).expand(-1, 4, -1, -1)
+    torch.testing.assert_close(four.patch_embed.proj.weight, expected)
+    torch.testing.assert_close(four.cls_token, rgb.cls_token)
+    with torch.no_grad():
+        assert four(images(2, 4, 32, 32)).shape == (2, 192)
+
+
+def test_other_architecture_refused(tmp_path: Path) -> None:
+    path = save_safetensors(tiny(seed=1, arch="vit_small"), tmp_path / "small.safetensors")
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_backbone_weights(tiny(seed=2), path)
+    patch16 = save_safetensors(tiny(seed=1, patch_size=16), tmp_path / "p16.safetensors")
+    with pytest.raises(CheckpointError, match=r"another architecture.*patch_embed\.proj\.weight"):
+        load_backbone_weights(tiny(seed=2), patch16)
+
+
+def test_missing_keys_refused(tmp_path: Path, source: ViT) -> None:
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.11.")}
+    path = tmp_path / "partial.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointError, match=r"missing \['blocks\.11\."):
+        load_backbone_weights(tiny(seed=2, reg_tokens=2), path)
+
+
+def test_missing_and_corrupt_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_backbone_weights(tiny(seed=0), missing)
+    corrupt = tmp_path / "bad.pt"
+    corrupt.write_bytes(b"definitely not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_backbone_weights(tiny(seed=0), corrupt)
+    not_a_dict = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], not_a_dict)
+    with pytest.raises(CheckpointError, match="expected a state dict, found list"):
+        read_state_dict(not_a_dict)
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_timm_pos_embed_with_class_position_accepted(tmp_path: Path, reg_tokens: int) -> None:
+    torch.manual_seed(5)
+    timm_model = VisionTransformer(
+        img_size=32, patch_size=8, in_chans=3, embed_dim=192, depth=12, num_heads=3, reg_tokens=reg_tokens
+    )  # timm's default: the class (and register) tokens carry positions, and a 1000-class head
+    assert timm_model.pos_embed.shape == (1, 1 + reg_tokens + 16, 192)
+    path = save_safetensors(timm_model, tmp_path / "timm.safetensors")
+    ours = tiny(seed=6, reg_tokens=reg_tokens)
+    load_backbone_weights(ours, path)
+    torch.testing.assert_close(ours.pos_embed, timm_model.pos_embed[:, 1 + reg_tokens :])
+    torch.testing.assert_close(ours.patch_embed.proj.weight, timm_model.patch_embed.proj.weight)
+    torch.testing.assert_close(ours.blocks[11].attn.qkv.weight, timm_model.blocks[11].attn.qkv.weight)
+
+
+def test_pos_embed_resampled_to_another_grid(tmp_path: Path) -> None:
+    big = tiny(seed=1, img_size=64)  # 8x8 grid
+    path = save_safetensors(big, tmp_path / "big.safetensors")
+    small = tiny(seed=2, img_size=32)  # 4x4 grid
+    load_backbone_weights(small, path)
+    assert small.pos_embed.shape == (1, 16, 192)
+    torch.testing.assert_close(small.pos_embed, resample_pos_embed(big.pos_embed, (8, 8), (4, 4)))
+
+
+def test_timm_pos_embed_with_many_register_positions(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    timm_model = VisionTransformer(
+        img_size=32, patch_size=8, in_chans=3, embed_dim=192, depth=12, num_heads=3, reg_tokens=8
+    )
+    assert timm_model.pos_embed.shape == (1, 25, 192)
+    path = save_safetensors(timm_model, tmp_path / "timm.safetensors")
+    ours = tiny(seed=6, reg_tokens=8)
+    load_backbone_weights(ours, path)
+    torch.testing.assert_close(ours.pos_embed, timm_model.pos_embed[:, 9:])

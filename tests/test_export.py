@@ -1,0 +1,200 @@
+"""Exported backbones: timm loads them without project code, and ``load_backbone`` reads them back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from foundation.errors import CheckpointError
+from foundation.export import export_backbone, load_backbone
+from foundation.models.vit import ViT, build_vit
+
+MEAN = (0.1, 0.2, 0.3, 0.4)
+STD = (0.5, 0.6, 0.7, 0.8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def backbone_args(**kwargs) -> dict:
+    args = dict(
+        arch="vit_tiny",
+        in_chans=4,
+        spatial_dims=2,
+        img_size=32,
+        patch_size=8,
+        reg_tokens=2,
+        init_values=1e-5,
+        qkv_bias=True,
+    )
+    args.update(kwargs)
+    return args
+
+
+def make(args: dict, seed: int = 0) -> ViT:
+    torch.manual_seed(seed)
+    model = build_vit(**args).eval()
+    with torch.no_grad():  # move LayerScale off its init so a dropped gamma would show
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def images(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[ViT, dict, Path]:
+    args = backbone_args()
+    model = make(args)
+    out = export_backbone(
+        model, args, tmp_path_factory.mktemp("run") / "export", mean=MEAN, std=STD, extra={"step": 7}
+    )
+    return model, args, out
+
+
+def test_export_files_and_config(exported: tuple[ViT, dict, Path]) -> None:
+    model, args, out = exported
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not (out.parent / ".export.tmp").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] in timm.list_models()
+    assert config["num_features"] == 192
+    pre = config["pretrained_cfg"]
+    assert pre["mean"] == pytest.approx(list(MEAN)) and pre["std"] == pytest.approx(list(STD))
+    assert pre["input_size"] == [4, 32, 32]
+    assert pre["num_classes"] == 0
+    margs = config["model_args"]
+    assert margs["in_chans"] == 4 and margs["embed_dim"] == 192 and margs["depth"] == 12
+    assert margs["patch_size"] == 8 and margs["img_size"] == 32 and margs["reg_tokens"] == 2
+    assert margs["num_heads"] == 3 and margs["init_values"] == pytest.approx(1e-5)
+    assert config["foundation"]["backbone_args"] == args
+    assert config["foundation"]["step"] == 7
+
+
+def test_timm_loads_export_without_project_code(exported: tuple[ViT, dict, Path]) -> None:
+    model, _, out = exported
+    timm_model = timm.create_model("local-dir:" + str(out), pretrained=True).eval()
+    assert type(timm_model).__name__ == "VisionTransformer"
+    assert timm_model.num_reg_tokens == 2
+    x = images(2, 4, 32, 32)
+    with torch.no_grad():
+        ours = model(x)
+        theirs = timm_model(x)
+    assert theirs.shape == (2, 192)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert timm_model.pretrained_cfg["mean"] == pytest.approx(MEAN)
+
+
+def test_timm_export_matches_at_other_input_sizes(exported: tuple[ViT, dict, Path]) -> None:
+    model, _, out = exported
+    timm_model = timm.create_model("local-dir:" + str(out), pretrained=True).eval()
+    x = images(1, 4, 48, 32, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_load_backbone_round_trip(exported: tuple[ViT, dict, Path]) -> None:
+    model, args, out = exported
+    loaded, meta = load_backbone(out)
+    assert meta["backbone_args"] == args
+    assert meta["mean"] == pytest.approx(list(MEAN)) and meta["std"] == pytest.approx(list(STD))
+    assert meta["source"] == str(out)
+    loaded.eval()
+    x = images(2, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(x), model.forward_features(x), rtol=0, atol=0)
+    # a run folder holding the export resolves to it
+    again, _ = load_backbone(out.parent)
+    torch.testing.assert_close(again.pos_embed, model.pos_embed)
+
+
+def test_load_plain_timm_export(tmp_path: Path) -> None:
+    args = backbone_args(in_chans=3, reg_tokens=0, init_values=None)
+    model = make(args)
+    out = export_backbone(model, args, tmp_path / "export", mean=MEAN[:3], std=STD[:3])
+    config = json.loads((out / "config.json").read_text())
+    del config["foundation"]  # as written by timm, not by us
+    (out / "config.json").write_text(json.dumps(config))
+    loaded, meta = load_backbone(out)
+    assert meta["backbone_args"]["arch"] == "vit_tiny" and meta["backbone_args"]["patch_size"] == 8
+    x = images(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_3d_export_round_trip(tmp_path: Path) -> None:
+    args = backbone_args(in_chans=1, spatial_dims=3, img_size=16, reg_tokens=0)
+    model = make(args)
+    out = export_backbone(model, args, tmp_path / "export", mean=(0.0,), std=(1.0,))
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "foundation_vit3d"
+    assert config["pretrained_cfg"]["input_size"] == [1, 16, 16, 16]
+    loaded, _ = load_backbone(out)
+    x = images(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_interrupted_export_does_not_break_a_new_one(tmp_path: Path) -> None:
+    leftover = tmp_path / ".export.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half written")
+    (leftover / "junk.bin").write_bytes(b"x")
+    args = backbone_args()
+    model = make(args)
+    out = export_backbone(model, args, tmp_path / "export", mean=MEAN, std=STD)
+    assert not leftover.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    loaded, _ = load_backbone(out)
+    torch.testing.assert_close(loaded.cls_token, model.cls_token)
+
+
+def test_export_replaces_an_older_one(tmp_path: Path) -> None:
+    args = backbone_args()
+    first, second = make(args, seed=0), make(args, seed=1)
+    export_backbone(first, args, tmp_path / "export", mean=MEAN, std=STD)
+    (tmp_path / "export" / "stale.txt").write_text("old")
+    export_backbone(second, args, tmp_path / "export", mean=MEAN, std=STD)
+    assert not (tmp_path / "export" / "stale.txt").exists()
+    loaded, _ = load_backbone(tmp_path / "export")
+    torch.testing.assert_close(loaded.cls_token, second.cls_token)
+
+
+def test_load_backbone_missing_or_empty(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_backbone(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="neither an export"):
+        load_backbone(empty)
+
+
+def test_load_backbone_corrupt_weights_file(tmp_path: Path) -> None:
+    args = backbone_args()
+    out = export_backbone(make(args), args, tmp_path / "export", mean=MEAN, std=STD)
+    (out / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_backbone(out)
+
+
+def test_load_backbone_weights_of_another_architecture(tmp_path: Path) -> None:
+    args = backbone_args(reg_tokens=0)
+    out = export_backbone(make(args), args, tmp_path / "export", mean=MEAN, std=STD)
+    small = make(backbone_args(arch="vit_small", reg_tokens=0))
+    state = {k: v.contiguous() for k, v in small.state_dict().items() if k != "mask_token"}
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=str(out)):
+        load_backbone(out)
