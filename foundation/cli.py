@@ -124,6 +124,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from foundation.eval.commands import embed
+
+    print(json.dumps(embed(args)))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from foundation.info import environment_info
 
@@ -190,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init and the probe")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("embed", help="features of a labelled image folder to HDF5 (resumable, atomic)")
+    p.add_argument("--domain", default="images")
+    p.add_argument("--data", required=True, help="images to embed (class sub-folders give labels)")
+    p.add_argument("--backbone", required=True, help="run folder, export folder or checkpoint")
+    p.add_argument("--out", required=True, help="HDF5 file: features (N x D), ids (paths), labels")
+    p.add_argument("--pooling", default="cls", choices=["cls", "cls+mean"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--img-size", type=int, help="input size; default: the backbone's")
+    _add_common(p)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("info", help="versions, devices and registered domains")
     p.set_defaults(func=cmd_info, quiet=False)

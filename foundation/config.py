@@ -280,7 +280,8 @@ def load_config(
 
 def _cross_checks(cfg: Config) -> None:
     crops = cfg.data.crops
-    for key in ("global_size", "local_size"):
+    keys = ("global_size", "local_size") if cfg.ssl.method == "dinov2" and crops.n_local else ("global_size",)
+    for key in keys:
         size = getattr(crops, key)
         if size % cfg.model.patch_size:
             raise ConfigError(

@@ -12,6 +12,7 @@ import torch
 from foundation.config import load_config
 from foundation.domain import get_domain
 from foundation.errors import ConfigError, DataError
+from foundation.eval.embed import embed_dataset
 from foundation.eval.features import cached_features, extract_features, feature_cache_key
 from foundation.eval.knn import knn_evaluate
 from foundation.eval.linear import linear_probe
@@ -38,6 +39,39 @@ def _remap_labels(
     return table[labels]
 
 
+def _eval_config(meta: dict[str, Any], size: int, domain: str):
+    """A config whose model and crop sizes match the backbone, for the domain's evaluation datasets."""
+    patch = meta["backbone_args"]["patch_size"]
+    overrides = [
+        f"data.crops.global_size={size}",
+        f"data.crops.local_size={patch}",
+        f"model.patch_size={patch}",
+        f"model.img_size={meta['backbone_args']['img_size']}",
+    ]
+    return load_config(None, overrides, domain=domain)
+
+
+def embed(args: argparse.Namespace) -> dict[str, Any]:
+    backbone, meta = load_backbone(args.backbone)
+    size = args.img_size or meta["backbone_args"]["img_size"]
+    domain = get_domain(args.domain)
+    dataset = domain.eval_dataset(args.data, _eval_config(meta, size, args.domain))
+    device = _device(args.device)
+    return embed_dataset(
+        backbone,
+        dataset,
+        Path(args.out),
+        backbone_name=str(resolve_backbone_source(args.backbone)),
+        size=size,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=device,
+        amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        progress=not args.quiet,
+    )
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.backbone:
         raise ConfigError("--backbone is required (a run folder, export folder or checkpoint)")
@@ -47,16 +81,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         backbone = random_like(meta)
     size = args.img_size or meta["backbone_args"]["img_size"]
     domain = get_domain(args.domain)
-    cfg = load_config(
-        None,
-        [
-            f"data.crops.global_size={size}",
-            f"model.patch_size={meta['backbone_args']['patch_size']}",
-            f"model.img_size={meta['backbone_args']['img_size']}",
-            f"data.crops.local_size={meta['backbone_args']['patch_size']}",
-        ],
-        domain=args.domain,
-    )
+    cfg = _eval_config(meta, size, args.domain)
     train_set = domain.eval_dataset(args.data, cfg)
     val_set = domain.eval_dataset(args.val_data, cfg)
     device = _device(args.device)

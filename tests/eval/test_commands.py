@@ -1,0 +1,122 @@
+"""`foundation evaluate` and `foundation embed` end to end on a backbone exported by a real (tiny) run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from foundation.cli import main
+from foundation.config import load_config
+from foundation.train.distributed import DistInfo
+from foundation.train.engine import pretrain
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Path:
+    from conftest import TINY_RECIPE
+
+    root = tmp_path_factory.mktemp("run")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    torch.set_num_threads(1)
+    cfg = load_config(recipe, [f"data.path={image_folder}", "train.steps=2"])
+    pretrain(cfg, root / "run", DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)
+    return root / "run"
+
+
+def _json_line(capsys) -> dict:
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_evaluate_prints_one_json_line(protocol, tiny_run, image_folder, capsys, tmp_path):
+    args = ["evaluate", protocol, "--backbone", str(tiny_run), "--data", str(image_folder)]
+    args += ["--val-data", str(image_folder), "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    result = _json_line(capsys)
+    assert result["protocol"] == protocol and 0.0 <= result["top1"] <= 1.0
+    assert result["n_train"] == result["n_val"] == 24
+    if protocol == "linear":
+        assert "balanced_accuracy" in result
+        # train and val are the same folder here: one cached feature file serves both
+        assert len(list((tmp_path / "cache").glob("*.h5"))) == 1
+
+
+def test_evaluate_random_init_uses_same_architecture(tiny_run, image_folder, capsys):
+    args = ["evaluate", "knn", "--backbone", str(tiny_run), "--random-init", "--data", str(image_folder)]
+    assert main([*args, "--val-data", str(image_folder), "--quiet"]) == 0
+    assert _json_line(capsys)["random_init"] is True
+
+
+def test_embed_writes_resumable_hdf5(tiny_run, image_folder, tmp_path, capsys):
+    out = tmp_path / "feats.h5"
+    args = ["embed", "--data", str(image_folder), "--backbone", str(tiny_run), "--out", str(out)]
+    args += ["--batch-size", "5", "--num-workers", "0", "--quiet"]
+    assert main(args) == 0
+    summary = _json_line(capsys)
+    with h5py.File(out) as f:
+        feats, ids, labels = f["features"][:], f["ids"][:].astype(str), f["labels"][:]
+        assert f.attrs["complete"]
+    assert feats.shape == (24, 192) and feats.dtype == np.float32
+    assert summary["resumed_from"] == 0
+    assert sorted(set(labels.tolist())) == [0, 1, 2]
+    assert all(Path(p).is_file() for p in ids)
+
+    # A run cut short leaves only OUT.partial; the rerun completes just what is missing.
+    out.rename(tmp_path / "full.h5")
+    partial = out.with_name(out.name + ".partial")
+    (tmp_path / "full.h5").rename(partial)
+    with h5py.File(partial, "a") as f:
+        f.attrs["done"] = 10
+        f.attrs["complete"] = False
+        f["features"][10:] = 0.0
+    assert main(args) == 0
+    assert _json_line(capsys)["resumed_from"] == 10
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["features"][:], feats, rtol=1e-5, atol=1e-5)
+    assert not partial.exists()
+
+    # Complete output: a rerun does nothing.
+    assert main(args) == 0
+    assert _json_line(capsys)["resumed_from"] == 24
+
+
+def test_embed_refuses_a_foreign_output(tiny_run, image_folder, tmp_path, capsys):
+    out = tmp_path / "feats.h5"
+    with h5py.File(out, "w") as f:
+        f.attrs["complete"] = True
+    args = ["embed", "--data", str(image_folder), "--backbone", str(tiny_run), "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    assert "holds other features" in capsys.readouterr().err
+
+
+def test_info_lists_domains_and_versions(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "images" in info["domains"] and info["packages"]["torch"]
+    assert set(info["ssl_methods"]) == {"dinov2", "mae"}
+
+
+def test_export_command_round_trip(tiny_run, tmp_path, capsys):
+    import timm
+
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "exp")]) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
+    ours = timm.create_model(f"local-dir:{tiny_run / 'export'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), ours(x))
+
+
+def test_help_documents_every_command(capsys):
+    for command in ["pretrain", "export", "evaluate", "embed", "info"]:
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: foundation" in capsys.readouterr().out
