@@ -24,6 +24,7 @@ from foundation.errors import DataError
 from foundation.eval.features import _collate, _pool
 
 log = logging.getLogger(__name__)
+_CPU = torch.device("cpu")
 
 
 def _fingerprint(ids: list[str], backbone: str, pooling: str, size: int) -> str:
@@ -68,7 +69,7 @@ def embed_dataset(
     pooling: str = "cls",
     batch_size: int = 64,
     num_workers: int = 0,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = _CPU,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
