@@ -41,6 +41,12 @@ def _remap_labels(
 
 def _eval_config(meta: dict[str, Any], size: int, domain: str):
     """A config whose model and crop sizes match the backbone, for the domain's evaluation datasets."""
+    channels = get_domain(domain).channels
+    if meta["backbone_args"]["in_chans"] != channels:
+        raise DataError(
+            f"backbone {meta['source']} takes {meta['backbone_args']['in_chans']} channels, the {domain!r} "
+            f"domain gives {channels}; pick the backbone trained on this kind of data"
+        )
     patch = meta["backbone_args"]["patch_size"]
     overrides = [
         f"data.crops.global_size={size}",

@@ -25,7 +25,7 @@ from foundation.config import Config, config_to_dict, save_config
 from foundation.data.sampler import StepBatchSampler, micro_batch_size
 from foundation.data.stream import SSLViewDataset, collate_views
 from foundation.domain import Domain, get_domain, resolve_data_path
-from foundation.errors import CheckpointError, DataError, TrainingError
+from foundation.errors import CheckpointError, ConfigError, DataError, TrainingError
 from foundation.export import export_backbone
 from foundation.models.factory import backbone_args, build_backbone
 from foundation.ssl.registry import get_objective_factory
@@ -86,6 +86,11 @@ class Trainer:
         self.micro_batch = micro_batch_size(tc.batch_size, dist_info.world_size, tc.grad_accum_steps)
         torch.manual_seed(cfg.seed + dist_info.rank)  # drop-path and other model randomness, per rank
 
+        if cfg.model.in_chans and cfg.model.in_chans != self.domain.channels:
+            raise ConfigError(
+                f"model.in_chans={cfg.model.in_chans} does not match the {cfg.domain!r} domain's "
+                f"{self.domain.channels} channels; remove the override (the domain sets it)"
+            )
         self.source = self.domain.sample_source(resolve_data_path(self.domain, cfg.data.path), cfg)
         self.backbone_args = backbone_args(cfg.model, self.domain.channels, self.domain.spatial_dims)
         backbone = build_backbone(cfg.model, self.domain.channels, self.domain.spatial_dims)

@@ -216,3 +216,9 @@ def test_cli_reports_errors_with_exit_code(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in err and "nowhere" in err
+
+
+def test_channel_override_that_contradicts_the_domain(tiny_recipe, image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="model.in_chans=4 does not match"):
+        _run_in_process(tiny_recipe, image_folder, tmp_path / "run", "model.in_chans=4")
+    assert not (tmp_path / "run").exists()
