@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from foundation.config import Config, config_to_dict, save_config
 from foundation.data.sampler import StepBatchSampler, micro_batch_size
+from foundation.data.seeding import derive_seed
 from foundation.data.stream import SSLViewDataset, collate_views
 from foundation.domain import Domain, get_domain, resolve_data_path
 from foundation.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and augment; the main process owns the cores for the model
+    # A scheduler's SIGTERM often reaches the whole process group: the workers must outlive it until the
+    # main process has written its checkpoint (they are daemons and end with it).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -84,7 +88,7 @@ class Trainer:
         self.domain: Domain = get_domain(cfg.domain)
         tc = cfg.train
         self.micro_batch = micro_batch_size(tc.batch_size, dist_info.world_size, tc.grad_accum_steps)
-        torch.manual_seed(cfg.seed + dist_info.rank)  # drop-path and other model randomness, per rank
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
         if cfg.model.in_chans and cfg.model.in_chans != self.domain.channels:
             raise ConfigError(
@@ -113,6 +117,9 @@ class Trainer:
         self.lr = cosine_schedule(peak_lr, oc.min_lr, tc.steps, oc.warmup_steps)
         self.wd = cosine_schedule(oc.weight_decay, oc.weight_decay_end, tc.steps)
         self.model: torch.nn.Module = self.objective
+        torch.manual_seed(
+            derive_seed(cfg.seed, dist_info.rank)
+        )  # drop-path and other model randomness, per rank
         if cfg.train.compile:
             self.objective.student_backbone.compile()
         if dist_info.enabled:

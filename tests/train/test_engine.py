@@ -105,15 +105,21 @@ def test_resume_after_sigkill_is_exact(tiny_recipe, image_folder, tmp_path):
         torch.testing.assert_close(got_w[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits(tiny_recipe, image_folder, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_writes_a_checkpoint_and_exits(workers, tiny_recipe, image_folder, tmp_path):
+    # With workers, SIGTERM goes to the whole process group, as schedulers send it.
     out = tmp_path / "run"
     args = ["pretrain", "--config", str(tiny_recipe), "--data", str(image_folder), "--out", str(out)]
-    proc = _cli(*args, "train.steps=400", "train.checkpoint_every=1000")
+    overrides = ["train.steps=400", "train.checkpoint_every=1000", f"data.num_workers={workers}"]
+    proc = _cli(*args, *overrides, start_new_session=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    if workers:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     ckpts = list((out / "checkpoints").glob("step_*.pt"))
