@@ -30,6 +30,11 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_sample_images(tmp_path_factory.mktemp("images") / "data", per_class=8, size=40)
 
 
+@pytest.fixture(scope="session")
+def tiny_recipe_text() -> str:
+    return TINY_RECIPE
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"

@@ -17,12 +17,10 @@ from foundation.train.engine import pretrain
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Path:
-    from conftest import TINY_RECIPE
-
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_recipe_text: str) -> Path:
     root = tmp_path_factory.mktemp("run")
     recipe = root / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE)
+    recipe.write_text(tiny_recipe_text)
     torch.set_num_threads(1)
     cfg = load_config(recipe, [f"data.path={image_folder}", "train.steps=2"])
     pretrain(cfg, root / "run", DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)

@@ -1,0 +1,137 @@
+"""The ``pathology`` domain: tissue tiles streamed from whole-slide images, with the pathology SSL recipe.
+
+Recipe changes from natural images (PathDino, UNI, Virchow, Phikon reports): slides have no "up", so
+90-degree rotations and vertical flips; HED stain jitter once per tile; weaker colour jitter; no solarize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domains.images.domain import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
+from domains.images.folder import ImageFolder
+from domains.pathology.sample import make_sample_slide
+from domains.pathology.source import (
+    PathologyOptions,
+    SlideSampleSource,
+    list_slides,
+    mpp_override,
+    read_mpp_csv,
+)
+from domains.pathology.stain import HEDJitter
+from foundation.config import Config
+from foundation.data.views import MAEView, MultiCropViews
+from foundation.domain import ViewTransform
+from foundation.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class _TileViews:
+    def __init__(self, views: Any) -> None:
+        self.views = views
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        return self.views(sample["image"], generator)
+
+
+class PathologyDomain:
+    """Whole-slide images (every format OpenSlide reads, plus OME-TIFF and plain TIFF through tifffile)."""
+
+    name = "pathology"
+    channels = 3
+    spatial_dims = 2
+    # ImageNet statistics, as UNI and most public pathology backbones use: fine-tuning from RGB weights
+    # then needs no re-normalisation.
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def make_sample(self, root: Path) -> Path:
+        return make_sample_slide(Path(root))
+
+    def sample_source(self, path: str, cfg: Config) -> SlideSampleSource:
+        options = PathologyOptions.from_config(cfg)
+        table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else None
+        return SlideSampleSource(list_slides(path), options, cfg.seed, root=Path(path), mpp_table=table)
+
+    def ssl_transform(self, cfg: Config) -> ViewTransform:
+        options = PathologyOptions.from_config(cfg)
+        stain = [HEDJitter(options.hed_scale, options.hed_shift, p=1.0)]
+        crops = cfg.data.crops
+        if cfg.ssl.method == "mae":
+            return _TileViews(MAEView(crops.global_size, self.mean, self.std, rot90=True, pre=stain))
+        views = MultiCropViews(
+            crops, self.mean, self.std, rot90=True, solarize=False, color_strength=0.5, pre=stain
+        )
+        return _TileViews(views)
+
+    def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
+        """Labelled tile images in class sub-folders (the layout of public patch benchmarks)."""
+        return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)
+
+    def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
+        p = subparsers.add_parser(
+            "pathology-qc",
+            help="tissue mask and tile grid of each slide as a QC picture (PNG)",
+            description="For each slide: detect tissue, plan tiles at --mpp/--tile-size, and write "
+            "OUT/<slide>.png (thumbnail, tissue outline in green, kept tiles in blue). Prints one JSON line.",
+        )
+        p.add_argument("slides", nargs="+", help="slide files or folders (searched recursively)")
+        p.add_argument("--out", required=True, help="folder for the PNGs")
+        p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel (default 0.5)")
+        p.add_argument("--tile-size", type=int, default=224, help="tile side in pixels (default 224)")
+        p.add_argument("--min-tissue", type=float, default=0.25, help="smallest tissue fraction of a tile")
+        p.add_argument("--slide-mpp", type=float, help="resolution of every slide, overriding the files")
+        p.add_argument("--mpp-csv", help="CSV with columns slide,mpp: per-slide resolution")
+        p.add_argument("--max-size", type=int, default=1024, help="longer side of the picture in pixels")
+        p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+        p.set_defaults(func=run_qc)
+
+
+def run_qc(args: argparse.Namespace) -> int:
+    """``foundation pathology-qc``: one PNG per slide; broken slides are reported and skipped."""
+    from tqdm import tqdm
+
+    from domains.pathology.slide import open_slide
+    from domains.pathology.tissue import mask_for_tiles, plan_tiles, write_qc
+
+    checks = {
+        "--mpp": args.mpp > 0,
+        "--tile-size": args.tile_size >= 8,
+        "--min-tissue": 0 <= args.min_tissue <= 1,
+        "--slide-mpp": args.slide_mpp is None or args.slide_mpp > 0,
+    }
+    for flag, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))!r} is out of range")
+    table = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
+    slides = [(path, Path(root)) for root in args.slides for path in list_slides(root)]
+    out = Path(args.out)
+    done, failed = [], []
+    for path, root in tqdm(slides, desc="pathology-qc", unit="slide", disable=args.quiet):
+        try:
+            with open_slide(path, mpp_override(path, args.slide_mpp, table, root)) as slide:
+                mask = mask_for_tiles(slide, args.mpp, args.tile_size)
+                tiling = plan_tiles(slide, mask, args.mpp, args.tile_size, args.min_tissue)
+                # sub-folders in the name, so equal file names in two cases do not overwrite each other
+                name = "__".join(path.relative_to(root).parts) if root.is_dir() else path.name
+                png = write_qc(out / f"{name}.png", slide, mask, tiling, args.max_size)
+                mpp = slide.mpp
+        except DataError as e:
+            log.warning("skipping slide: %s", e)
+            failed.append({"slide": str(path), "error": str(e)})
+            continue
+        done.append(
+            {"slide": str(path), "png": str(png), "tiles": len(tiling), "level": tiling.level, "mpp": mpp}
+        )
+    if not done:
+        raise DataError(f"no QC picture written: all {len(slides)} slide(s) failed (see the log)")
+    log.info("QC pictures in %s", out)
+    print(json.dumps({"out": str(out), "slides": done, "failed": failed}))
+    return 0

@@ -1,0 +1,263 @@
+"""Training samples from a folder of slides: a random slide, then a random tissue tile of it.
+
+Only slide FILES are listed. A slide's tissue mask and tile grid are computed when a worker first draws
+it and kept in a bounded per-worker cache, so no tile list of a whole archive is ever held in memory.
+Consecutive stream indices (``samples_per_slide`` of them) share a slide, so the micro-batch a worker reads
+reuses one open handle and one mask instead of opening a new slide for every tile.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domains.pathology.slide import SlideCache
+from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
+from foundation.config import Config
+from foundation.data.seeding import generator_for
+from foundation.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".tif",
+    ".tiff",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".svslide",
+    ".dcm",
+)
+
+
+@dataclass(frozen=True)
+class PathologyOptions:
+    """``data.options`` of the pathology domain (unknown keys are refused by name).
+
+    Attributes:
+        mpp: target microns per pixel of a tile (0.5 ~ 20x).
+        tile_size: tile side in pixels; default ``data.crops.global_size``.
+        min_tissue: smallest tissue fraction of a tile that is sampled.
+        slide_mpp: the resolution of every slide, overriding the files (for slides without one).
+        mpp_csv: a CSV with columns ``slide,mpp`` (file name, relative or absolute path) per slide.
+        samples_per_slide: consecutive stream indices drawn from one slide.
+        max_open_slides: open slide handles per worker.
+        hed_scale, hed_shift: HED stain jitter ranges (see ``stain.HEDJitter``).
+    """
+
+    mpp: float = 0.5
+    tile_size: int = 224
+    min_tissue: float = 0.25
+    slide_mpp: float | None = None
+    mpp_csv: str | None = None
+    samples_per_slide: int = 8
+    max_open_slides: int = 8
+    hed_scale: float = 0.05
+    hed_shift: float = 0.05
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mpp": self.mpp > 0,
+            "tile_size": isinstance(self.tile_size, int) and self.tile_size >= 8,
+            "min_tissue": 0 <= self.min_tissue <= 1,
+            "slide_mpp": self.slide_mpp is None or self.slide_mpp > 0,
+            "samples_per_slide": isinstance(self.samples_per_slide, int) and self.samples_per_slide >= 1,
+            "max_open_slides": isinstance(self.max_open_slides, int) and self.max_open_slides >= 1,
+            "hed_scale": 0 <= self.hed_scale < 1,
+            "hed_shift": self.hed_shift >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"data.options.{key}={getattr(self, key)!r} is out of range")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PathologyOptions:
+        """Read ``cfg.data.options``; ``tile_size`` defaults to the global crop size.
+
+        Raises:
+            ConfigError: unknown key, wrong type or value out of range; the message names the key.
+        """
+        options: dict[str, Any] = dict(cfg.data.options or {})
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"data.options: unknown key(s) {unknown} for the pathology domain; allowed: {allowed}"
+            )
+        options.setdefault("tile_size", cfg.data.crops.global_size)
+        for key in ("mpp", "min_tissue", "slide_mpp", "hed_scale", "hed_shift"):
+            value = options.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"data.options.{key}={value!r} must be a number")
+        return cls(**options)
+
+
+def list_slides(path: str | Path) -> tuple[Path, ...]:
+    """Slide files under ``path`` (recursive, sorted), or ``path`` itself when it is a file.
+
+    A DICOM slide is a folder of ``.dcm`` instances (one per level); one file stands for the folder.
+
+    Raises:
+        DataError: the path does not exist or holds no slide.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"slide path {str(root)!r} does not exist")
+    if root.is_file():
+        return (root,)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    seen_dicom: set[Path] = set()
+    slides = []
+    for p in files:
+        if p.suffix.lower() == ".dcm":
+            if p.parent in seen_dicom:
+                continue
+            seen_dicom.add(p.parent)
+        slides.append(p)
+    if not slides:
+        raise DataError(f"data folder {str(root)!r} has no slides ({', '.join(SLIDE_SUFFIXES)})")
+    return tuple(slides)
+
+
+def read_mpp_csv(path: str | Path) -> dict[str, float]:
+    """``slide -> mpp`` from a CSV with a ``slide,mpp`` header.
+
+    Raises:
+        DataError: missing file, missing columns or a value that is not a positive number (row named).
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"slide", "mpp"} <= set(reader.fieldnames):
+                raise DataError(
+                    f"{path}: an mpp CSV needs the columns 'slide' and 'mpp', got {reader.fieldnames}"
+                )
+            table = {}
+            for line, row in enumerate(reader, start=2):
+                try:
+                    mpp = float(row["mpp"])
+                except (TypeError, ValueError):
+                    mpp = -1.0
+                if not mpp > 0:
+                    raise DataError(f"{path}:{line}: mpp {row['mpp']!r} is not a positive number")
+                table[row["slide"].strip()] = mpp
+            return table
+    except OSError as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"mpp CSV {str(path)!r} cannot be read: {e}") from e
+
+
+def mpp_override(
+    path: Path, slide_mpp: float | None, table: dict[str, float], root: Path | None = None
+) -> float | None:
+    """The user's resolution for ``path``: ``slide_mpp`` for every slide, else the CSV row naming it (by
+    absolute path, path relative to ``root``, file name or stem), else None (the file's own)."""
+    if slide_mpp is not None:
+        return slide_mpp
+    keys = [str(path), path.name, path.stem]
+    if root is not None and root.is_dir():
+        keys.insert(1, str(path.relative_to(root)))
+    return next((table[k] for k in keys if k in table), None)
+
+
+class SlideSampleSource:
+    """An endless stream of tissue tiles (``{"image": H x W x 3 uint8, "path", "coords"}``).
+
+    The slide of index ``i`` depends on ``(seed, i // samples_per_slide)`` and the tile on the sample's
+    generator, so the stream is the same on any number of ranks and workers. A slide that cannot be read,
+    has no resolution or no tissue is named in the log once and its turn goes to another draw.
+    """
+
+    def __init__(
+        self,
+        slides: tuple[Path, ...],
+        options: PathologyOptions,
+        seed: int,
+        root: Path | None = None,
+        mpp_table: dict[str, float] | None = None,
+        max_tilings: int = 256,
+    ) -> None:
+        self.slides = slides
+        self.options = options
+        self.seed = seed
+        self.root = root
+        self.mpp_table = mpp_table or {}
+        self.max_tilings = max_tilings
+        self.handles = SlideCache(options.max_open_slides)
+        self._tilings: OrderedDict[Path, Tiling] = OrderedDict()
+        self.broken: set[Path] = set()
+
+    def mpp_override(self, path: Path) -> float | None:
+        return mpp_override(path, self.options.slide_mpp, self.mpp_table, self.root)
+
+    def tiling(self, path: Path) -> Tiling:
+        """The slide's tissue tiles, computed on first use and cached (bounded) in this worker.
+
+        Raises:
+            DataError: unreadable slide, no resolution, or no tile with enough tissue.
+        """
+        if (cached := self._tilings.get(path)) is not None:
+            self._tilings.move_to_end(path)
+            return cached
+        o = self.options
+        slide = self.handles.get(path, self.mpp_override(path))
+        tiling = plan_tiles(
+            slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
+        )
+        if not len(tiling):
+            raise DataError(
+                f"{path}: no {o.tile_size} px tile at {o.mpp} um/px has tissue fraction >= {o.min_tissue} "
+                "(look at it with `foundation pathology-qc`)"
+            )
+        if slide.mpp > o.mpp * 1.01:
+            log.warning(
+                "%s: scanned at %.3g um/px, coarser than the target %g: tiles are upsampled",
+                path,
+                slide.mpp,
+                o.mpp,
+            )
+        self._tilings[path] = tiling
+        while len(self._tilings) > self.max_tilings:
+            self._tilings.popitem(last=False)
+        return tiling
+
+    def slide_at(self, index: int, attempt: int = 0) -> Path:
+        g = generator_for(self.seed, index // self.options.samples_per_slide, attempt, 0x511DE)
+        return self.slides[int(torch.randint(len(self.slides), (1,), generator=g))]
+
+    def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
+        for attempt in range(8 * len(self.slides) + 32):
+            if len(self.broken) == len(self.slides):
+                break
+            path = self.slide_at(index, attempt)
+            if path in self.broken:
+                continue
+            try:
+                tiling = self.tiling(path)
+                i = int(torch.randint(len(tiling), (1,), generator=generator))
+                tile = read_tile(self.handles.get(path, self.mpp_override(path)), tiling, i)
+                return {"image": tile, "path": str(path), "coords": tiling.coords[i].copy()}
+            except DataError as e:
+                self.handles.discard(path)  # an OpenSlide handle is unusable after an error
+                self.broken.add(path)
+                log.warning("skipping slide (%d of %d so far): %s", len(self.broken), len(self.slides), e)
+        where = self.root or (self.slides[0].parent if self.slides else "?")
+        raise DataError(
+            f"no slide under {str(where)!r} gave a tissue tile ({len(self.broken)} skipped; see the log)"
+        )

@@ -1,0 +1,193 @@
+"""Tissue detection on a low-resolution image of a slide, the tile grid at a target resolution, and a QC picture.
+
+The mask is HSV saturation on a thumbnail (glass is grey-white, stained tissue is coloured): median blur,
+Otsu threshold, morphological close, small specks and holes removed. Tiles form a grid in level-0 pixels
+whose side covers ``tile_size * mpp`` microns; each keeps its tissue fraction.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from domains.pathology.slide import Slide
+from foundation.errors import DataError
+
+MASK_MAX_SIDE = 4096  # mask pixels on the longer side, whatever the slide size
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean tissue mask and how its pixels map to the slide."""
+
+    mask: np.ndarray  # H x W bool
+    mpp: float  # microns per mask pixel
+    scale: tuple[float, float]  # level-0 pixels per mask pixel (x, y)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of one slide at a target resolution; ``coords`` are level-0 ``(x, y)`` top-left corners."""
+
+    coords: np.ndarray  # N x 2 int64
+    tissue: np.ndarray  # N float32, tissue fraction of each tile
+    mpp: float  # target microns per pixel of a tile
+    tile_size: int  # tile side in output pixels
+    level: int  # pyramid level read
+    read_size: int  # tile side in pixels of that level (resized to tile_size)
+    extent: int  # tile side in level-0 pixels
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+def detect_tissue(
+    rgb: np.ndarray, min_area: int = 16, *, min_threshold: int = 8, max_threshold: int = 30
+) -> np.ndarray:
+    """Boolean tissue mask of a low-resolution ``H x W x 3`` uint8 image.
+
+    Otsu adapts to the stain; clipping its threshold keeps a blank slide (where Otsu splits JPEG noise)
+    and a strongly stained one (where Otsu would drop pale stroma) sensible. Components and holes smaller
+    than ``min_area`` pixels are removed.
+    """
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    saturation = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), 7)
+    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    threshold = float(np.clip(otsu, min_threshold, max_threshold))
+    # Near-black pixels (unscanned borders, dust) have a meaningless hue and saturation.
+    value = cv2.medianBlur(np.ascontiguousarray(hsv[..., 2]), 7)
+    mask = ((saturation > threshold) & (value > 40)).astype(np.uint8)
+    # An odd, symmetric kernel: an even one (OpenCV anchors it off-centre) shifts the mask by a pixel.
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    mask = _drop_small(mask, min_area)
+    holes = _drop_small(1 - mask, min_area)  # background components big enough to be real glass
+    return holes == 0
+
+
+def _drop_small(mask: np.ndarray, min_area: int) -> np.ndarray:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False  # label 0 is the other class
+    return keep[labels].astype(np.uint8)
+
+
+def mask_mpp_for(slide: Slide, tile_microns: float) -> float:
+    """Mask resolution: about 16 mask pixels per tile side, 8 um/px at most, never finer than the slide and
+    never more than 4096 pixels on the longer side."""
+    longest_microns = max(slide.dimensions) * slide.mpp
+    return max(min(tile_microns / 16, 8.0), slide.mpp, longest_microns / MASK_MAX_SIDE)
+
+
+def tissue_mask(slide: Slide, mpp: float, min_area: int = 16) -> TissueMask:
+    """Read the slide at ``mpp`` microns per pixel and detect tissue on it."""
+    thumb = slide.read_at_mpp(mpp)
+    h, w = thumb.shape[:2]
+    w0, h0 = slide.dimensions
+    return TissueMask(detect_tissue(thumb, min_area), mpp, (w0 / w, h0 / h))
+
+
+def mask_for_tiles(slide: Slide, mpp: float, tile_size: int) -> TissueMask:
+    """The tissue mask suited to tiles of ``tile_size`` pixels at ``mpp``: specks under a quarter tile dropped."""
+    tile_microns = tile_size * mpp
+    mask_mpp = mask_mpp_for(slide, tile_microns)
+    return tissue_mask(slide, mask_mpp, min_area=max(4, round((tile_microns / mask_mpp) ** 2 / 4)))
+
+
+def plan_tiles(
+    slide: Slide, mask: TissueMask, mpp: float, tile_size: int, min_tissue: float = 0.25
+) -> Tiling:
+    """The full tiles of the level-0 grid whose tissue fraction is at least ``min_tissue``.
+
+    The level read is the coarsest one at least as fine as ``mpp``; the region read there is resized to
+    ``tile_size``.
+    """
+    extent = max(1, round(tile_size * mpp / slide.mpp))
+    level = slide.best_level(mpp)
+    read_size = max(1, round(extent / slide.level_downsamples[level]))
+    w0, h0 = slide.dimensions
+    xs, ys = np.arange(w0 // extent) * extent, np.arange(h0 // extent) * extent
+    fraction = _area_fraction(mask, xs, ys, extent)
+    iy, ix = np.nonzero(fraction >= min_tissue)
+    coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64)
+    return Tiling(coords, fraction[iy, ix].astype(np.float32), mpp, tile_size, level, read_size, extent)
+
+
+def _area_fraction(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, extent: int) -> np.ndarray:
+    """Tissue fraction of every grid cell (rows = ys, columns = xs), from an integral image."""
+    hm, wm = mask.mask.shape
+    integral = cv2.integral(mask.mask.astype(np.uint8)).astype(np.int64)
+    sx, sy = mask.scale
+
+    def bounds(starts: np.ndarray, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip(np.round(starts / scale), 0, limit - 1).astype(np.int64)
+        hi = np.clip(np.round((starts + extent) / scale), lo + 1, limit).astype(np.int64)
+        return lo, hi
+
+    x0, x1 = bounds(xs, sx, wm)
+    y0, y1 = bounds(ys, sy, hm)
+    total = (
+        integral[np.ix_(y1, x1)]
+        - integral[np.ix_(y0, x1)]
+        - integral[np.ix_(y1, x0)]
+        + integral[np.ix_(y0, x0)]
+    )
+    return total / ((y1 - y0)[:, None] * (x1 - x0)[None, :])
+
+
+def read_tile(slide: Slide, tiling: Tiling, index: int) -> np.ndarray:
+    """Tile ``index`` of ``tiling`` as ``tile_size x tile_size x 3`` uint8."""
+    x, y = (int(v) for v in tiling.coords[index])
+    region = slide.read_region((x, y), tiling.level, (tiling.read_size, tiling.read_size))
+    if tiling.read_size == tiling.tile_size:
+        return region
+    shrink = tiling.read_size > tiling.tile_size
+    return cv2.resize(
+        region,
+        (tiling.tile_size, tiling.tile_size),
+        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC,
+    )
+
+
+def write_qc(
+    path: str | os.PathLike, slide: Slide, mask: TissueMask, tiling: Tiling, max_size: int = 1024
+) -> Path:
+    """A PNG a person can check at a glance: thumbnail, tissue outline (green), kept tiles (blue), a caption.
+
+    Written to a temporary name and renamed, so a partial picture never looks complete.
+    """
+    path = Path(path)
+    canvas = slide.thumbnail(max_size).copy()
+    h, w = canvas.shape[:2]
+    f = w / slide.dimensions[0]  # thumbnail pixels per level-0 pixel
+    # Linear upsampling then a 0.5 threshold: a smooth outline instead of the mask's pixel staircase.
+    smooth = cv2.resize(mask.mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    outline = (smooth > 0.5).astype(np.uint8)
+    contours, _ = cv2.findContours(outline, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    shade = canvas.copy()
+    side = tiling.extent * f
+    for x, y in tiling.coords:
+        p0 = (int(x * f), int(y * f))
+        p1 = (int((x + tiling.extent) * f) - 1, int((y + tiling.extent) * f) - 1)
+        cv2.rectangle(shade, p0, p1, (40, 90, 230), -1)
+        if side >= 6:  # grid lines only where they stay readable
+            cv2.rectangle(canvas, p0, p1, (40, 90, 230), 1)
+    canvas = cv2.addWeighted(shade, 0.25, canvas, 0.75, 0)
+    cv2.drawContours(canvas, contours, -1, (0, 170, 0), 2)
+    caption = (
+        f"{slide.path.name}  {slide.mpp:.3g} um/px ({slide.mpp_source})  tiles: {len(tiling)} x "
+        f"{tiling.tile_size}px @ {tiling.mpp:g} um/px, level {tiling.level}"
+    )
+    bar = np.full((22, w, 3), 255, np.uint8)
+    cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.vstack([bar, canvas]), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DataError(f"{path}: could not encode the QC picture")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(png.tobytes())
+    os.replace(tmp, path)
+    return path
