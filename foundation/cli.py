@@ -83,11 +83,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_local(args.nproc, sys.argv[1:])
-    config_path = args.config or default_config_path(args.domain)
+    config_path = args.config or default_config_path(args.domain or "images")
     overrides = list(args.overrides)
+    if args.domain:  # the flag wins over a recipe's `domain:`
+        overrides.append(f"domain={args.domain}")
     if args.data:
         overrides.append(f"data.path={args.data}")
-    cfg = load_config(config_path, overrides, domain=args.domain)
+    cfg = load_config(config_path, overrides)
     if args.out:
         out = Path(args.out)
     else:  # the default location is ours to create

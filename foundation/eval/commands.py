@@ -41,12 +41,6 @@ def _remap_labels(
 
 def _eval_config(meta: dict[str, Any], size: int, domain: str):
     """A config whose model and crop sizes match the backbone, for the domain's evaluation datasets."""
-    channels = get_domain(domain).channels
-    if meta["backbone_args"]["in_chans"] != channels:
-        raise DataError(
-            f"backbone {meta['source']} takes {meta['backbone_args']['in_chans']} channels, the {domain!r} "
-            f"domain gives {channels}; pick the backbone trained on this kind of data"
-        )
     patch = meta["backbone_args"]["patch_size"]
     overrides = [
         f"data.crops.global_size={size}",
@@ -57,11 +51,27 @@ def _eval_config(meta: dict[str, Any], size: int, domain: str):
     return load_config(None, overrides, domain=domain)
 
 
+def _eval_dataset(domain_name: str, path: str, meta: dict[str, Any], size: int):
+    """The domain's labelled dataset, normalised with the backbone's own statistics, checked for channels."""
+    domain = get_domain(domain_name)
+    if meta.get("mean") and meta.get("std"):  # the statistics the backbone was trained with
+        domain.mean, domain.std = tuple(meta["mean"]), tuple(meta["std"])
+    dataset = domain.eval_dataset(path, _eval_config(meta, size, domain_name))
+    if len(dataset) == 0:
+        raise DataError(f"{path}: no labelled items found")
+    channels = int(dataset[0]["image"].shape[0])
+    if meta["backbone_args"]["in_chans"] != channels:
+        raise DataError(
+            f"backbone {meta['source']} takes {meta['backbone_args']['in_chans']} channels, the data in {path} "
+            f"has {channels}; pick the backbone trained on this kind of data"
+        )
+    return dataset
+
+
 def embed(args: argparse.Namespace) -> dict[str, Any]:
     backbone, meta = load_backbone(args.backbone)
     size = args.img_size or meta["backbone_args"]["img_size"]
-    domain = get_domain(args.domain)
-    dataset = domain.eval_dataset(args.data, _eval_config(meta, size, args.domain))
+    dataset = _eval_dataset(args.domain, args.data, meta, size)
     device = _device(args.device)
     return embed_dataset(
         backbone,
@@ -86,10 +96,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.random_init:
         backbone = random_like(meta)
     size = args.img_size or meta["backbone_args"]["img_size"]
-    domain = get_domain(args.domain)
-    cfg = _eval_config(meta, size, args.domain)
-    train_set = domain.eval_dataset(args.data, cfg)
-    val_set = domain.eval_dataset(args.val_data, cfg)
+    train_set = _eval_dataset(args.domain, args.data, meta, size)
+    val_set = _eval_dataset(args.domain, args.val_data, meta, size)
     device = _device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
 

@@ -90,12 +90,13 @@ class Trainer:
         self.micro_batch = micro_batch_size(tc.batch_size, dist_info.world_size, tc.grad_accum_steps)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
+        # The source comes first: some domains learn their channel count and statistics from the data.
+        self.source = self.domain.sample_source(resolve_data_path(self.domain, cfg.data.path), cfg)
         if cfg.model.in_chans and cfg.model.in_chans != self.domain.channels:
             raise ConfigError(
                 f"model.in_chans={cfg.model.in_chans} does not match the {cfg.domain!r} domain's "
-                f"{self.domain.channels} channels; remove the override (the domain sets it)"
+                f"{self.domain.channels} channels; remove the override (the data sets it)"
             )
-        self.source = self.domain.sample_source(resolve_data_path(self.domain, cfg.data.path), cfg)
         self.backbone_args = backbone_args(cfg.model, self.domain.channels, self.domain.spatial_dims)
         backbone = build_backbone(cfg.model, self.domain.channels, self.domain.spatial_dims)
         make_objective = get_objective_factory(cfg.ssl.method)

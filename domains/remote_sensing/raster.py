@@ -1,0 +1,218 @@
+"""Reading rasters with rasterio: any GDAL format, band selection, nodata / masks / alpha, windows.
+
+Every read returns ``float32`` pixels ``H x W x C`` (band order as selected, file scale/offset applied) and a
+boolean ``H x W`` valid mask: a pixel is valid when GDAL's mask (nodata value, internal mask or alpha band)
+says so for every selected band and all its values are finite. Callers decide what to do with invalid
+pixels; nothing here fills them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
+
+from foundation.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# Suffixes picked up when a folder is given; a single file of any GDAL format can always be named directly.
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+# Divisors that bring common integer encodings to reflectance-like units (Sentinel-2 L1C/L2A, Landsat
+# surface reflectance products stored as integers use 10000).
+DTYPE_SCALES = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0}
+
+
+class UnreadableRasterError(DataError):
+    """GDAL cannot open the file: in a folder it is skipped, given alone it stops the command."""
+
+
+def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
+    """``rasterio.open`` with an error naming the file when GDAL cannot read it; the caller closes it.
+
+    Rasters without georeferencing are allowed (rasterio's warning is silenced here; :func:`inspect_raster`
+    logs one of ours).
+
+    Raises:
+        UnreadableRasterError: not a raster GDAL can open.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioError as e:
+        raise UnreadableRasterError(f"{path}: not a readable raster ({e})") from e
+
+
+@contextlib.contextmanager
+def open_raster(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
+    """:func:`open_dataset` as a context manager."""
+    ds = open_dataset(path)
+    try:
+        yield ds
+    finally:
+        ds.close()
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the sampler needs to know about one raster, read once from its header."""
+
+    path: str
+    width: int
+    height: int
+    bands: tuple[int, ...]  # 1-based, in the order they are read
+    dtype: str
+    crs: str | None
+    colorinterp: tuple[str, ...]  # of the selected bands
+    scaled: bool  # the file declares a scale or offset, applied on read
+
+    @property
+    def channels(self) -> int:
+        return len(self.bands)
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.colorinterp == ("red", "green", "blue")
+
+
+def inspect_raster(path: str | Path, bands: Sequence[int] | None = None) -> RasterInfo:
+    """Header facts of ``path`` with ``bands`` checked against its band count.
+
+    Without ``bands``, every band except alpha bands is used (alpha is a mask, not data).
+
+    Raises:
+        DataError: unreadable file, or a selected band it does not have.
+    """
+    with open_raster(path) as ds:
+        interp = tuple(ci.name for ci in ds.colorinterp)
+        if bands is None:
+            bands = tuple(i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha)
+            if not bands:
+                raise DataError(f"{path}: has only alpha bands, no data bands")
+        bad = [b for b in bands if b > ds.count]
+        if bad:
+            raise DataError(
+                f"{path}: has {ds.count} bands, cannot select band(s) {bad}; "
+                f"set data.options.bands to numbers in 1..{ds.count}"
+            )
+        if ds.crs is None:
+            log.warning("%s: no CRS; reading it in pixel space", path)
+        scaled = any(ds.scales[b - 1] != 1 or ds.offsets[b - 1] != 0 for b in bands)
+        return RasterInfo(
+            path=str(path),
+            width=ds.width,
+            height=ds.height,
+            bands=tuple(bands),
+            dtype=ds.dtypes[bands[0] - 1],
+            crs=ds.crs.to_string() if ds.crs else None,
+            colorinterp=tuple(interp[b - 1] for b in bands),
+            scaled=scaled,
+        )
+
+
+def value_scale(info: RasterInfo, scale: object = "auto") -> float:
+    """The divisor to reflectance-like units: ``scale`` if a number, else derived from the dtype.
+
+    ``auto``: uint8 -> 255, (u)int16 -> 10000, anything else (floats, files with their own scale/offset) -> 1.
+
+    Raises:
+        ConfigError: ``scale`` is neither ``auto`` nor a positive number.
+    """
+    if scale is None or scale == "auto":
+        return 1.0 if info.scaled else DTYPE_SCALES.get(info.dtype, 1.0)
+    try:
+        value = float(scale)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.options.scale={scale!r}: expected 'auto' or a positive number") from e
+    if not value > 0:
+        raise ConfigError(f"data.options.scale={scale!r}: expected 'auto' or a positive number")
+    return value
+
+
+def read_window(
+    ds: rasterio.io.DatasetReader,
+    bands: Sequence[int],
+    window: Window | None = None,
+    nodata: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels ``H x W x C`` float32 and a valid mask ``H x W`` for ``window`` (whole raster if None).
+
+    Args:
+        ds: an open dataset.
+        bands: 1-based band indexes.
+        window: the region; must lie inside the raster.
+        nodata: an extra nodata value (raw units) for files that do not declare theirs.
+    """
+    bands = list(bands)
+    raw = ds.read(bands, window=window, out_dtype="float32")
+    valid = (ds.read_masks(bands, window=window) > 0).all(axis=0)
+    if nodata is not None:
+        valid &= ~(raw == np.float32(nodata)).any(axis=0)
+    scales = np.array([ds.scales[b - 1] for b in bands], dtype=np.float32)
+    offsets = np.array([ds.offsets[b - 1] for b in bands], dtype=np.float32)
+    if (scales != 1).any() or (offsets != 0).any():
+        raw = raw * scales[:, None, None] + offsets[:, None, None]
+    valid &= np.isfinite(raw).all(axis=0)
+    return np.ascontiguousarray(raw.transpose(1, 2, 0)), valid
+
+
+def list_rasters(path: str | Path) -> list[Path]:
+    """A single raster file, or every file with a raster suffix under a folder (recursive, sorted).
+
+    Raises:
+        DataError: the path does not exist, or a folder holds no rasters.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {str(path)!r} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"data folder {str(path)!r} has no rasters ({', '.join(RASTER_SUFFIXES)})")
+    return files
+
+
+def scan_rasters(path: str | Path, bands: Sequence[int] | None = None) -> list[RasterInfo]:
+    """Inspect every raster under ``path``; all must give the same number of channels.
+
+    In a folder, unreadable files are named in the log and skipped (a few broken files do not stop a run);
+    a single file that cannot be read is an error.
+
+    Raises:
+        DataError: nothing readable, a band missing from a file, or a file whose channel count differs from
+            the first file's (named, with both counts).
+    """
+    files = list_rasters(path)
+    infos: list[RasterInfo] = []
+    skipped: list[str] = []
+    for f in files:
+        try:
+            info = inspect_raster(f, bands)
+        except UnreadableRasterError as e:
+            if len(files) == 1:
+                raise
+            log.warning("skipping %s", e)
+            skipped.append(str(f))
+            continue
+        if infos and info.channels != infos[0].channels:
+            raise DataError(
+                f"{f}: gives {info.channels} bands, but {infos[0].path} gives {infos[0].channels}; every raster "
+                "must have the same bands (select common ones with data.options.bands, e.g. bands=4,3,2)"
+            )
+        infos.append(info)
+    if not infos:
+        raise DataError(f"no readable raster under {str(path)!r} (skipped: {', '.join(skipped)})")
+    if skipped:
+        log.warning("%d unreadable file(s) skipped under %s", len(skipped), path)
+    return infos
