@@ -31,7 +31,9 @@ from foundation.train.engine import Trainer  # noqa: E402
 
 
 class BareMAE(nn.Module):
-    def __init__(self, dims: int, chans: int, patch: int, dim: int, depth: int, heads: int, dec: tuple[int, int, int]):
+    def __init__(
+        self, dims: int, chans: int, patch: int, dim: int, depth: int, heads: int, dec: tuple[int, int, int]
+    ):
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         self.embed = conv(chans, dim, patch, patch)
@@ -53,12 +55,25 @@ class BareMAE(nn.Module):
 def run(args: argparse.Namespace, dims: int, size: int, patch: int, chans: int) -> dict:
     device = torch.device(args.device)
     overrides = [
-        f"model.arch={args.arch}", f"model.patch_size={patch}", f"model.img_size={size}", "model.layerscale_init=null",
-        f"model.spatial_dims={dims}", f"model.in_chans={chans}",
-        "ssl.method=mae", f"ssl.decoder_dim={args.decoder_dim}", f"ssl.decoder_depth={args.decoder_depth}",
-        "ssl.decoder_heads=16", f"data.crops.global_size={size}", f"train.batch_size={args.batch}",
-        f"train.precision={args.dtype}", "train.steps=100", "optim.warmup_steps=5", "data.num_workers=0",
-        "optim.clip_grad=null", "optim.layer_decay=1.0", "optim.freeze_last_layer_steps=0",
+        f"model.arch={args.arch}",
+        f"model.patch_size={patch}",
+        f"model.img_size={size}",
+        "model.layerscale_init=null",
+        f"model.spatial_dims={dims}",
+        f"model.in_chans={chans}",
+        "ssl.method=mae",
+        f"ssl.decoder_dim={args.decoder_dim}",
+        f"ssl.decoder_depth={args.decoder_depth}",
+        "ssl.decoder_heads=16",
+        f"data.crops.global_size={size}",
+        f"train.batch_size={args.batch}",
+        f"train.precision={args.dtype}",
+        "train.steps=100",
+        "optim.warmup_steps=5",
+        "data.num_workers=0",
+        "optim.clip_grad=null",
+        "optim.layer_decay=1.0",
+        "optim.freeze_last_layer_steps=0",
     ]
     cfg = load_config(None, overrides)
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
@@ -67,7 +82,9 @@ def run(args: argparse.Namespace, dims: int, size: int, patch: int, chans: int) 
     batch = {"image": torch.randn(shape, device=device), "mask_seed": torch.arange(args.batch, device=device)}
 
     embed_dim, depth, heads = ARCHS[args.arch]
-    bare = BareMAE(dims, chans, patch, embed_dim, depth, heads, (args.decoder_dim, args.decoder_depth, 16)).to(device)
+    bare = BareMAE(
+        dims, chans, patch, embed_dim, depth, heads, (args.decoder_dim, args.decoder_depth, 16)
+    ).to(device)
     n = (size // patch) ** dims
     keep = torch.stack([torch.randperm(n)[: n // 4] for _ in range(args.batch)]).to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -89,10 +106,19 @@ def run(args: argparse.Namespace, dims: int, size: int, patch: int, chans: int) 
 
     t = interleaved_median({"ours": ours, "bare": baseline}, args.repeats)
     return {
-        "benchmark": "mae_step", "dims": dims, "size": size, "arch": args.arch, "device": str(device),
-        "dtype": args.dtype, "batch": args.batch, "ours_s": round(t["ours"], 4), "bare_s": round(t["bare"], 4),
-        "ratio": round(t["ours"] / t["bare"], 3), "samples_s": round(args.batch / t["ours"], 2),
-        "tokens": n, "visible": math.floor(n * 0.25),
+        "benchmark": "mae_step",
+        "dims": dims,
+        "size": size,
+        "arch": args.arch,
+        "device": str(device),
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "ours_s": round(t["ours"], 4),
+        "bare_s": round(t["bare"], 4),
+        "ratio": round(t["ours"] / t["bare"], 3),
+        "samples_s": round(args.batch / t["ours"], 2),
+        "tokens": n,
+        "visible": math.floor(n * 0.25),
     }
 
 
