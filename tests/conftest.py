@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from domains.images.sample import make_sample_images
 
@@ -28,6 +30,15 @@ train: {steps: 6, batch_size: 8, checkpoint_every: 2, log_every: 1}
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three classes of 8 small PNGs each."""
     return make_sample_images(tmp_path_factory.mktemp("images") / "data", per_class=8, size=40)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny models are faster (and bitwise reproducible) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,10 @@ from foundation.errors import CheckpointError
 from foundation.export import export_backbone, load_backbone
 from foundation.models.vit import ViT, build_vit
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MEAN = (0.1, 0.2, 0.3, 0.4)
 STD = (0.5, 0.6, 0.7, 0.8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def backbone_args(**kwargs) -> dict:

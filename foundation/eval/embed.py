@@ -94,7 +94,7 @@ def embed_dataset(
                 return {"out": str(out), "n": n, "dim": int(f["features"].shape[1]), "resumed_from": n}
         raise DataError(f"{out} exists and holds other features; remove it or choose another --out")
 
-    backbone = backbone.to(device).eval()
+    backbone = backbone.to(device).train(False)
     with torch.inference_mode():
         probe = _collate([dataset[0]])["image"].to(device)
         dim = int(_pool(backbone.forward_dict(probe), pooling).shape[1])

@@ -97,7 +97,7 @@ def extract_features(
         pin_memory=device.type == "cuda",
     )
     was_training = backbone.training
-    backbone.to(device).eval()
+    backbone.to(device).train(False)
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     ids: list[str] = []

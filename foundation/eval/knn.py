@@ -102,7 +102,7 @@ def _accuracy(scores: Tensor, test_labels: Tensor, topk: int) -> float:
     return hit.double().mean().item()
 
 
-def _scores_for_eval(
+def _scores_for_evaluation(
     train_features: Tensor,
     train_labels: Tensor,
     test_features: Tensor,
@@ -129,7 +129,7 @@ def knn_top1(
     chunk_size: int = 1024,
 ) -> float:
     """Top-1 kNN accuracy as a fraction in ``[0, 1]`` (arguments as in :func:`knn_predict`)."""
-    scores = _scores_for_eval(
+    scores = _scores_for_evaluation(
         train_features, train_labels, test_features, test_labels, num_classes, k, temperature, chunk_size
     )
     return _accuracy(scores, test_labels, 1)
@@ -151,7 +151,7 @@ def knn_evaluate(
         present only when ``num_classes >= 5``; ``k`` is the number of neighbours actually used (clamped to
         the training-set size).
     """
-    scores = _scores_for_eval(
+    scores = _scores_for_evaluation(
         train_features, train_labels, test_features, test_labels, num_classes, k, temperature, 1024
     )
     result: dict[str, Any] = {"top1": _accuracy(scores, test_labels, 1)}

@@ -3,8 +3,6 @@ intermediate layers, input checks, layer ids and timm state-dict compatibility."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -13,16 +11,9 @@ from foundation.errors import ConfigError
 from foundation.models.pos_embed import resample_pos_embed
 from foundation.models.vit import ARCHS, ViT, build_vit
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TESTED_ARCHS = [a for a in ARCHS if a not in ("vit_giant", "vit_large")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models are faster (and bitwise reproducible) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kwargs) -> ViT:

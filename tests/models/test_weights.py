@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,7 @@ from foundation.models.pos_embed import resample_pos_embed
 from foundation.models.vit import ViT, build_vit
 from foundation.models.weights import expand_patch_embed, load_backbone_weights, read_state_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(seed: int, arch: str = "vit_tiny", **kwargs) -> ViT:

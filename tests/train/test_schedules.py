@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,13 +15,7 @@ from foundation.models.vit import ViT, build_vit
 from foundation.train.optim import apply_schedules, build_param_groups
 from foundation.train.schedules import cosine_schedule, scaled_lr, warmup_then_constant
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- schedules -------------------------------------------------------------------------------------------
