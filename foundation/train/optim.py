@@ -54,7 +54,8 @@ def build_param_groups(
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    fused = device.type == "cuda"
+    # The fused kernel exists for CPU and CUDA and is several times faster than the per-tensor loop.
+    fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas), fused=fused)
 
 
