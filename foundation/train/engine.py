@@ -323,6 +323,9 @@ def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False
     """
     out = Path(out)
     _check_out(out)
+    # Denormal floats (tiny gradients early in training) take a slow path on x86 CPUs: a ViT-B MAE step ran
+    # 10x slower. Flushing them to zero changes nothing visible in the numbers.
+    torch.set_flush_denormal(True)
     created = not out.exists()
     try:
         trainer = Trainer(cfg, out, dist_info, quiet=quiet)  # data errors surface here, before any output
