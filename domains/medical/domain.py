@@ -1,0 +1,136 @@
+"""The ``medical`` domain: CT and MR volumes (NIfTI, DICOM series) for 3D MAE pretraining.
+
+The 3D recipe is MAE with cubic patches on cubic crops (arXiv 2111.06377; UNETR-style backbones,
+arXiv 2103.10504). The intensity preset (CT window or MR percentiles to [0, 1]) is the normalisation, so
+``mean``/``std`` are 0/1 per channel; the channel count is learned from the data in :meth:`sample_source`.
+nibabel, pydicom and MONAI are imported only when data is touched, so ``foundation --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foundation.config import Config
+from foundation.domain import ViewTransform
+from foundation.errors import ConfigError, DataError, FoundationError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+
+class NotAvailableYetError(FoundationError, NotImplementedError):
+    """A medical feature planned in issue 7 that this version does not have yet."""
+
+
+def _require_medical() -> None:
+    missing = [m for m in ("nibabel", "pydicom") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"the medical domain reads volumes with {' and '.join(missing)}: pip install 'foundation[medical]'"
+        )
+
+
+def _check_method(cfg: Config) -> None:
+    if cfg.ssl.method != "mae":
+        raise ConfigError(
+            f"ssl.method={cfg.ssl.method!r}: the medical domain's 3D recipe is MAE (ssl.method=mae, "
+            "see configs/medical/tiny.yaml); DINOv2 on 2D slices is future work"
+        )
+
+
+class MAEVolumeView:
+    """MAE's single view of a crop: random flips along the three axes and a small intensity scale/shift,
+    then per-channel normalisation. Flips are safe for self-supervision even though anatomy is not
+    mirror-symmetric; the intensity jitter stays small so the CT window keeps its meaning."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], scale: float = 0.1, shift: float = 0.1):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1, 1)
+        self.scale, self.shift = scale, shift
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        x = sample["image"]
+        dims = [d + 1 for d, flip in enumerate(torch.rand(3, generator=generator) < 0.5) if flip]
+        if dims:
+            x = torch.flip(x, dims)
+        a, b = (torch.rand(2, generator=generator) * 2 - 1).tolist()
+        x = x * (1 + a * self.scale) + b * self.shift
+        return {"image": ((x - self.mean) / self.std).float().contiguous()}
+
+
+class MedicalDomain:
+    """3D CT/MR volumes: NIfTI files and DICOM series folders, reoriented to RAS and resampled."""
+
+    name = "medical"
+    spatial_dims = 3
+
+    def __init__(self) -> None:
+        self.channels: int = 1  # CT until the data says otherwise
+        self.mean: Sequence[float] = (0.0,)
+        self.std: Sequence[float] = (1.0,)
+
+    def make_sample(self, root: Path) -> Path:
+        _require_medical()
+        from domains.medical.phantom import make_sample_volumes
+
+        return make_sample_volumes(Path(root))
+
+    def sample_source(self, path: str, cfg: Config):
+        """Random ``global_size^3`` crops of the volumes at ``path``; sets ``channels`` from the data.
+
+        Raises:
+            ConfigError: a 2D model was asked for (the 3D recipe only).
+            DataError: nothing usable at ``path``, or volumes with different channel counts.
+        """
+        _require_medical()
+        from domains.medical.options import VolumeOptions
+        from domains.medical.source import VolumeSampleSource
+        from domains.medical.volume import channel_count, find_volumes, read_image
+
+        _check_method(cfg)  # before the data is scanned and a model built for nothing
+        if cfg.model.spatial_dims not in (None, 3):
+            raise ConfigError(
+                f"model.spatial_dims={cfg.model.spatial_dims!r}: the medical domain trains 3D backbones; "
+                "remove the override (2D slices are future work)"
+            )
+        opts = VolumeOptions.from_config(cfg.data.options)
+        volumes = find_volumes(path)
+        counts = {}
+        for v in volumes:  # NIfTI headers only; DICOM series are always one channel and checked on load
+            counts[v] = 1 if v.is_dir() else channel_count(read_image(v), v, opts.expected_channels)
+        if len(set(counts.values())) > 1:
+            by = {c: str(p) for p, c in counts.items()}
+            raise DataError(
+                f"{path}: volumes have different channel counts: {by}; train on one kind at a time"
+            )
+        self.channels = next(iter(counts.values()))
+        self.mean, self.std = (0.0,) * self.channels, (1.0,) * self.channels
+        log.info(
+            "medical: %d volume(s) at %s, %d channel(s), %s preset, spacing %s mm",
+            len(volumes), path, self.channels, opts.modality, opts.spacing or "native",
+        )  # fmt: skip
+        return VolumeSampleSource(volumes, opts, cfg.data.crops.global_size)
+
+    def ssl_transform(self, cfg: Config) -> ViewTransform:
+        """MAE views of 3D crops.
+
+        Raises:
+            ConfigError: ``ssl.method`` is not ``mae``.
+        """
+        _check_method(cfg)
+        return MAEVolumeView(self.mean, self.std)
+
+    def eval_dataset(self, path: str, cfg: Config):
+        raise NotAvailableYetError(
+            "the medical domain has no evaluation dataset yet (organ segmentation with a UNETR head is "
+            "planned, issue 7); use `foundation pretrain --domain medical` for now"
+        )
+
+    def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
+        return None

@@ -1,0 +1,74 @@
+"""Random cubic crops from a list of volumes, with a small per-worker cache of preprocessed volumes.
+
+Reading and resampling a CT takes far longer than cropping it, so each worker keeps the last few
+preprocessed volumes (``data.options.cache``) and draws many crops from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from domains.medical.options import VolumeOptions
+from domains.medical.volume import BACKGROUND, load_volume
+from foundation.errors import DataError
+
+log = logging.getLogger(__name__)
+MAX_TRIES = 16  # broken volumes replaced by other random picks before giving up
+
+
+def random_crop(array: torch.Tensor, size: int, generator: torch.Generator, fill: float = BACKGROUND):
+    """A ``C x size^3`` crop at a random position; axes shorter than ``size`` are padded with ``fill``
+    at a random offset rather than refused (small volumes and thin slabs are common)."""
+    index, pad = [slice(None)], []
+    for n in array.shape[1:]:
+        if n >= size:
+            start = int(torch.randint(0, n - size + 1, (1,), generator=generator))
+            index.append(slice(start, start + size))
+            pad.append((0, 0))
+        else:
+            before = int(torch.randint(0, size - n + 1, (1,), generator=generator))
+            index.append(slice(None))
+            pad.append((before, size - n - before))
+    crop = array[tuple(index)]
+    flat = [p for axis in reversed(pad) for p in axis]  # F.pad wants the last axis first
+    return F.pad(crop, flat, value=fill) if any(flat) else crop
+
+
+class VolumeSampleSource:
+    """``sample(i, g)``: a random volume, a random ``size^3`` crop of it: ``{"image": C x D x H x W}``."""
+
+    def __init__(self, volumes: list[Path], opts: VolumeOptions, size: int) -> None:
+        self.volumes, self.opts, self.size = list(volumes), opts, size
+        self._cache: OrderedDict[int, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:  # workers start with an empty cache, not the parent's
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+    def _load(self, i: int):
+        if i in self._cache:
+            self._cache.move_to_end(i)
+        else:
+            try:
+                self._cache[i] = load_volume(self.volumes[i], self.opts)
+            except DataError as e:
+                log.warning("medical: skipping %s", e)
+                self._cache[i] = e  # remembered, so it is not read again
+            while len(self._cache) > self.opts.cache:
+                self._cache.popitem(last=False)
+        return self._cache[i]
+
+    def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
+        errors = []
+        for _ in range(MAX_TRIES):
+            volume = self._load(int(torch.randint(0, len(self.volumes), (1,), generator=generator)))
+            if isinstance(volume, DataError):
+                errors.append(volume)
+                continue
+            return {"image": random_crop(volume.array, self.size, generator).contiguous()}
+        raise DataError(f"{MAX_TRIES} random volumes in a row could not be read; last: {errors[-1]}")
