@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("embed", help="features of a labelled image folder to HDF5 (resumable, atomic)")
+    p = sub.add_parser(
+        "embed",
+        help="features to HDF5 (resumable, atomic): one file for a labelled folder, or per-domain layout",
+    )
     p.add_argument("--domain", default="images")
     p.add_argument("--data", required=True, help="images to embed (class sub-folders give labels)")
     p.add_argument("--backbone", required=True, help="run folder, export folder or checkpoint")
@@ -209,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--img-size", type=int, help="input size; default: the backbone's")
+    p.add_argument(
+        "overrides", nargs="*", help="domain options key=value, e.g. data.options.mpp=0.5 (pathology)"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_embed)
 

@@ -69,7 +69,14 @@ def _eval_dataset(domain_name: str, path: str, meta: dict[str, Any], size: int):
 
 
 def embed(args: argparse.Namespace) -> dict[str, Any]:
+    """Features of a labelled folder to one HDF5, or the domain's own layout (e.g. one HDF5 per slide) when
+    the domain defines ``embed_data(backbone, meta, args) -> dict``."""
     backbone, meta = load_backbone(args.backbone)
+    domain = get_domain(args.domain)
+    if hasattr(domain, "embed_data"):
+        return domain.embed_data(backbone, meta, args)
+    if args.overrides:
+        raise ConfigError(f"the {args.domain!r} domain takes no embed options, got {args.overrides}")
     size = args.img_size or meta["backbone_args"]["img_size"]
     dataset = _eval_dataset(args.domain, args.data, meta, size)
     device = _device(args.device)
