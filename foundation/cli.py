@@ -52,17 +52,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _spawn_local(nproc: int, argv: list[str]) -> int:
     """``--nproc N``: re-run this command under torchrun with N local workers."""
     rest, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
+    for a in argv:
+        if skip:  # the value after "--nproc"
             skip = False
-            continue
-        if a == "--nproc":
+        elif a == "--nproc":
             skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
-        del i
+        elif not a.startswith("--nproc="):
+            rest.append(a)
     cmd = [
         sys.executable,
         "-m",
