@@ -136,7 +136,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("pretrain", "export", "evaluate", "embed", "info")
+
+
+def build_parser(with_domain_commands: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="foundation",
         description="Domain-specialist foundation models: DINOv2/MAE pretraining, evaluation and export.",
@@ -217,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, devices and registered domains")
     p.set_defaults(func=cmd_info, quiet=False)
 
+    if not with_domain_commands:
+        return parser
     from foundation.domain import get_domain, list_domains
 
     for name in list_domains():
@@ -228,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # Domain commands need the domains imported (torch and friends); a core command does not wait for that.
+    parser = build_parser(with_domain_commands=not (argv and argv[0] in CORE_COMMANDS))
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:

@@ -75,6 +75,12 @@ class PathologyDomain:
         """Labelled tile images in class sub-folders (the layout of public patch benchmarks)."""
         return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)
 
+    def embed_data(self, backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict:
+        """``foundation embed --domain pathology``: one HDF5 of tile features per slide (see ``embed.py``)."""
+        from domains.pathology.embed import embed_slides
+
+        return embed_slides(backbone, meta, args)
+
     def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
         p = subparsers.add_parser(
             "pathology-qc",
