@@ -228,3 +228,14 @@ def test_channel_override_that_contradicts_the_domain(tiny_recipe, image_folder,
     with pytest.raises(ConfigError, match="model.in_chans=4 does not match"):
         _run_in_process(tiny_recipe, image_folder, tmp_path / "run", "model.in_chans=4")
     assert not (tmp_path / "run").exists()
+
+
+def test_folder_of_undecodable_images_stops_cleanly(tiny_recipe, tmp_path, caplog):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (broken / name).write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="could be decoded"):
+        _run_in_process(tiny_recipe, broken, tmp_path / "run")
+    assert "a.png" in caplog.text and "b.jpg" in caplog.text  # each broken file is named once
+    assert not (tmp_path / "run").exists()
