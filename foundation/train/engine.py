@@ -46,7 +46,12 @@ from foundation.train.schedules import cosine_schedule, scaled_lr
 log = logging.getLogger(__name__)
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
+    """Data workers: one torch thread each, and they outlive a group-wide SIGTERM.
+
+    (OpenCV's thread count is left alone: ``cv2.setNumThreads`` in a forked child whose parent already used
+    OpenCV's pool can deadlock.)
+    """
     torch.set_num_threads(1)  # workers decode and augment; the main process owns the cores for the model
     # A scheduler's SIGTERM often reaches the whole process group: the workers must outlive it until the
     # main process has written its checkpoint (they are daemons and end with it).
@@ -208,7 +213,7 @@ class Trainer:
             num_workers=workers,
             collate_fn=collate_views,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if workers else None,
+            worker_init_fn=worker_init if workers else None,
             prefetch_factor=4 if workers else None,
         )
         for batch in loader:
