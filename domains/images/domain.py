@@ -6,24 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from domains.images.folder import ImageFolder, ImageSampleSource, read_rgb
 from domains.images.sample import make_sample_images
 from foundation.config import Config
-from foundation.data.views import EvalView, MAEView, MultiCropViews
+from foundation.data.views import EvalView, ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class _ImageViews:
-    def __init__(self, views: Any) -> None:
-        self.views = views
-
-    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        return self.views(sample["image"], generator)
 
 
 class ImageFolderDataset:
@@ -60,8 +50,8 @@ class ImagesDomain:
     def ssl_transform(self, cfg: Config) -> ViewTransform:
         crops = cfg.data.crops
         if cfg.ssl.method == "mae":
-            return _ImageViews(MAEView(crops.global_size, self.mean, self.std))
-        return _ImageViews(MultiCropViews(crops, self.mean, self.std))
+            return ImageViews(MAEView(crops.global_size, self.mean, self.std))
+        return ImageViews(MultiCropViews(crops, self.mean, self.std))
 
     def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
         return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)

@@ -6,12 +6,12 @@ pretraining smoke run and a kNN sanity check, and written deterministically.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from foundation.data.samples import write_sample_folder
 
 
 def _draw(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
@@ -36,20 +36,12 @@ def _draw(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
 
 def make_sample_images(root: Path, per_class: int = 40, size: int = 96, seed: int = 0) -> Path:
     """Write ``root/{discs,squares,stripes}/*.png`` once (atomically) and return ``root``."""
-    root = Path(root)
-    if (root / ".complete").is_file():
-        return root
-    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    for kind in ("discs", "squares", "stripes"):
-        (tmp / kind).mkdir(parents=True)
-        for i in range(per_class):
-            _draw(kind, rng, size).save(tmp / kind / f"{kind}_{i:03d}.png")
-    (tmp / ".complete").touch()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    def fill(tmp: Path) -> None:
+        rng = np.random.default_rng(seed)
+        for kind in ("discs", "squares", "stripes"):
+            (tmp / kind).mkdir()
+            for i in range(per_class):
+                _draw(kind, rng, size).save(tmp / kind / f"{kind}_{i:03d}.png")
+
+    return write_sample_folder(root, fill)

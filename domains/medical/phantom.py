@@ -9,12 +9,12 @@ reorientation and resampling are exercised on every run. Written deterministical
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from foundation.data.samples import write_sample_folder
 
 SHAPE = (96, 96, 64)
 SPACING = (1.2, 1.2, 2.5)
@@ -69,36 +69,28 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def make_sample_volumes(root: Path, count: int = 4, seed: int = 0) -> Path:
     """Write ``root/imagesTr``, ``root/labelsTr`` and a Decathlon ``dataset.json`` once; return ``root``."""
-    root = Path(root)
-    if (root / ".complete").is_file():
-        return root
-    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "imagesTr").mkdir(parents=True)
-    (tmp / "labelsTr").mkdir()
-    training = []
-    for i in range(count):
-        hu, labels, affine = make_phantom(seed + i)
-        name = f"phantom_{i:03d}.nii.gz"
-        _save(hu, affine, tmp / "imagesTr" / name)
-        _save(labels, affine, tmp / "labelsTr" / name)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    meta = {
-        "name": "AbdomenPhantom",
-        "description": "synthetic abdominal CT phantoms made by foundation's medical domain",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(v): k for k, v in LABELS.items()},
-        "numTraining": count,
-        "numTest": 0,
-        "training": training,
-        "test": [],
-    }
-    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-    (tmp / ".complete").touch()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    def fill(tmp: Path) -> None:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        training = []
+        for i in range(count):
+            hu, labels, affine = make_phantom(seed + i)
+            name = f"phantom_{i:03d}.nii.gz"
+            _save(hu, affine, tmp / "imagesTr" / name)
+            _save(labels, affine, tmp / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        meta = {
+            "name": "AbdomenPhantom",
+            "description": "synthetic abdominal CT phantoms made by foundation's medical domain",
+            "tensorImageSize": "3D",
+            "modality": {"0": "CT"},
+            "labels": {str(v): k for k, v in LABELS.items()},
+            "numTraining": count,
+            "numTest": 0,
+            "training": training,
+            "test": [],
+        }
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+
+    return write_sample_folder(root, fill)

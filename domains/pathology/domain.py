@@ -26,19 +26,11 @@ from domains.pathology.source import (
 )
 from domains.pathology.stain import HEDJitter
 from foundation.config import Config
-from foundation.data.views import MAEView, MultiCropViews
+from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 from foundation.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-
-class _TileViews:
-    def __init__(self, views: Any) -> None:
-        self.views = views
-
-    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        return self.views(sample["image"], generator)
 
 
 class PathologyDomain:
@@ -65,11 +57,11 @@ class PathologyDomain:
         stain = [HEDJitter(options.hed_scale, options.hed_shift, p=1.0)]
         crops = cfg.data.crops
         if cfg.ssl.method == "mae":
-            return _TileViews(MAEView(crops.global_size, self.mean, self.std, rot90=True, pre=stain))
+            return ImageViews(MAEView(crops.global_size, self.mean, self.std, rot90=True, pre=stain))
         views = MultiCropViews(
             crops, self.mean, self.std, rot90=True, solarize=False, color_strength=0.5, pre=stain
         )
-        return _TileViews(views)
+        return ImageViews(views)
 
     def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
         """Labelled tile images in class sub-folders (the layout of public patch benchmarks)."""

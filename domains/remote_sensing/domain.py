@@ -19,11 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from domains.remote_sensing.options import RasterOptions, parse_bands
 from foundation.config import Config
-from foundation.data.views import MAEView, MultiCropViews
+from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 from foundation.errors import ConfigError, MissingDependencyError
 
@@ -38,14 +36,6 @@ def _require_rasterio() -> None:
         raise MissingDependencyError(
             "the remote_sensing domain reads rasters with rasterio: pip install 'foundation[remote_sensing]'"
         )
-
-
-class _RasterViews:
-    def __init__(self, views: Any) -> None:
-        self.views = views
-
-    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        return self.views(sample["image"], generator)
 
 
 class RemoteSensingDomain:
@@ -130,13 +120,13 @@ class RemoteSensingDomain:
         color = self.rgb if opts.color == "auto" else bool(opts.color)
         crops = cfg.data.crops
         if cfg.ssl.method == "mae":
-            return _RasterViews(
+            return ImageViews(
                 MAEView(crops.global_size, self.mean, self.std, rot90=True, max_pixel_value=1.0)
             )
         views = MultiCropViews(
             crops, self.mean, self.std, color=color, solarize=color, rot90=True, max_pixel_value=1.0
         )
-        return _RasterViews(views)
+        return ImageViews(views)
 
     def eval_dataset(self, path: str, cfg: Config):
         """Labelled chips in class sub-folders, centre-cropped and resized to ``data.crops.global_size``.

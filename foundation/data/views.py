@@ -144,3 +144,14 @@ class EvalView:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return to_chw_tensor(self.pipeline(image=image)["image"])
+
+
+class ImageViews:
+    """Adapts an array view pipeline (``MultiCropViews``, ``MAEView``) to the Domain seam: it reads the
+    sample's ``image`` and returns the views."""
+
+    def __init__(self, views: Any) -> None:
+        self.views = views
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        return self.views(sample["image"], generator)
