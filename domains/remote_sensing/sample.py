@@ -9,8 +9,6 @@ as at the border of real tiles. Written deterministically, atomically, once.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import cv2
@@ -18,6 +16,8 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+
+from foundation.data.samples import write_sample_folder
 
 BAND_NAMES = ("blue", "green", "red", "red_edge", "nir", "swir1")
 # Typical surface reflectance per cover and band.
@@ -107,16 +107,4 @@ def write_scene(path: Path, size: int = 1024, seed: int = 0) -> Path:
 
 def make_sample_scene(root: Path, seed: int = 0) -> Path:
     """Write ``root/scene.tif`` once (atomically, as a whole folder) and return ``root``."""
-    root = Path(root)
-    if (root / ".complete").is_file():
-        return root
-    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_scene(tmp / SCENE_NAME, seed=seed)
-    (tmp / ".complete").touch()
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return write_sample_folder(root, lambda tmp: write_scene(tmp / SCENE_NAME, seed=seed))
