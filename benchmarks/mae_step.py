@@ -27,7 +27,7 @@ from _common import interleaved_median  # noqa: E402
 from foundation.config import load_config  # noqa: E402
 from foundation.models.vit import ARCHS  # noqa: E402
 from foundation.train.distributed import DistInfo  # noqa: E402
-from foundation.train.engine import Trainer  # noqa: E402
+from foundation.train.engine import Trainer, ssl_setup  # noqa: E402
 
 
 class BareMAE(nn.Module):
@@ -143,7 +143,7 @@ def _trainer(cfg, tmp: Path, device: torch.device, chans: int, dims: int) -> Tra
     cfg.domain = "bench"
     cfg.model.in_chans = None
     cfg.data.path = str(tmp)
-    return Trainer(cfg, tmp, DistInfo(0, 1, 0, device), quiet=True)
+    return Trainer(cfg, tmp, DistInfo(0, 1, 0, device), ssl_setup(cfg), quiet=True)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from _common import interleaved_median  # noqa: E402
 from foundation.config import load_config  # noqa: E402
 from foundation.models.vit import ARCHS  # noqa: E402
 from foundation.train.distributed import DistInfo  # noqa: E402
-from foundation.train.engine import Trainer  # noqa: E402
+from foundation.train.engine import Trainer, ssl_setup  # noqa: E402
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
         ],
     )
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, Path(args.tmp), DistInfo(0, 1, 0, device), quiet=True)
+    trainer = Trainer(cfg, Path(args.tmp), DistInfo(0, 1, 0, device), ssl_setup(cfg), quiet=True)
     b, c = args.batch, 3
     g = torch.randn(2 * b, c, args.global_size, args.global_size, device=device)
     loc = torch.randn(args.n_local * b, c, args.local_size, args.local_size, device=device)

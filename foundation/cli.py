@@ -136,10 +136,102 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-CORE_COMMANDS = ("pretrain", "export", "evaluate", "embed", "info")
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from foundation.config import load_config
+    from foundation.train.distributed import destroy_distributed, init_distributed
+    from foundation.train.finetune import finetune
+
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _spawn_local(args.nproc, sys.argv[1:])
+    task = args.task_object
+    cfg = load_config(
+        args.config or task.default_config, list(args.overrides), pretraining=False, domain=task.domain
+    )
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path("runs") / f"{task.name}-{cfg._name}"
+        out.parent.mkdir(exist_ok=True)
+    dist_info = init_distributed(args.device)
+    try:
+        model = finetune(task, cfg, args, out, dist_info, quiet=args.quiet)
+    finally:
+        destroy_distributed()
+    if dist_info.is_main:
+        log.info("run folder: %s", out)
+        print(json.dumps({"run": str(out), "model": str(model)}))
+    return 0
 
 
-def build_parser(with_domain_commands: bool = True) -> argparse.ArgumentParser:
+CORE_COMMANDS = ("pretrain", "export", "evaluate", "finetune", "embed", "info")
+
+
+def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="run folder, export folder or checkpoint")
+    p.add_argument(
+        "--random-init", action="store_true", help="evaluate an untrained backbone of the same architecture"
+    )
+    p.add_argument("--domain", default="images")
+    p.add_argument("--data", required=True, help="labelled training images (class sub-folders)")
+    p.add_argument("--val-data", required=True, help="labelled validation images (same classes)")
+    p.add_argument(
+        "--pooling", default="cls", choices=["cls", "cls+mean"], help="feature: CLS or CLS + mean patch"
+    )
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--img-size", type=int, help="evaluation image size; default: the backbone's")
+    p.add_argument("--cache-dir", help="feature cache folder (linear probe); default: none for knn")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and the probe")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="pretrained backbone: run folder, export folder or checkpoint")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="start from an untrained backbone (a baseline; uses model.*)",
+    )
+    p.add_argument("--config", help="YAML recipe; default: the task's tiny recipe")
+    p.add_argument("--out", help="run folder (its parent must exist); default: runs/<task>-<recipe>")
+    p.add_argument(
+        "--nproc", type=int, default=0, help="spawn this many local workers (torchrun --standalone)"
+    )
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=200")
+    _add_common(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def _add_task_parsers(sub: argparse._SubParsersAction, argv: list[str], command: str) -> None:
+    """One sub-command per registered task; only the task named on the command line is imported."""
+    from foundation.tasks.registry import get_task, list_tasks
+
+    argv = argv or []
+    chosen = argv[1] if len(argv) > 1 and argv[0] == command else None
+    for name in list_tasks():
+        p = sub.add_parser(name, help=f"the {name} task")
+        if name != chosen:
+            continue
+        task = get_task(name)
+        if command == "finetune":
+            _add_finetune_arguments(p)
+            task.add_finetune_arguments(p)
+        else:
+            task.add_evaluate_arguments(p)
+            _add_common(p)
+            p.set_defaults(func=lambda args, task=task: _print_json(task.evaluate(args)))
+        p.set_defaults(task_object=task)
+
+
+def _print_json(result: dict) -> int:
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser(with_domain_commands: bool = True, argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="foundation",
         description="Domain-specialist foundation models: DINOv2/MAE pretraining, evaluation and export.",
@@ -175,29 +267,23 @@ def build_parser(with_domain_commands: bool = True) -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="kNN or linear probe on frozen features; prints one JSON line")
-    p.add_argument(
-        "protocol", choices=["knn", "linear"], help="knn: DINO protocol (k=20, T=0.07); linear: probe"
+    p = sub.add_parser(
+        "evaluate", help="kNN / linear probe on frozen features, or a task's metrics (JSON line)"
     )
-    p.add_argument("--backbone", help="run folder, export folder or checkpoint")
-    p.add_argument(
-        "--random-init", action="store_true", help="evaluate an untrained backbone of the same architecture"
+    protocols = p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    for name, text in (
+        ("knn", "weighted kNN on frozen features (DINO protocol: k=20, T=0.07)"),
+        ("linear", "linear probe (L-BFGS logistic regression) on frozen features"),
+    ):
+        _add_probe_arguments(protocols.add_parser(name, help=text, description=text))
+    _add_task_parsers(protocols, argv, "evaluate")
+
+    p = sub.add_parser(
+        "finetune",
+        help="train a downstream task head on a pretrained backbone (same engine: resume, DDP, AMP)",
     )
-    p.add_argument("--domain", default="images")
-    p.add_argument("--data", required=True, help="labelled training images (class sub-folders)")
-    p.add_argument("--val-data", required=True, help="labelled validation images (same classes)")
-    p.add_argument(
-        "--pooling", default="cls", choices=["cls", "cls+mean"], help="feature: CLS or CLS + mean patch"
-    )
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--img-size", type=int, help="evaluation image size; default: the backbone's")
-    p.add_argument("--cache-dir", help="feature cache folder (linear probe); default: none for knn")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and the probe")
-    _add_common(p)
-    p.set_defaults(func=cmd_evaluate)
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    _add_task_parsers(tasks, argv, "finetune")
 
     p = sub.add_parser(
         "embed",
@@ -235,7 +321,7 @@ def build_parser(with_domain_commands: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Domain commands need the domains imported (torch and friends); a core command does not wait for that.
-    parser = build_parser(with_domain_commands=not (argv and argv[0] in CORE_COMMANDS))
+    parser = build_parser(with_domain_commands=not (argv and argv[0] in CORE_COMMANDS), argv=argv)
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:

@@ -175,6 +175,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_nonfinite_in_a_row: int = 5
     compile: bool = False
+    eval_every: int = 0  # fine-tuning: validate every N steps (0: only at the end)
 
     def __post_init__(self) -> None:
         _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
@@ -196,6 +197,14 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Fine-tuning (``foundation finetune TASK``); pretraining ignores it."""
+
+    freeze_backbone: bool = False  # train the head only
+    options: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. head type, loss, bins)
+
+
+@dataclass
 class Config:
     seed: int = 0
     domain: str = "images"
@@ -204,6 +213,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     _name: str = MISSING  # filled by load_config with the recipe's file name (or "default")
 
 
@@ -237,13 +247,18 @@ def _parse_dotlist(overrides: list[str]) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    pretraining: bool = True,
+    **defaults: Any,
 ) -> Config:
     """Build a :class:`Config` from a YAML recipe plus ``key=value`` overrides.
 
     Args:
         path: YAML recipe; ``None`` uses the dataclass defaults.
         overrides: dotlist such as ``["train.steps=50", "train.batch_size=32"]``.
+        pretraining: check the SSL crop sizes against the patch size (fine-tuning recipes have no crops).
         defaults: top-level values applied before the recipe (e.g. ``domain="pathology"``).
 
     Raises:
@@ -274,7 +289,10 @@ def load_config(
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}") from e
-    _cross_checks(cfg)
+    if pretraining:
+        _cross_checks(cfg)
+    elif not math.isfinite(cfg.optim.lr):
+        raise ConfigError("optim.lr must be finite")
     return cfg
 
 

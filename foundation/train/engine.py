@@ -13,13 +13,15 @@ import shutil
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from foundation.config import Config, config_to_dict, save_config
 from foundation.data.sampler import StepBatchSampler, micro_batch_size
@@ -84,37 +86,80 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class Trainer:
-    """Builds the model, optimiser, schedules and data for ``cfg``; :meth:`train` runs (or resumes) it."""
+@dataclass
+class TrainingSetup:
+    """Everything objective-specific the loop needs; built by :func:`ssl_setup` or a fine-tuning task.
 
-    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, *, quiet: bool = False) -> None:
+    ``objective`` follows the SSL objective interface: ``forward(batch, step) -> {"loss": ...}``,
+    ``trainable_named_parameters()``, ``student_backbone``, ``backbone_prefix``, ``update_teacher(step)``,
+    ``export_prefix`` and ``export_backbone()``. ``dataset[i]`` is a pure function of ``(seed, i)``.
+    ``checkpoint_meta`` is stored in every checkpoint; ``validate(net, device)`` runs every ``train.eval_every``
+    steps and at the end (main rank).
+    """
+
+    objective: nn.Module
+    dataset: Dataset
+    backbone_args: dict[str, Any]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_views
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+    validate: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
+    export_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ssl_setup(cfg: Config) -> TrainingSetup:
+    """The pretraining objective (DINOv2 or MAE) and its view stream for ``cfg.domain``."""
+    domain: Domain = get_domain(cfg.domain)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    # The source comes first: some domains learn their channel count and statistics from the data.
+    source = domain.sample_source(resolve_data_path(domain, cfg.data.path), cfg)
+    if cfg.model.in_chans and cfg.model.in_chans != domain.channels:
+        raise ConfigError(
+            f"model.in_chans={cfg.model.in_chans} does not match the {cfg.domain!r} domain's "
+            f"{domain.channels} channels; remove the override (the data sets it)"
+        )
+    args = backbone_args(cfg.model, domain.channels, domain.spatial_dims)
+    backbone = build_backbone(cfg.model, domain.channels, domain.spatial_dims)
+    make_objective = get_objective_factory(cfg.ssl.method)
+    objective, extras = make_objective(backbone, cfg.ssl, cfg.data.crops, cfg.train.steps)
+    mean, std = tuple(domain.mean), tuple(domain.std)
+    return TrainingSetup(
+        objective=objective,
+        dataset=SSLViewDataset(source, domain.ssl_transform(cfg), cfg.seed, extras),
+        backbone_args=args,
+        mean=mean,
+        std=std,
+        checkpoint_meta={"domain": cfg.domain},
+        export_extra={"domain": cfg.domain, "ssl_method": cfg.ssl.method, "steps": cfg.train.steps},
+    )
+
+
+class Trainer:
+    """Optimiser, schedules, data loading and the loop around a :class:`TrainingSetup`; :meth:`train` runs (or
+    resumes) it."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, dist_info: DistInfo, setup: TrainingSetup, *, quiet: bool = False
+    ) -> None:
         self.cfg, self.run_dir, self.dist, self.quiet = cfg, run_dir, dist_info, quiet
+        self.setup = setup
         self.device = dist_info.device
-        self.domain: Domain = get_domain(cfg.domain)
         tc = cfg.train
         self.micro_batch = micro_batch_size(tc.batch_size, dist_info.world_size, tc.grad_accum_steps)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-
-        # The source comes first: some domains learn their channel count and statistics from the data.
-        self.source = self.domain.sample_source(resolve_data_path(self.domain, cfg.data.path), cfg)
-        if cfg.model.in_chans and cfg.model.in_chans != self.domain.channels:
-            raise ConfigError(
-                f"model.in_chans={cfg.model.in_chans} does not match the {cfg.domain!r} domain's "
-                f"{self.domain.channels} channels; remove the override (the data sets it)"
-            )
-        self.backbone_args = backbone_args(cfg.model, self.domain.channels, self.domain.spatial_dims)
-        backbone = build_backbone(cfg.model, self.domain.channels, self.domain.spatial_dims)
-        make_objective = get_objective_factory(cfg.ssl.method)
-        self.objective, extras = make_objective(backbone, cfg.ssl, cfg.data.crops, tc.steps)
+        self.backbone_args = setup.backbone_args
+        self.objective = setup.objective
         self.objective.to(self.device)
-        self.dataset = SSLViewDataset(self.source, self.domain.ssl_transform(cfg), cfg.seed, extras)
+        self.dataset = setup.dataset
 
         param_groups = build_param_groups(
-            self.objective.trainable_named_parameters(),
+            list(self.objective.trainable_named_parameters()),
             self.objective.student_backbone,
             self.objective.backbone_prefix,
             cfg.optim,
         )
+        if not param_groups:
+            raise ConfigError("nothing to train: every parameter is frozen")
         self.optimizer = build_optimizer(param_groups, cfg.optim, self.device)
         self.params = [p for g in param_groups for p in g["params"]]
         self.last_layer_params = [p for g in param_groups if g["is_last_layer"] for p in g["params"]]
@@ -151,9 +196,9 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "backbone_args": self.backbone_args,
             "export_prefix": self.objective.export_prefix,
-            "normalization": {"mean": list(self.domain.mean), "std": list(self.domain.std)},
-            "domain": self.cfg.domain,
+            "normalization": {"mean": list(self.setup.mean), "std": list(self.setup.std)},
             "config": config_to_dict(self.cfg),
+            **self.setup.checkpoint_meta,
         }
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
@@ -211,7 +256,7 @@ class Trainer:
             self.dataset,
             batch_sampler=sampler,
             num_workers=workers,
-            collate_fn=collate_views,
+            collate_fn=self.setup.collate,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=worker_init if workers else None,
             prefetch_factor=4 if workers else None,
@@ -258,6 +303,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         metrics.update(self.objective.update_teacher(step))
         return metrics
+
+    def run_validation(self, step: int, logger: MetricsLogger) -> None:
+        """The task's validation on the main rank (the others wait at the next collective)."""
+        if self.dist.is_main:
+            self.objective.eval()
+            with torch.no_grad():
+                values = self.setup.validate(self.objective, self.device)
+            self.objective.train()
+            logger.log(step, {f"val/{k}": float(v) for k, v in values.items()})
+            log.info("step %d validation: %s", step + 1, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        barrier()
 
     def train(self) -> None:
         tc = self.cfg.train
@@ -307,6 +363,10 @@ class Trainer:
                         logger.progress(
                             1, {"loss": metrics["loss"], "lr": metrics["lr"], "img/s": metrics["img_s"]}
                         )
+                    if self.setup.validate is not None and (
+                        step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
+                    ):
+                        self.run_validation(step, logger)
                     if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
                         self.save(step + 1)
         finally:
@@ -320,11 +380,20 @@ def _check_out(out: Path) -> None:
         raise DataError(f"--out {str(out)!r} exists and is not a folder")
 
 
-def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False) -> Path:
-    """Pretrain (or resume) into ``out``; returns the exported backbone folder.
+def run_training(
+    cfg: Config,
+    out: Path,
+    dist_info: DistInfo,
+    make_setup: Callable[[], TrainingSetup],
+    *,
+    quiet: bool = False,
+    finish: Callable[[Trainer], None] | None = None,
+) -> Trainer:
+    """Train (or resume) into ``out``: the config, metrics, checkpoints, then the exported backbone.
 
-    A run folder is complete when ``export/`` exists. If the run fails before its first checkpoint, a
-    folder this call created is removed, so nothing half-made looks like a run.
+    ``finish(trainer)`` runs on the main rank after training (e.g. a task writes its deployable model). The
+    run folder is complete when ``export/`` exists; if the run fails before its first checkpoint, a folder
+    this call created is removed, so nothing half-made looks like a run.
     """
     out = Path(out)
     _check_out(out)
@@ -333,7 +402,8 @@ def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False
     torch.set_flush_denormal(True)
     created = not out.exists()
     try:
-        trainer = Trainer(cfg, out, dist_info, quiet=quiet)  # data errors surface here, before any output
+        # data errors surface here, before any output
+        trainer = Trainer(cfg, out, dist_info, make_setup(), quiet=quiet)
         if dist_info.is_main:
             out.mkdir(exist_ok=True)
             save_config(cfg, out / "config.yaml")
@@ -349,16 +419,24 @@ def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False
         if created and dist_info.is_main and out.exists() and not ckpt.list_checkpoints(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
-    export_dir = out / "export"
     if dist_info.is_main:
+        if finish is not None:
+            finish(trainer)
+        setup = trainer.setup
         export_backbone(
             trainer.objective.export_backbone(),
             trainer.backbone_args,
-            export_dir,
-            mean=trainer.domain.mean,
-            std=trainer.domain.std,
-            extra={"domain": cfg.domain, "ssl_method": cfg.ssl.method, "steps": cfg.train.steps},
+            out / "export",
+            mean=setup.mean,
+            std=setup.std,
+            extra=setup.export_extra,
         )
-        log.info("exported backbone: %s", export_dir)
+        log.info("exported backbone: %s", out / "export")
     barrier()
-    return export_dir
+    return trainer
+
+
+def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False) -> Path:
+    """Pretrain (or resume) into ``out``; returns the exported backbone folder."""
+    run_training(cfg, out, dist_info, lambda: ssl_setup(cfg), quiet=quiet)
+    return Path(out) / "export"

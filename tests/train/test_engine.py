@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from foundation.config import load_config
 from foundation.errors import CheckpointError, ConfigError, DataError, TrainingError
 from foundation.train.distributed import DistInfo
-from foundation.train.engine import Trainer, pretrain
+from foundation.train.engine import Trainer, pretrain, ssl_setup
 
 CPU1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -167,7 +167,7 @@ def test_nonfinite_losses_skip_steps_then_stop(tiny_recipe, image_folder, tmp_pa
         tiny_recipe, [f"data.path={image_folder}", "train.steps=8", "train.max_nonfinite_in_a_row=3"]
     )
     (tmp_path / "run").mkdir()
-    trainer = Trainer(cfg, tmp_path / "run", CPU1, quiet=True)
+    trainer = Trainer(cfg, tmp_path / "run", CPU1, ssl_setup(cfg), quiet=True)
     real_forward = trainer.model.forward
     bad_steps = {1, 4, 5, 6}
 

@@ -1,0 +1,120 @@
+"""The seam between the engine and a downstream task.
+
+A task (canopy height, organ segmentation, ...) lives in its domain package and is registered under the
+``foundation.tasks`` entry-point group. ``foundation finetune TASK`` loads the backbone, asks the task for its
+:class:`TaskParts` and hands them to the same :class:`~foundation.train.engine.Trainer` that pretrains: resume,
+DDP, AMP, gradient accumulation, non-finite guard and SIGTERM checkpoints come for free.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from foundation.config import Config
+from foundation.models.vit import ViT
+
+LossFn = Callable[[Any, dict[str, Any]], dict[str, torch.Tensor]]
+Validate = Callable[[nn.Module, torch.device], dict[str, float]]
+
+
+@dataclass
+class TaskParts:
+    """What a task hands to the engine.
+
+    Attributes:
+        net: the inference network, ``net(batch[input_key]) -> prediction``; it holds our ViT as ``net.backbone``.
+        loss: ``loss(prediction, batch) -> {"loss": scalar, ...}`` (extra keys are logged).
+        dataset: ``dataset[i]`` is a dict of tensors and a pure function of ``(cfg.seed, i)`` (use
+            :func:`foundation.data.seeding.generator_for`), so resume and DDP are exact; it may be endless.
+        collate: batch collation; default ``torch.utils.data.default_collate``.
+        validate: optional ``validate(net, device) -> {metric: value}``, run on the main rank every
+            ``train.eval_every`` steps and at the end; values go to ``metrics.jsonl`` as ``val/<metric>``.
+        meta: JSON-able facts stored in every checkpoint under ``"task_meta"`` and needed to rebuild ``net`` and
+            to run inference later (normalisation, bands, spacing, class names, head arguments, ...).
+        input_key: the batch key fed to ``net``.
+    """
+
+    net: nn.Module
+    loss: LossFn
+    dataset: Dataset
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+    validate: Validate | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    input_key: str = "image"
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A downstream task. ``name`` is the CLI name (``foundation finetune canopy-height``)."""
+
+    name: str
+    domain: str
+    default_config: Path  # the recipe used when --config is not given
+
+    def add_finetune_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Task-specific flags of ``foundation finetune NAME`` (e.g. ``--images``, ``--labels``)."""
+
+    def build(
+        self, cfg: Config, args: argparse.Namespace, backbone: ViT, backbone_meta: dict[str, Any]
+    ) -> TaskParts:
+        """Data, network and loss for training ``backbone`` (already loaded, on CPU) on this task."""
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Flags of ``foundation evaluate NAME``."""
+
+    def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Metrics of a fine-tuned checkpoint on labelled data; printed as one JSON line."""
+
+
+class TaskModel(nn.Module):
+    """``net`` + ``loss`` in the shape of an SSL objective, so the engine trains it unchanged.
+
+    With ``freeze_backbone`` only the head learns (linear-probe style dense training); the backbone then runs in
+    eval mode and without autograd, which also saves the activation memory.
+    """
+
+    backbone_prefix = "net.backbone."
+    export_prefix = "net.backbone."
+
+    def __init__(
+        self, net: nn.Module, loss: LossFn, *, input_key: str = "image", freeze_backbone: bool = False
+    ):
+        super().__init__()
+        if not isinstance(getattr(net, "backbone", None), ViT):
+            raise TypeError("a task network must hold its foundation ViT as `net.backbone`")
+        self.net = net
+        self.loss = loss
+        self.input_key = input_key
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            net.backbone.requires_grad_(False)
+
+    @property
+    def student_backbone(self) -> ViT:
+        return self.net.backbone
+
+    def train(self, mode: bool = True) -> TaskModel:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.net.backbone.eval()
+        return self
+
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def update_teacher(self, step: int) -> dict[str, float]:
+        return {}
+
+    def export_backbone(self) -> ViT:
+        return self.net.backbone
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        return self.loss(self.net(batch[self.input_key]), batch)

@@ -1,0 +1,92 @@
+"""``foundation finetune TASK``: a downstream head on a pretrained backbone, trained by the pretraining engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from foundation.config import Config, config_to_dict
+from foundation.errors import ConfigError
+from foundation.export import load_backbone
+from foundation.models.factory import backbone_args, build_backbone
+from foundation.tasks.base import Task, TaskModel, TaskParts
+from foundation.tasks.checkpoint import MODEL_FILE, save_task_model
+from foundation.train.distributed import DistInfo
+from foundation.train.engine import Trainer, TrainingSetup, run_training
+
+log = logging.getLogger(__name__)
+
+
+def task_setup(task: Task, cfg: Config, args: argparse.Namespace) -> TrainingSetup:
+    """Load the backbone (``--backbone``, or a fresh one from ``cfg.model`` with ``--random-init``), let the task
+    build its parts, and wrap them for the engine."""
+    torch.manual_seed(cfg.seed)  # the same head initialisation on every rank
+    if getattr(args, "backbone", None):
+        backbone, meta = load_backbone(args.backbone)
+    elif getattr(args, "random_init", False):
+        from foundation.domain import get_domain
+
+        domain = get_domain(task.domain)
+        channels = cfg.model.in_chans or getattr(args, "in_chans", None) or domain.channels
+        meta = {
+            "backbone_args": backbone_args(
+                cfg.model, channels, cfg.model.spatial_dims or domain.spatial_dims
+            ),
+            "source": "random-init",
+        }
+        backbone = build_backbone(cfg.model, channels, cfg.model.spatial_dims or domain.spatial_dims)
+    else:
+        raise ConfigError(
+            f"finetune {task.name}: give --backbone RUN|EXPORT|CKPT (or --random-init for a baseline)"
+        )
+    parts: TaskParts = task.build(cfg, args, backbone, meta)
+    objective = TaskModel(
+        parts.net, parts.loss, input_key=parts.input_key, freeze_backbone=cfg.task.freeze_backbone
+    )
+    validate = None
+    if parts.validate is not None:
+        validate = lambda model, device: parts.validate(model.net, device)  # noqa: E731
+    mean = tuple(meta.get("mean", ()))
+    std = tuple(meta.get("std", ()))
+    setup_meta = {
+        "task": task.name,
+        "task_meta": parts.meta,
+        "domain": task.domain,
+        "backbone_source": str(meta.get("source", "")),
+    }
+    return TrainingSetup(
+        objective=objective,
+        dataset=parts.dataset,
+        backbone_args=meta["backbone_args"],
+        mean=mean,
+        std=std,
+        collate=parts.collate or torch.utils.data.default_collate,
+        checkpoint_meta=setup_meta,
+        validate=validate,
+        export_extra={"domain": task.domain, "finetuned_for": task.name, "steps": cfg.train.steps},
+    )
+
+
+def finetune(
+    task: Task, cfg: Config, args: argparse.Namespace, out: Path, dist_info: DistInfo, *, quiet: bool = False
+) -> Path:
+    """Fine-tune (or resume) into ``out``; returns ``out/model.pt``, the deployable model file."""
+
+    def write_model(trainer: Trainer) -> None:
+        meta = trainer.setup.checkpoint_meta
+        path = save_task_model(
+            Path(out) / MODEL_FILE,
+            task=task.name,
+            task_meta=meta["task_meta"],
+            backbone_args=trainer.backbone_args,
+            net=trainer.objective.net,
+            config=config_to_dict(cfg),
+            step=cfg.train.steps,
+        )
+        log.info("fine-tuned model: %s", path)
+
+    run_training(cfg, out, dist_info, lambda: task_setup(task, cfg, args), quiet=quiet, finish=write_model)
+    return Path(out) / MODEL_FILE
