@@ -245,7 +245,7 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--domain", default="images", help="registered domain (see `foundation info`); default: images"
+        "--domain", help="registered domain (see `foundation info`); default: the recipe's, else images"
     )
     p.add_argument("--data", help="data folder; default: the domain's embedded sample")
     p.add_argument("--config", help="YAML recipe; default: configs/<domain>/tiny.yaml")

@@ -1,7 +1,7 @@
-"""The ``medical`` domain: CT and MR volumes (NIfTI, DICOM series) for 3D MAE pretraining.
+"""The ``medical`` domain: CT and MR volumes (NIfTI, DICOM series) for 3D MAE and 2D-slice DINOv2 pretraining.
 
 The 3D recipe is MAE with cubic patches on cubic crops (arXiv 2111.06377; UNETR-style backbones,
-arXiv 2103.10504). The intensity preset (CT window or MR percentiles to [0, 1]) is the normalisation, so
+arXiv 2103.10504); the 2D recipe is DINOv2 on axial slices (arXiv 2312.02366). The intensity preset (CT window or MR percentiles to [0, 1]) is the normalisation, so
 ``mean``/``std`` are 0/1 per channel; the channel count is learned from the data in :meth:`sample_source`.
 nibabel, pydicom and MONAI are imported only when data is touched, so ``foundation --help`` stays fast.
 """
@@ -36,12 +36,19 @@ def _require_medical() -> None:
         )
 
 
-def _check_method(cfg: Config) -> None:
-    if cfg.ssl.method != "mae":
+def slice_mode(cfg: Config) -> bool:
+    """2D slices (DINOv2, or MAE with ``model.spatial_dims: 2``) or 3D crops (MAE).
+
+    Raises:
+        ConfigError: DINOv2 asked for on 3D crops (its multi-crop recipe is 2D).
+    """
+    dims = cfg.model.spatial_dims or (2 if cfg.ssl.method == "dinov2" else 3)
+    if cfg.ssl.method == "dinov2" and dims == 3:
         raise ConfigError(
-            f"ssl.method={cfg.ssl.method!r}: the medical domain's 3D recipe is MAE (ssl.method=mae, "
-            "see configs/medical/tiny.yaml); DINOv2 on 2D slices is future work"
+            "ssl.method=dinov2 with model.spatial_dims=3: the medical domain runs DINOv2 on 2D slices "
+            "(configs/medical/dinov2_slices_tiny.yaml) and MAE on 3D crops (configs/medical/tiny.yaml)"
         )
+    return dims == 2
 
 
 class MAEVolumeView:
@@ -82,23 +89,20 @@ class MedicalDomain:
         return make_sample_volumes(Path(root))
 
     def sample_source(self, path: str, cfg: Config):
-        """Random ``global_size^3`` crops of the volumes at ``path``; sets ``channels`` from the data.
+        """Random ``global_size^3`` crops (3D) or axial slices (2D) of the volumes at ``path``; sets ``channels``
+        and ``spatial_dims`` from the data and the recipe.
 
         Raises:
-            ConfigError: a 2D model was asked for (the 3D recipe only).
+            ConfigError: DINOv2 on 3D crops.
             DataError: nothing usable at ``path``, or volumes with different channel counts.
         """
         _require_medical()
         from domains.medical.options import VolumeOptions
+        from domains.medical.slices import SliceSampleSource
         from domains.medical.source import VolumeSampleSource
         from domains.medical.volume import channel_count, find_volumes, read_image
 
-        _check_method(cfg)  # before the data is scanned and a model built for nothing
-        if cfg.model.spatial_dims not in (None, 3):
-            raise ConfigError(
-                f"model.spatial_dims={cfg.model.spatial_dims!r}: the medical domain trains 3D backbones; "
-                "remove the override (2D slices are future work)"
-            )
+        slices = slice_mode(cfg)  # before the data is scanned and a model built for nothing
         opts = VolumeOptions.from_config(cfg.data.options)
         volumes = find_volumes(path)
         counts = {}
@@ -111,20 +115,29 @@ class MedicalDomain:
             )
         self.channels = next(iter(counts.values()))
         self.mean, self.std = (0.0,) * self.channels, (1.0,) * self.channels
+        self.spatial_dims = 2 if slices else 3
         log.info(
-            "medical: %d volume(s) at %s, %d channel(s), %s preset, spacing %s mm",
+            "medical: %d volume(s) at %s, %d channel(s), %s preset, spacing %s mm, %s",
             len(volumes), path, self.channels, opts.modality, opts.spacing or "native",
+            "2D axial slices" if slices else "3D crops",
         )  # fmt: skip
+        if slices:
+            return SliceSampleSource(volumes, opts, cfg.data.crops.global_size)
         return VolumeSampleSource(volumes, opts, cfg.data.crops.global_size)
 
     def ssl_transform(self, cfg: Config) -> ViewTransform:
-        """MAE views of 3D crops.
+        """3D: MAE views of crops. 2D slices: the shared multi-crop (DINOv2) or MAE view pipelines on [0, 1]
+        float images, without colour jitter or solarisation (intensities are calibrated: HU windows)."""
+        if not slice_mode(cfg):
+            return MAEVolumeView(self.mean, self.std)
+        from foundation.data.views import ImageViews, MAEView, MultiCropViews
 
-        Raises:
-            ConfigError: ``ssl.method`` is not ``mae``.
-        """
-        _check_method(cfg)
-        return MAEVolumeView(self.mean, self.std)
+        if cfg.ssl.method == "mae":
+            return ImageViews(MAEView(cfg.data.crops.global_size, self.mean, self.std, max_pixel_value=1.0))
+        views = MultiCropViews(
+            cfg.data.crops, self.mean, self.std, color=False, solarize=False, max_pixel_value=1.0
+        )
+        return ImageViews(views)
 
     def eval_dataset(self, path: str, cfg: Config):
         raise NotAvailableYetError(
@@ -133,4 +146,12 @@ class MedicalDomain:
         )
 
     def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
-        return None
+        """``foundation segment`` and ``foundation export-bundle`` (parsers only; nothing heavy is imported)."""
+        from domains.medical.segmentation.bundle import add_export_bundle_parser
+        from domains.medical.segmentation.segment import add_segment_parser
+
+        for name, add in (("segment", add_segment_parser), ("export-bundle", add_export_bundle_parser)):
+            if name in subparsers.choices:  # another domain got there first; never break the CLI
+                log.debug("medical: a %r command exists already; not adding ours", name)
+                continue
+            add(subparsers)

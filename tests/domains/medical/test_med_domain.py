@@ -54,10 +54,10 @@ def test_mae_view_flips_and_normalises_deterministically() -> None:
     assert a.shape == (1, 16, 16, 16) and a.dtype == torch.float32 and torch.equal(a, b)
 
 
-def test_dinov2_and_eval_are_refused_clearly() -> None:
+def test_dinov2_on_3d_and_eval_are_refused_clearly() -> None:
     domain = MedicalDomain()
-    with pytest.raises(ConfigError, match="3D recipe is MAE.*DINOv2 on 2D slices is future work"):
-        domain.ssl_transform(load_config(RECIPE, ["ssl.method=dinov2"]))
+    with pytest.raises(ConfigError, match="runs DINOv2 on 2D slices"):
+        domain.ssl_transform(load_config(RECIPE, ["ssl.method=dinov2", "model.spatial_dims=3"]))
     with pytest.raises(NotAvailableYetError, match="no evaluation dataset yet"):
         domain.eval_dataset("anything", load_config(RECIPE))
 
@@ -102,5 +102,37 @@ def test_pretrain_on_a_non_volume_exits_with_the_file_named(tmp_path: Path, caps
     assert main(argv) == 2
     assert f"{notes}: not a volume" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-    assert main(["pretrain", "--domain", "medical", "--out", str(tmp_path / "d"), "ssl.method=dinov2"]) == 2
-    assert "3D recipe is MAE" in capsys.readouterr().err
+    argv = ["pretrain", "--domain", "medical", "--out", str(tmp_path / "d"), "ssl.method=dinov2"]
+    assert main([*argv, "model.spatial_dims=3"]) == 2
+    assert "runs DINOv2 on 2D slices" in capsys.readouterr().err
+
+
+SLICES = Path(__file__).resolve().parents[3] / "configs" / "medical" / "dinov2_slices_tiny.yaml"
+
+
+def test_slices_are_shown_radiologically_and_skip_air(tmp_path: Path) -> None:
+    """An axial slice has anterior at the top and the patient's right on the viewer's left; air slices are
+    redrawn."""
+    volume = np.full((20, 20, 6), -1000.0, np.float32)  # RAS voxel order (identity affine): air
+    volume[:, :, 2:4] = 40.0  # two slices of soft tissue
+    volume[15:, 15:, 2:4] = 300.0  # right (+x) and anterior (+y) corner: brighter
+    write_nifti(tmp_path / "v.nii.gz", volume, np.eye(4))
+    cfg = load_config(SLICES, ["data.options.spacing=null", "data.crops.global_size=16"])
+    domain = MedicalDomain()
+    source = domain.sample_source(str(tmp_path), cfg)
+    assert domain.spatial_dims == 2
+    for i in range(6):
+        image = source.sample(i, torch.Generator().manual_seed(i))["image"]
+        assert image.shape == (20, 20, 1) and image.dtype == np.float32
+        assert image.mean() > 0.3  # a tissue slice, not air
+        assert image[:5, :5].mean() > image[-5:, -5:].mean()  # bright corner at the top left
+    views = domain.ssl_transform(cfg)({"image": image}, torch.Generator().manual_seed(0))
+    assert [v.shape for v in views["global_crops"]] == [(1, 16, 16)] * 2
+
+
+def test_dinov2_pretraining_on_slices(tmp_path: Path, capsys, single_thread) -> None:
+    argv = ["pretrain", "--config", str(SLICES), "--quiet", "--out", str(tmp_path / "run"), *QUICK]
+    assert main([*argv, "data.crops.global_size=32", "data.crops.local_size=16", "model.img_size=32"]) == 0
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["backbone_args"]["spatial_dims"] == 2 and state["backbone_args"]["in_chans"] == 1
+    assert state["step"] == 2
