@@ -7,8 +7,8 @@ It is written as ``<slide>.h5.partial`` and renamed once complete, so a file und
 whole: a rerun skips complete files made with the same backbone and settings, and redoes partial ones.
 
 A broken slide (unreadable, no resolution, no tissue, a read error part-way) is skipped with its reason; the
-others finish. ``summary.json`` (``summary_rank{r}.json`` under torchrun, where slide ``i`` goes to rank
-``i % world_size``) lists processed, skipped and already-complete slides; if any was skipped a
+others finish. ``summary.json`` lists processed, skipped and already-complete slides (under torchrun, where slide ``i`` goes
+to rank ``i % world_size``, each rank writes ``summary_rank{r}.json`` and rank 0 merges them into it); if any was skipped a
 :class:`DataError` follows the summary, so the command exits non-zero.
 """
 
@@ -34,7 +34,7 @@ from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_ti
 from foundation.config import load_config
 from foundation.errors import ConfigError, DataError
 from foundation.eval.features import POOLINGS, _pool
-from foundation.train.distributed import destroy_distributed, init_distributed
+from foundation.train.distributed import barrier, destroy_distributed, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,23 @@ def embed_slide(
     return n
 
 
+def _merge_summaries(out_dir: Path, world_size: int) -> Path:
+    """``summary.json`` for the whole archive from the per-rank summaries of a torchrun job."""
+    parts = [json.loads((out_dir / f"summary_rank{r}.json").read_text()) for r in range(world_size)]
+    lists = ("slides_processed", "slides_skipped", "slides_complete_before")
+    merged: dict[str, Any] = {key: [item for part in parts for item in part[key]] for key in lists}
+    merged.update(
+        out=str(out_dir),
+        processed=len(merged["slides_processed"]),
+        skipped=len(merged["slides_skipped"]),
+        complete_before=len(merged["slides_complete_before"]),
+        tiles=sum(p["tiles"] for p in parts),
+        world_size=world_size,
+    )
+    _write_json(out_dir / "summary.json", merged)
+    return out_dir / "summary.json"
+
+
 def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """``foundation embed --domain pathology``: see the module docstring."""
     from domains.pathology.domain import PathologyDomain
@@ -322,6 +339,10 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
                 "slides_complete_before": complete,
             },
         )
+        if dist.world_size > 1:
+            barrier()  # every rank's summary is on disk
+            if dist.is_main:
+                _merge_summaries(out_dir, dist.world_size)
         if skipped:
             raise DataError(
                 f"{len(skipped)} of {len(mine)} slides skipped: see {summary_path} "

@@ -170,6 +170,14 @@ def test_slides_are_sharded_by_rank(
     summary = json.loads((out / "summary_rank1.json").read_text())
     assert (summary["rank"], summary["world_size"], summary["processed"]) == (1, 2, 1)
 
+    # rank 0 (run after rank 1 here; barrier() waits for it under torchrun) merges both into summary.json
+    info0 = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(embed_mod, "init_distributed", lambda device: info0)
+    assert _embed(slides, backbone, out) == 0
+    merged = json.loads((out / "summary.json").read_text())
+    assert merged["processed"] == 2 and merged["world_size"] == 2 and merged["skipped"] == 0
+    assert sorted(Path(s["slide"]).name for s in merged["slides_processed"]) == ["a.svs", "b.ome.tif"]
+
 
 def test_out_parent_must_exist(slides: Path, backbone: Path, tmp_path: Path, capsys) -> None:
     assert _embed(slides, backbone, tmp_path / "missing" / "feats") == 2
