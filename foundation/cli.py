@@ -227,8 +227,9 @@ def _add_task_parsers(sub: argparse._SubParsersAction, argv: list[str], command:
 
 
 def _print_json(result: dict) -> int:
+    """Print a task's result; exit 1 when it reports skipped inputs (the rest finished)."""
     print(json.dumps(result))
-    return 0
+    return 1 if result.get("skipped") else 0
 
 
 def build_parser(with_domain_commands: bool = True, argv: list[str] | None = None) -> argparse.ArgumentParser:

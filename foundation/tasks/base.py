@@ -67,11 +67,15 @@ class Task(Protocol):
     ) -> TaskParts:
         """Data, network and loss for training ``backbone`` (already loaded, on CPU) on this task."""
 
+    def data_channels(self, cfg: Config, args: argparse.Namespace) -> int | None:
+        """Optional: the channel count of the task's data, so ``--random-init`` builds a matching backbone."""
+
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Flags of ``foundation evaluate NAME``."""
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
-        """Metrics of a fine-tuned checkpoint on labelled data; printed as one JSON line."""
+        """Metrics of a fine-tuned checkpoint on labelled data; printed as one JSON line (the command exits 1
+        when the result has a non-empty ``"skipped"`` list)."""
 
 
 class TaskModel(nn.Module):
@@ -96,6 +100,9 @@ class TaskModel(nn.Module):
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             net.backbone.requires_grad_(False)
+        mask_token = getattr(net.backbone, "mask_token", None)
+        if isinstance(mask_token, nn.Parameter):  # pretraining-only; DDP refuses parameters without gradients
+            mask_token.requires_grad_(False)
 
     @property
     def student_backbone(self) -> ViT:

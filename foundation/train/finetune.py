@@ -30,7 +30,8 @@ def task_setup(task: Task, cfg: Config, args: argparse.Namespace) -> TrainingSet
         from foundation.domain import get_domain
 
         domain = get_domain(task.domain)
-        channels = cfg.model.in_chans or getattr(args, "in_chans", None) or domain.channels
+        from_data = task.data_channels(cfg, args) if hasattr(task, "data_channels") else None
+        channels = cfg.model.in_chans or from_data or domain.channels
         meta = {
             "backbone_args": backbone_args(
                 cfg.model, channels, cfg.model.spatial_dims or domain.spatial_dims
