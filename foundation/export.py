@@ -98,7 +98,7 @@ def _from_export(path: Path) -> tuple[ViT, dict[str, Any]]:
             init_values=m.get("init_values"),
             qkv_bias=m.get("qkv_bias", True),
         )
-    model = build_vit(**args)
+    model = build_vit(**args, init_weights=False)
     try:
         result = model.load_state_dict(read_state_dict(path / "model.safetensors"), strict=False)
     except RuntimeError as e:
@@ -117,7 +117,7 @@ def _from_checkpoint(path: Path) -> tuple[ViT, dict[str, Any]]:
     prefix = state.get("export_prefix")
     if args is None or prefix is None:
         raise CheckpointError(f"{path} is not a checkpoint written by `foundation pretrain`")
-    model = build_vit(**args)
+    model = build_vit(**args, init_weights=False)
     weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)

@@ -148,6 +148,9 @@ class RemoteSensingDomain:
 
     # -- commands ----------------------------------------------------------------------------------------------
     def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
+        from domains.remote_sensing.canopy.mapping import add_canopy_parser
+
+        add_canopy_parser(subparsers)  # `foundation canopy-height`
         if "stats" in subparsers.choices:  # another domain got there first; never break the CLI
             log.debug("remote_sensing: a 'stats' command exists already; not adding ours")
             return

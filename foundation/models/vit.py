@@ -51,6 +51,7 @@ class ViT(VisionTransformer):
         init_values: float | None = None,
         qkv_bias: bool = True,
         mlp_ratio: float = 4.0,
+        init_weights: bool = True,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims={spatial_dims!r} must be 2 or 3")
@@ -71,12 +72,15 @@ class ViT(VisionTransformer):
             num_classes=0,
             global_pool="token",
         )
-        super().__init__(**self.timm_args, drop_path_rate=drop_path_rate)
+        # init_weights=False when weights are loaded next: timm's initialisation of a large ViT takes seconds
+        weight_init = "" if init_weights else "skip"
+        super().__init__(**self.timm_args, drop_path_rate=drop_path_rate, weight_init=weight_init)
         self.spatial_dims = spatial_dims
         if spatial_dims == 3:
             self.patch_embed = PatchEmbed3d(img_size, patch_size, in_chans, embed_dim)
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
-            trunc_normal_(self.pos_embed, std=0.02)
+            if init_weights:
+                trunc_normal_(self.pos_embed, std=0.02)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -189,8 +193,9 @@ def build_vit(
     drop_path_rate: float = 0.0,
     init_values: float | None = None,
     qkv_bias: bool = True,
+    init_weights: bool = True,
 ) -> ViT:
-    """Build a backbone by name (``vit_tiny`` ... ``vit_giant``)."""
+    """Build a backbone by name (``vit_tiny`` ... ``vit_giant``); ``init_weights=False`` when loading weights."""
     if arch not in ARCHS:
         raise ConfigError(f"model.arch={arch!r} is not one of {sorted(ARCHS)}")
     embed_dim, depth, heads = ARCHS[arch]
@@ -206,4 +211,5 @@ def build_vit(
         drop_path_rate=drop_path_rate,
         init_values=init_values,
         qkv_bias=qkv_bias,
+        init_weights=init_weights,
     )

@@ -81,7 +81,7 @@ def load_canopy_model(path: str | Path) -> tuple[CanopyNet, dict[str, Any]]:
         CheckpointError: missing or unreadable file, a model of another task, weights that do not fit.
     """
     ckpt = load_task_checkpoint(path, TASK_NAME)
-    backbone = build_vit(**ckpt.backbone_args)
+    backbone = build_vit(**ckpt.backbone_args, init_weights=False)
     net = build_canopy_net(backbone, ckpt.task_meta["head"])
     load_net_weights(net, ckpt)
     return net.eval(), dict(ckpt.task_meta)
