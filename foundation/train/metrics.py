@@ -51,7 +51,7 @@ class MetricsLogger:
             total=total_steps,
             initial=start_step,
             disable=quiet,
-            desc="pretrain",
+            desc="train",
             unit="step",
             dynamic_ncols=True,
         )

@@ -1,0 +1,86 @@
+"""The deterministic preprocessing of organ segmentation, written once and emitted in two forms.
+
+:func:`preprocessing_spec` is the single source: a list of MONAI dictionary transforms and their arguments, built
+from ``task_meta``. :func:`preprocessing` instantiates it as a ``Compose`` (training, validation, ``foundation
+segment``); :func:`preprocessing_config` writes it as MONAI bundle config entries (``{"_target_": "Orientationd",
+...}``) for a bundle's ``inference.json``. The two cannot drift because both come from the same list.
+
+The steps match the medical domain's reader (``domains/medical/volume.py``): channel first, RAS orientation,
+resampling to ``spacing`` (bilinear for images, nearest for labels), then the intensity preset: CT clips the HU
+``window`` and scales it to [0, 1]; MR maps each channel's 0.5/99.5 percentiles to [0, 1], clipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+MR_PERCENTILES = (0.5, 99.5)
+# nibabel's world axes (what NIfTI affines mean); explicit, so MONAI's changing default cannot flip volumes
+RAS_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
+
+
+def preprocessing_spec(
+    meta: dict[str, Any], keys: Sequence[str] = ("image",), label_key: str | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``[(monai.transforms name, JSON-able kwargs), ...]`` for the image ``keys`` (and an optional label map).
+
+    Raises:
+        ValueError: ``meta["modality"]`` is neither ``ct`` nor ``mr``.
+    """
+    images = list(keys)
+    every = images + ([label_key] if label_key else [])
+    spec: list[tuple[str, dict[str, Any]]] = [
+        ("LoadImaged", {"keys": every, "image_only": True, "dtype": "float32"}),
+        ("EnsureChannelFirstd", {"keys": every}),
+        ("Orientationd", {"keys": every, "axcodes": "RAS", "labels": RAS_LABELS}),
+    ]
+    if meta.get("spacing") is not None:
+        modes = ["bilinear"] * len(images) + (["nearest"] if label_key else [])
+        spec.append(
+            ("Spacingd", {"keys": every, "pixdim": [float(s) for s in meta["spacing"]], "mode": modes})
+        )
+    modality = meta.get("modality", "ct")
+    if modality == "ct":
+        low, high = (float(v) for v in meta["window"])
+        spec.append(
+            (
+                "ScaleIntensityRanged",
+                {"keys": images, "a_min": low, "a_max": high, "b_min": 0.0, "b_max": 1.0, "clip": True},
+            )
+        )
+    elif modality == "mr":
+        lower, upper = MR_PERCENTILES
+        spec.append(
+            (
+                "ScaleIntensityRangePercentilesd",
+                {
+                    "keys": images,
+                    "lower": lower,
+                    "upper": upper,
+                    "b_min": 0.0,
+                    "b_max": 1.0,
+                    "clip": True,
+                    "channel_wise": True,
+                },
+            )
+        )
+    else:
+        raise ValueError(f"modality {modality!r} is not one of ['ct', 'mr']")
+    return spec
+
+
+def preprocessing(meta: dict[str, Any], keys: Sequence[str] = ("image",), label_key: str | None = None):
+    """The preprocessing as a ``monai.transforms.Compose`` of dictionary transforms (paths in, arrays out)."""
+    import monai.transforms as mt
+
+    return mt.Compose(
+        [getattr(mt, name)(**kwargs) for name, kwargs in preprocessing_spec(meta, keys, label_key)]
+    )
+
+
+def preprocessing_config(
+    meta: dict[str, Any], keys: Sequence[str] = ("image",), label_key: str | None = None
+) -> list[dict[str, Any]]:
+    """The same preprocessing as MONAI bundle config entries (``{"_target_": "Orientationd", ...}``)."""
+    return [{"_target_": name, **kwargs} for name, kwargs in preprocessing_spec(meta, keys, label_key)]
