@@ -49,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _spawn_local(nproc: int, argv: list[str]) -> int:
+def spawn_local(nproc: int, argv: list[str]) -> int:
     """``--nproc N``: re-run this command under torchrun with N local workers."""
     rest, skip = [], False
     for a in argv:
@@ -78,7 +78,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from foundation.train.engine import pretrain
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _spawn_local(args.nproc, sys.argv[1:])
+        return spawn_local(args.nproc, sys.argv[1:])
     config_path = args.config or default_config_path(args.domain or "images")
     overrides = list(args.overrides)
     if args.domain:  # the flag wins over a recipe's `domain:`
@@ -142,7 +142,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from foundation.train.finetune import finetune
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _spawn_local(args.nproc, sys.argv[1:])
+        return spawn_local(args.nproc, sys.argv[1:])
     task = args.task_object
     cfg = load_config(
         args.config or task.default_config, list(args.overrides), pretraining=False, domain=task.domain

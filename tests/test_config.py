@@ -179,9 +179,11 @@ def test_save_config_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
 def test_every_recipe_loads(recipe: Path) -> None:
-    cfg = load_config(recipe)
+    pretraining = "task" not in yaml.safe_load(recipe.read_text())  # fine-tuning recipes have no SSL crops
+    cfg = load_config(recipe, pretraining=pretraining)
     assert cfg._name == recipe.stem
-    assert cfg.data.crops.global_size % cfg.model.patch_size == 0
+    if pretraining:
+        assert cfg.data.crops.global_size % cfg.model.patch_size == 0
 
 
 def test_recipes_were_found() -> None:

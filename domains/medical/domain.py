@@ -141,8 +141,9 @@ class MedicalDomain:
 
     def eval_dataset(self, path: str, cfg: Config):
         raise NotAvailableYetError(
-            "the medical domain has no evaluation dataset yet (organ segmentation with a UNETR head is "
-            "planned, issue 7); use `foundation pretrain --domain medical` for now"
+            "the medical domain has no evaluation dataset yet for kNN/linear probes (volumes carry no class "
+            "labels); judge a backbone by organ segmentation: `foundation finetune organ-segmentation "
+            "--backbone RUN --data DATALIST.json`, then `foundation evaluate organ-segmentation`"
         )
 
     def add_commands(self, subparsers: argparse._SubParsersAction) -> None:

@@ -12,8 +12,13 @@ resampling to ``spacing`` (bilinear for images, nearest for labels), then the in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
+
+# MONAI's LoadImage probes an optional GPU DICOM decoder on every call and warns when it is absent (it falls
+# back to pydicom, which is what we want): one line per volume of noise for every user without it.
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
 
 MR_PERCENTILES = (0.5, 99.5)
 # nibabel's world axes (what NIfTI affines mean); explicit, so MONAI's changing default cannot flip volumes

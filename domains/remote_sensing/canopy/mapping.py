@@ -127,9 +127,9 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
     from foundation.train.distributed import all_gather_objects, destroy_distributed, init_distributed
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from foundation.cli import _spawn_local
+        from foundation.cli import spawn_local
 
-        return _spawn_local(args.nproc, sys.argv[1:])
+        return spawn_local(args.nproc, sys.argv[1:])
     scenes = list_scenes(args.scenes)
     outputs = output_paths(scenes, Path(args.out))
     from domains.remote_sensing.canopy.model import load_canopy_model
