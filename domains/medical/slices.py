@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from domains.medical.source import MAX_TRIES, VolumeSampleSource
-from foundation.errors import DataError
+from domains.medical.source import VolumeSampleSource
 
 FOREGROUND_LEVEL = 0.05  # after the preset: above the bottom of the CT window / MR percentile range
 MIN_FOREGROUND = 0.1  # fraction of the slice that must be foreground (else another slice is drawn)
@@ -25,19 +24,12 @@ class SliceSampleSource(VolumeSampleSource):
     """``sample(i, g)``: a random volume, a random axial slice with anatomy: ``{"image": H x W x C float32}``."""
 
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
-        errors = []
-        for _ in range(MAX_TRIES):
-            volume = self._load(int(torch.randint(0, len(self.volumes), (1,), generator=generator)))
-            if isinstance(volume, DataError):
-                errors.append(volume)
-                continue
-            array = volume.array  # C x X x Y x Z, RAS
-            for _ in range(SLICE_TRIES):
-                z = int(torch.randint(0, array.shape[-1], (1,), generator=generator))
-                image = array[..., z]
-                if float((image > FOREGROUND_LEVEL).float().mean()) >= MIN_FOREGROUND:
-                    break
-            # radiological display: anterior at the top, the patient's right on the viewer's left
-            pixels = image.flip(-1, -2).permute(2, 1, 0)  # C x X x Y -> H (A->P) x W (R->L) x C
-            return {"image": np.ascontiguousarray(pixels.numpy(), dtype=np.float32)}
-        raise DataError(f"{MAX_TRIES} random volumes in a row could not be read; last: {errors[-1]}")
+        array = self.random_volume(generator).array  # C x X x Y x Z, RAS
+        for _ in range(SLICE_TRIES):
+            z = int(torch.randint(0, array.shape[-1], (1,), generator=generator))
+            image = array[..., z]
+            if float((image > FOREGROUND_LEVEL).float().mean()) >= MIN_FOREGROUND:
+                break
+        # radiological display: anterior at the top, the patient's right on the viewer's left
+        pixels = image.flip(-1, -2).permute(2, 1, 0)  # C x X x Y -> H (A->P) x W (R->L) x C
+        return {"image": np.ascontiguousarray(pixels.numpy(), dtype=np.float32)}

@@ -63,12 +63,16 @@ class VolumeSampleSource:
                 self._cache.popitem(last=False)
         return self._cache[i]
 
-    def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
+    def random_volume(self, generator: torch.Generator):
+        """A random readable volume; broken ones are replaced by other random picks, up to ``MAX_TRIES``."""
         errors = []
         for _ in range(MAX_TRIES):
             volume = self._load(int(torch.randint(0, len(self.volumes), (1,), generator=generator)))
-            if isinstance(volume, DataError):
-                errors.append(volume)
-                continue
-            return {"image": random_crop(volume.array, self.size, generator).contiguous()}
+            if not isinstance(volume, DataError):
+                return volume
+            errors.append(volume)
         raise DataError(f"{MAX_TRIES} random volumes in a row could not be read; last: {errors[-1]}")
+
+    def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
+        volume = self.random_volume(generator)
+        return {"image": random_crop(volume.array, self.size, generator).contiguous()}

@@ -17,14 +17,9 @@ from foundation.eval.features import cached_features, extract_features, feature_
 from foundation.eval.knn import knn_evaluate
 from foundation.eval.linear import linear_probe
 from foundation.export import load_backbone, random_like, resolve_backbone_source
+from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _remap_labels(
@@ -79,7 +74,7 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"the {args.domain!r} domain takes no embed options, got {args.overrides}")
     size = args.img_size or meta["backbone_args"]["img_size"]
     dataset = _eval_dataset(args.domain, args.data, meta, size)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     return embed_dataset(
         backbone,
         dataset,
@@ -105,7 +100,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     size = args.img_size or meta["backbone_args"]["img_size"]
     train_set = _eval_dataset(args.domain, args.data, meta, size)
     val_set = _eval_dataset(args.domain, args.val_data, meta, size)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
 
     def features(dataset, path: str):

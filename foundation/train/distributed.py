@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from foundation.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -104,3 +106,15 @@ def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available; a clear error when CUDA is asked for and missing (single-process
+    commands; torchrun jobs get their device from :func:`init_distributed`)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)

@@ -25,6 +25,7 @@ from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.tasks.base import TaskParts
 from foundation.tasks.checkpoint import load_task_checkpoint
+from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 NORMS = ("instance", "batch")  # MONAI norm names that need no extra arguments
@@ -316,7 +317,7 @@ class OrganSegmentationTask:
         entries = data.validation if args.split == "validation" else data.training
         if not entries:
             raise DataError(f"{data.path}: the {args.split} split is empty")
-        device = _device(getattr(args, "device", "auto"))
+        device = resolve_device(getattr(args, "device", "auto"))
         net = net_from_checkpoint(ckpt).to(device)
         evaluator = DiceEvaluator(entries, meta, keep=False, quiet=getattr(args, "quiet", False))
         with torch.no_grad():
@@ -327,9 +328,3 @@ class OrganSegmentationTask:
         if evaluator.skipped:
             log.warning("%d image/label pair(s) skipped: %s", len(evaluator.skipped), evaluator.skipped)
         return result
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -42,6 +42,7 @@ from foundation.config import Config
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.tasks.base import TaskParts
+from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +196,6 @@ def evaluate_pairs(
     return metrics.compute(), skipped
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 class CanopyHeightTask:
     """Canopy height (metres) per pixel: DPT head, masked regression or binned classification."""
 
@@ -324,7 +317,7 @@ class CanopyHeightTask:
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
         """Metrics of a fine-tuned model over image/label pairs; broken pairs are skipped and reported."""
         net, meta = load_canopy_model(args.checkpoint)
-        device = _device(getattr(args, "device", "auto"))
+        device = resolve_device(getattr(args, "device", "auto"))
         net.to(device)
         tile = args.tile or int(meta["tile_size"])
         overlap = tile // 4 if args.overlap is None else args.overlap

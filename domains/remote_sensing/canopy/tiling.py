@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from foundation.errors import ConfigError
+from foundation.train.distributed import resolve_device
 
 # read(row0, row1, col0, col1) -> (C x h x w float32 normalised, invalid pixels already 0; h x w bool valid)
 ReadFn = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
@@ -118,17 +119,6 @@ class TileGrid:
         for s, w in zip(starts, self.profiles(axis), strict=True):
             total[s : s + len(w)] += w
         return total
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available; a clear error when CUDA is asked for and missing."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
