@@ -27,7 +27,7 @@ import torch
 from domains.pathology.embed import TileDataset, embed_slides
 from domains.pathology.sample import synthetic_he, write_pyramid_tiff
 from domains.pathology.slide import open_slide
-from domains.pathology.source import list_slides
+from domains.pathology.source import PathologyOptions, list_slides
 from domains.pathology.tissue import mask_for_tiles, plan_tiles
 from foundation.eval.features import _pool
 from foundation.export import export_backbone, load_backbone
@@ -66,11 +66,13 @@ def embed_args(data: Path, backbone: Path, out: Path, a: argparse.Namespace) -> 
 
 
 def preloaded_batches(data: Path, mpp: float, tile: int, batch: int) -> list[torch.Tensor]:
-    """Every tile the command embeds, read once into uint8 batches (the baseline's input)."""
+    """Every tile the command embeds (same tissue threshold), read once into uint8 batches (the baseline's
+    input)."""
+    min_tissue = PathologyOptions().min_tissue
     batches = []
     for path in list_slides(data):
         with open_slide(path) as slide:
-            tiling = plan_tiles(slide, mask_for_tiles(slide, mpp, tile), mpp, tile, 0.5)
+            tiling = plan_tiles(slide, mask_for_tiles(slide, mpp, tile), mpp, tile, min_tissue)
         dataset = TileDataset(path, None, tiling)
         tiles = [dataset[i][0] for i in range(len(dataset))]
         dataset.close()
@@ -123,7 +125,8 @@ def main() -> None:
         ns = build_parser(with_domain_commands=False).parse_args(
             embed_args(data, export, work / f"out{k}", a)
         )
-        embed_slides(backbone, meta, ns)
+        done = embed_slides(backbone, meta, ns)["tiles"]
+        assert done == n_tiles, f"embed wrote {done} tiles, the baseline ran {n_tiles}"
 
     times: dict[str, list[float]] = {"model": [], "embed": []}
     model_only()  # warm-up
