@@ -72,7 +72,7 @@ def main() -> None:
     regions = []
     for i in range(n):
         s = source.sample(i, torch.Generator().manual_seed(i))
-        tiling = source.tiling(Path(s["path"]))
+        tiling = source.tiling(Path(s["path"]), s["mpp"])
         regions.append((s["path"], tuple(int(v) for v in s["coords"]), tiling.level, tiling.read_size))
     handles = {p: openslide.OpenSlide(p) for p in {r[0] for r in regions}}
 

@@ -46,6 +46,9 @@ class PathologyOptions:
 
     Attributes:
         mpp: target microns per pixel of a tile (0.5 ~ 20x).
+        mpps: multi-magnification sampling: each pretraining sample draws one of these resolutions (e.g.
+            ``[0.25, 0.5, 1.0, 2.0]``, 40x to 5x) instead of ``mpp``; every tile keeps ``tile_size`` pixels, so
+            coarser tiles cover more tissue. ``embed`` always uses ``mpp``.
         tile_size: tile side in pixels; default ``data.crops.global_size``.
         min_tissue: smallest tissue fraction of a tile that is sampled.
         slide_mpp: the resolution of every slide, overriding the files (for slides without one).
@@ -56,6 +59,7 @@ class PathologyOptions:
     """
 
     mpp: float = 0.5
+    mpps: tuple[float, ...] | None = None
     tile_size: int = 224
     min_tissue: float = 0.25
     slide_mpp: float | None = None
@@ -68,6 +72,7 @@ class PathologyOptions:
     def __post_init__(self) -> None:
         checks = {
             "mpp": self.mpp > 0,
+            "mpps": self.mpps is None or (len(self.mpps) > 0 and all(m > 0 for m in self.mpps)),
             "tile_size": isinstance(self.tile_size, int) and self.tile_size >= 8,
             "min_tissue": 0 <= self.min_tissue <= 1,
             "slide_mpp": self.slide_mpp is None or self.slide_mpp > 0,
@@ -99,6 +104,15 @@ class PathologyOptions:
             value = options.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigError(f"data.options.{key}={value!r} must be a number")
+        mpps = options.get("mpps")
+        if mpps is not None:
+            if isinstance(mpps, (int, float)):
+                mpps = [mpps]
+            if not isinstance(mpps, (list, tuple)) or any(
+                isinstance(m, bool) or not isinstance(m, (int, float)) for m in mpps
+            ):
+                raise ConfigError(f"data.options.mpps={mpps!r} must be a list of numbers (um/px)")
+            options["mpps"] = tuple(float(m) for m in mpps)
         return cls(**options)
 
 
@@ -200,39 +214,40 @@ class SlideSampleSource:
         self.mpp_table = mpp_table or {}
         self.max_tilings = max_tilings
         self.handles = SlideCache(options.max_open_slides)
-        self._tilings: OrderedDict[Path, Tiling] = OrderedDict()
+        self._tilings: OrderedDict[tuple[Path, float], Tiling] = OrderedDict()
         self.broken: set[Path] = set()
 
     def mpp_override(self, path: Path) -> float | None:
         return mpp_override(path, self.options.slide_mpp, self.mpp_table, self.root)
 
-    def tiling(self, path: Path) -> Tiling:
-        """The slide's tissue tiles, computed on first use and cached (bounded) in this worker.
+    def tiling(self, path: Path, mpp: float | None = None) -> Tiling:
+        """The slide's tissue tiles at ``mpp`` (default ``options.mpp``), computed on first use and cached
+        (bounded) in this worker.
 
         Raises:
             DataError: unreadable slide, no resolution, or no tile with enough tissue.
         """
-        if (cached := self._tilings.get(path)) is not None:
-            self._tilings.move_to_end(path)
-            return cached
         o = self.options
+        mpp = o.mpp if mpp is None else mpp
+        key = (path, mpp)
+        if (cached := self._tilings.get(key)) is not None:
+            self._tilings.move_to_end(key)
+            return cached
         slide = self.handles.get(path, self.mpp_override(path))
-        tiling = plan_tiles(
-            slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
-        )
+        tiling = plan_tiles(slide, mask_for_tiles(slide, mpp, o.tile_size), mpp, o.tile_size, o.min_tissue)
         if not len(tiling):
             raise DataError(
-                f"{path}: no {o.tile_size} px tile at {o.mpp} um/px has tissue fraction >= {o.min_tissue} "
+                f"{path}: no {o.tile_size} px tile at {mpp} um/px has tissue fraction >= {o.min_tissue} "
                 "(look at it with `foundation pathology-qc`)"
             )
-        if slide.mpp > o.mpp * 1.01:
+        if slide.mpp > mpp * 1.01:
             log.warning(
                 "%s: scanned at %.3g um/px, coarser than the target %g: tiles are upsampled",
                 path,
                 slide.mpp,
-                o.mpp,
+                mpp,
             )
-        self._tilings[path] = tiling
+        self._tilings[key] = tiling
         while len(self._tilings) > self.max_tilings:
             self._tilings.popitem(last=False)
         return tiling
@@ -249,10 +264,14 @@ class SlideSampleSource:
             if path in self.broken:
                 continue
             try:
-                tiling = self.tiling(path)
+                mpp = self.options.mpp
+                if self.options.mpps:  # multi-magnification: one resolution per sample
+                    mpps = self.options.mpps
+                    mpp = mpps[int(torch.randint(len(mpps), (1,), generator=generator))]
+                tiling = self.tiling(path, mpp)
                 i = int(torch.randint(len(tiling), (1,), generator=generator))
                 tile = read_tile(self.handles.get(path, self.mpp_override(path)), tiling, i)
-                return {"image": tile, "path": str(path), "coords": tiling.coords[i].copy()}
+                return {"image": tile, "path": str(path), "coords": tiling.coords[i].copy(), "mpp": mpp}
             except DataError as e:
                 self.handles.discard(path)  # an OpenSlide handle is unusable after an error
                 self.broken.add(path)

@@ -97,6 +97,20 @@ def test_stream_gives_tissue_tiles_deterministically(slides: Path) -> None:
     assert len(source.handles._slides) <= 8
 
 
+def test_multi_magnification_draws_each_resolution(slides: Path) -> None:
+    source = PathologyDomain().sample_source(str(slides), cfg_with("data.options.mpps=[1.0,2.0]"))
+    samples = [source.sample(i, torch.Generator().manual_seed(i)) for i in range(0, 120, 3)]
+    assert {s["mpp"] for s in samples} == {1.0, 2.0}
+    for s in samples:
+        tiling = source.tiling(Path(s["path"]), s["mpp"])
+        assert s["image"].shape == (32, 32, 3)  # same pixels, twice the tissue at 2 um/px
+        assert tiling.extent == round(32 * s["mpp"] / source.handles.get(Path(s["path"])).mpp)
+    with pytest.raises(ConfigError, match="mpps"):
+        PathologyOptions.from_config(cfg_with("data.options.mpps=[0.5,fast]"))
+    with pytest.raises(ConfigError, match="mpps"):
+        PathologyOptions.from_config(cfg_with("data.options.mpps=[]"))
+
+
 def test_broken_and_empty_slides_are_skipped_with_a_warning(
     slides: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
