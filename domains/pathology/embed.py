@@ -115,27 +115,71 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _run(
+class StartedSlide:
+    """A slide whose tiles are planned and whose reader workers are already running.
+
+    Starting the next slide while the current one is embedded hides its tissue planning, worker start-up and
+    first batch behind the model (otherwise a bubble per slide, which dominates archives of small biopsies).
+    """
+
+    def __init__(
+        self, path: Path, slide_mpp: float | None, options: PathologyOptions, batch_size: int,
+        num_workers: int, device: torch.device,
+    ) -> None:  # fmt: skip
+        o = options
+        self.path = path
+        with open_slide(path, slide_mpp) as slide:
+            self.tiling = plan_tiles(
+                slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
+            )
+            self.scanned_mpp = float(slide.mpp)
+            self.downsample = float(slide.level_downsamples[self.tiling.level])
+        if len(self.tiling) == 0:
+            raise DataError(
+                f"{path}: no {o.tile_size} px tile at {o.mpp} um/px has tissue fraction >= {o.min_tissue} "
+                "(look at it with `foundation pathology-qc`)"
+            )
+        self.dataset = TileDataset(path, slide_mpp, self.tiling)
+        loader = DataLoader(
+            self.dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        )
+        self.batches = iter(loader)  # the workers start reading now
+
+    def close(self) -> None:
+        """Stop the workers (and their slide handles) now, not when a traceback holding them is collected."""
+        shutdown = getattr(self.batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.dataset.close()
+
+
+def _start(path: Path, **kwargs: Any) -> StartedSlide | DataError:
+    """A started slide, or the error that makes it skipped (reported when its turn comes)."""
+    try:
+        return StartedSlide(path, **kwargs)
+    except DataError as e:
+        return e
+
+
+def _features(
     backbone: torch.nn.Module,
-    loader: DataLoader,
-    tiling: Tiling,
+    started: StartedSlide,
     partial: Path,
     mean: torch.Tensor,
     std: torch.Tensor,
     pooling: str,
     device: torch.device,
     progress: bool,
-    name: str,
 ) -> h5py.File:
     """Features of every tile into a new ``partial`` file, returned open (``complete`` still False)."""
+    tiling = started.tiling
     n = len(tiling)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     f: h5py.File | None = None
-    batches = None
     try:
-        batches = iter(loader)  # the workers start here, before the HDF5 file is opened
-        with tqdm(total=n, desc=name, unit="tile", leave=False, disable=not progress) as bar:
-            for images, index in batches:
+        desc = started.path.name
+        with tqdm(total=n, desc=desc, unit="tile", leave=False, disable=not progress) as bar:
+            for images, index in started.batches:
                 x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
                 with torch.inference_mode(), autocast:
                     feats = _pool(backbone.forward_dict(x), pooling).float().cpu().numpy()
@@ -157,60 +201,33 @@ def _run(
         if f is not None:
             f.close()
         raise
-    finally:
-        # stop the workers now (and their slide handles), not when a traceback holding them is collected
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
     assert f is not None
     return f
 
 
 def embed_slide(
     backbone: torch.nn.Module,
-    path: Path,
+    started: StartedSlide,
     out: Path,
     *,
-    options: PathologyOptions,
-    slide_mpp: float | None,
     attrs: dict[str, Any],
     mean: torch.Tensor,
     std: torch.Tensor,
     pooling: str,
-    batch_size: int,
-    num_workers: int,
     device: torch.device,
     progress: bool,
 ) -> int:
-    """Write ``out`` for one slide (through ``out.partial``); returns the number of tiles.
+    """Write ``out`` for one started slide (through ``out.partial``); returns the number of tiles.
 
     Raises:
-        DataError: unreadable slide, no resolution, no tissue tile, or a tile that cannot be read.
+        DataError: a tile that cannot be read, or a reader worker that died.
     """
-    o = options
-    with open_slide(path, slide_mpp) as slide:
-        tiling = plan_tiles(
-            slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
-        )
-        scanned_mpp, downsample = slide.mpp, float(slide.level_downsamples[tiling.level])
-    n = len(tiling)
-    if n == 0:
-        raise DataError(
-            f"{path}: no {o.tile_size} px tile at {o.mpp} um/px has tissue fraction >= {o.min_tissue} "
-            "(look at it with `foundation pathology-qc`)"
-        )
+    path, tiling = started.path, started.tiling
     partial = out.with_name(out.name + ".partial")
-    dataset = TileDataset(path, slide_mpp, tiling)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
     f: h5py.File | None = None
     try:
         try:
-            f = _run(backbone, loader, tiling, partial, mean, std, pooling, device, progress, path.name)
+            f = _features(backbone, started, partial, mean, std, pooling, device, progress)
         except RuntimeError as e:  # a worker killed by a crash in a decoder: this slide, not the job
             if "DataLoader worker" not in str(e):
                 raise
@@ -219,11 +236,11 @@ def embed_slide(
             {
                 **attrs,
                 "level": int(tiling.level),
-                "downsample": downsample,
-                "slide_mpp": float(scanned_mpp),
+                "downsample": started.downsample,
+                "slide_mpp": started.scanned_mpp,
                 "read_size": int(tiling.read_size),
                 "extent": int(tiling.extent),
-                "n_tiles": n,
+                "n_tiles": len(tiling),
                 "slide": str(path.resolve()),
                 "complete": True,
             }
@@ -234,9 +251,9 @@ def embed_slide(
     finally:
         if f is not None:
             f.close()
-        dataset.close()
+        started.close()
         partial.unlink(missing_ok=True)
-    return n
+    return len(tiling)
 
 
 def _merge_summaries(out_dir: Path, world_size: int) -> Path:
@@ -292,32 +309,46 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         skipped: list[dict[str, str]] = []
         complete: list[dict[str, str]] = []
         progress = not args.quiet
-        for i in tqdm(mine, desc=f"embed (rank {dist.rank})", unit="slide", disable=not progress):
+        todo = []
+        for i in mine:
             path, out = slides[i], out_dir / names[i]
             if _is_complete(out, attrs):
                 complete.append({"slide": str(path), "out": str(out)})
-                continue
-            try:
-                n = embed_slide(
-                    backbone,
-                    path,
-                    out,
-                    options=options,
-                    slide_mpp=mpp_override(path, options.slide_mpp, table, root),
-                    attrs=attrs,
-                    mean=mean,
-                    std=std,
-                    pooling=args.pooling,
-                    batch_size=args.batch_size,
-                    num_workers=args.num_workers,
-                    device=device,
-                    progress=progress,
-                )
-            except DataError as e:
-                log.warning("skipping slide: %s", _reason(e))
-                skipped.append({"slide": str(path), "reason": _reason(e)})
-                continue
-            processed.append({"slide": str(path), "out": str(out), "tiles": n})
+            else:
+                todo.append((path, out))
+
+        def start(k: int) -> StartedSlide | DataError | None:
+            if k >= len(todo):
+                return None
+            path = todo[k][0]
+            return _start(
+                path, slide_mpp=mpp_override(path, options.slide_mpp, table, root), options=options,
+                batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+            )  # fmt: skip
+
+        current, upcoming = None, start(0)
+        try:
+            for k in tqdm(
+                range(len(todo)), desc=f"embed (rank {dist.rank})", unit="slide", disable=not progress
+            ):
+                (path, out), current = todo[k], upcoming
+                upcoming = start(k + 1)  # read-ahead: the next slide's workers start while this one runs
+                try:
+                    if isinstance(current, DataError):
+                        raise current
+                    n = embed_slide(
+                        backbone, current, out, attrs=attrs, mean=mean, std=std, pooling=args.pooling,
+                        device=device, progress=progress,
+                    )  # fmt: skip
+                except DataError as e:
+                    log.warning("skipping slide: %s", _reason(e))
+                    skipped.append({"slide": str(path), "reason": _reason(e)})
+                    continue
+                processed.append({"slide": str(path), "out": str(out), "tiles": n})
+        finally:  # interrupted: stop the workers still running (closing twice is harmless)
+            for started in (current, upcoming):
+                if isinstance(started, StartedSlide):
+                    started.close()
         name = f"summary_rank{dist.rank}.json" if dist.world_size > 1 else "summary.json"
         summary_path = out_dir / name
         result = {
