@@ -8,9 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from foundation.errors import RegistryError
-from foundation.tasks.base import Task
+
+if TYPE_CHECKING:  # the CLI lists tasks without importing torch
+    from foundation.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
