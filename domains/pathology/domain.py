@@ -118,7 +118,7 @@ def run_qc(args: argparse.Namespace) -> int:
                 mask = mask_for_tiles(slide, args.mpp, args.tile_size)
                 tiling = plan_tiles(slide, mask, args.mpp, args.tile_size, args.min_tissue)
                 # sub-folders in the name, so equal file names in two cases do not overwrite each other
-                name = "__".join(path.relative_to(root).parts) if root.is_dir() else path.name
+                name = ("__".join(path.relative_to(root).parts) if root.is_dir() else "") or path.name
                 png = write_qc(out / f"{name}.png", slide, mask, tiling, args.max_size)
                 mpp = slide.mpp
         except DataError as e:

@@ -65,15 +65,23 @@ class TileDataset(Dataset):
 
 
 def output_names(slides: tuple[Path, ...], root: Path) -> list[str]:
-    """``<stem>.h5`` per slide; slides whose stems repeat get their relative path joined by ``__``."""
-    stems = [p.stem for p in slides]
-    names = []
-    for path, stem in zip(slides, stems, strict=True):
-        if stems.count(stem) > 1 and root.is_dir():
-            rel = path.relative_to(root)
-            stem = "__".join((*rel.parent.parts, rel.stem))
-        names.append(f"{stem}.h5")
-    return names
+    """``<stem>.h5`` per slide (a DICOM folder keeps its whole name: UIDs are full of dots). Stems that repeat
+    get their folders joined by ``__`` (``x__s.h5``); names that still repeat (``a.svs`` next to ``a.tif``) keep
+    their suffix too (``x__a.svs.h5``)."""
+
+    def relative(path: Path, keep_suffix: bool) -> str:
+        rel = path.relative_to(root)
+        last = rel.name if keep_suffix or path.is_dir() else rel.stem
+        return "__".join((*rel.parent.parts, last))
+
+    names = [p.name if p.is_dir() else p.stem for p in slides]
+    if root.is_dir():
+        for keep_suffix in (False, True):
+            names = [
+                relative(p, keep_suffix) if names.count(n) > 1 else n
+                for p, n in zip(slides, names, strict=True)
+            ]
+    return [f"{n}.h5" for n in names]
 
 
 def _options(overrides: list[str], img_size: int) -> PathologyOptions:

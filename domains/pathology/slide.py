@@ -133,8 +133,39 @@ class _TiffRegionReader(TiffReader):
         return self.read(level, int(location[0] / ds), int(location[1] / ds), size[0], size[1])
 
 
+def _dicom_instance(folder: Path) -> Path:
+    """The first ``.dcm`` of a DICOM WSI folder that OpenSlide recognises: it finds the series' other
+    instances (levels, label, overview) in the folder itself.
+
+    Raises:
+        DataError: OpenSlide is missing, or no ``.dcm`` in the folder is a DICOM whole-slide image.
+    """
+    osl = _openslide()
+    if osl is None:
+        raise DataError(
+            f'{folder}: a DICOM slide folder needs OpenSlide; install it with pip install "foundation[pathology]"'
+        )
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file()
+    )
+    for file in files:
+        try:
+            if osl.OpenSlide.detect_format(str(file)) == "dicom":
+                return file
+        except osl.OpenSlideError:
+            continue
+    raise DataError(
+        f"{folder}: none of its {len(files)} .dcm file(s) is a DICOM whole-slide image that OpenSlide can read"
+    )
+
+
 def _open_reader(path: Path, cache: TileCache | None) -> _OpenSlideReader | _TiffRegionReader:
-    """OpenSlide for what it reads well; tifffile for TIFF pyramids OpenSlide flattens or refuses."""
+    """OpenSlide for what it reads well; tifffile for TIFF pyramids OpenSlide flattens or refuses. A folder
+    is a DICOM slide (see :func:`domains.pathology.source.list_slides`)."""
+    if path.is_dir():
+        return _OpenSlideReader(_dicom_instance(path), cache)
     osl = _openslide()
     fmt = None
     if osl is not None:

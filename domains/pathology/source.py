@@ -117,9 +117,11 @@ class PathologyOptions:
 
 
 def list_slides(path: str | Path) -> tuple[Path, ...]:
-    """Slide files under ``path`` (recursive, sorted), or ``path`` itself when it is a file.
+    """Slides under ``path`` (recursive, sorted), or ``path`` itself when it is a file.
 
-    A DICOM slide is a folder of ``.dcm`` instances (one per level); one file stands for the folder.
+    A DICOM slide is a folder of ``.dcm`` instances (one per level, plus label and overview), so the FOLDER
+    is the slide: one entry, named after the folder in outputs (:func:`domains.pathology.slide.open_slide`
+    opens it). Every other slide is a file.
 
     Raises:
         DataError: the path does not exist or holds no slide.
@@ -129,19 +131,12 @@ def list_slides(path: str | Path) -> tuple[Path, ...]:
         raise DataError(f"slide path {str(root)!r} does not exist")
     if root.is_file():
         return (root,)
-    files = sorted(
+    files = (
         p
         for p in root.rglob("*")
         if p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
-    seen_dicom: set[Path] = set()
-    slides = []
-    for p in files:
-        if p.suffix.lower() == ".dcm":
-            if p.parent in seen_dicom:
-                continue
-            seen_dicom.add(p.parent)
-        slides.append(p)
+    slides = sorted({p.parent if p.suffix.lower() == ".dcm" else p for p in files})
     if not slides:
         raise DataError(f"data folder {str(root)!r} has no slides ({', '.join(SLIDE_SUFFIXES)})")
     return tuple(slides)

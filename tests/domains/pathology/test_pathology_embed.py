@@ -187,3 +187,9 @@ def test_out_parent_must_exist(slides: Path, backbone: Path, tmp_path: Path, cap
 def test_output_names_disambiguate_equal_stems(tmp_path: Path) -> None:
     slides = (tmp_path / "x" / "s.svs", tmp_path / "y" / "s.svs", tmp_path / "t.tif")
     assert output_names(slides, tmp_path) == ["x__s.h5", "y__s.h5", "t.h5"]
+    same_stem = (tmp_path / "a.svs", tmp_path / "a.tif")
+    assert output_names(same_stem, tmp_path) == ["a.svs.h5", "a.tif.h5"]
+    uids = (tmp_path / "1.2.840.99.1", tmp_path / "1.2.840.99.2")  # DICOM WSI folders named by UID
+    for folder in uids:
+        folder.mkdir()
+    assert output_names(uids, tmp_path) == ["1.2.840.99.1.h5", "1.2.840.99.2.h5"]
