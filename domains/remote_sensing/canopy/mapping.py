@@ -23,12 +23,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from foundation.errors import ConfigError, DataError, FoundationError
+
+if TYPE_CHECKING:  # rasterio is imported only when a scene is mapped
+    from domains.remote_sensing.canopy.data import Normalization
 
 log = logging.getLogger(__name__)
 
@@ -323,10 +326,8 @@ class Scene:
     path: Path
     ds: Any  # rasterio dataset or WarpedVRT
     bands: tuple[int, ...]
-    mean: np.ndarray  # per band, in scaled units (checkpoint meta)
-    std: np.ndarray
+    norm: Normalization  # the checkpoint's, applied exactly as in training
     scale: float
-    nodata: float | None
     gsd: float | None
     resampled: bool
 
@@ -334,17 +335,10 @@ class Scene:
         from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
-        from domains.remote_sensing.raster import read_window
-
         try:
-            pixels, valid = read_window(self.ds, self.bands, Window(c0, r0, c1 - c0, r1 - r0), self.nodata)
+            return self.norm.read(self.ds, self.bands, self.scale, Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as e:
             raise DataError(f"{self.path}: read error in rows {r0}-{r1}, columns {c0}-{c1}: {e}") from e
-        # Training's formula (canopy data.Normalization): (pixels / scale - mean) / std, invalid pixels 0.
-        x = pixels.transpose(2, 0, 1)
-        x = (x / np.float32(self.scale) - self.mean[:, None, None]) / self.std[:, None, None]
-        x[:, ~valid] = 0.0
-        return x, valid
 
 
 @contextlib.contextmanager
@@ -374,10 +368,12 @@ def open_scene(path: Path, meta: dict[str, Any], opts: MapOptions) -> Iterator[S
         )
     if info.crs is None:
         log.info("%s: no CRS, so the map has none either", path)
-    mean = np.asarray(meta["mean"], dtype=np.float32)
-    std = np.maximum(np.asarray(meta["std"], dtype=np.float32), np.float32(1e-6))
+    mean, std = meta["mean"], meta["std"]
     if len(mean) != expected or len(std) != expected:
         raise DataError(f"checkpoint meta: {len(mean)} means / {len(std)} stds for {expected} bands")
+    from domains.remote_sensing.canopy.data import Normalization
+
+    norm = Normalization(tuple(mean), tuple(max(float(v), 1e-6) for v in std), opts.nodata)
     scale = value_scale(info, meta.get("scale", "auto"))
     with open_raster(path) as ds:
         gsd, train_gsd = scene_gsd(ds), meta.get("gsd")
@@ -386,12 +382,12 @@ def open_scene(path: Path, meta: dict[str, Any], opts: MapOptions) -> Iterator[S
                 raise DataError(f"{path}: --resample needs a georeferenced scene (no CRS or unknown units)")
             with resampled_view(ds, float(train_gsd) / gsd) as vrt:
                 log.info("%s: resampled from %.3g to %.3g m/px", path, gsd, float(train_gsd))
-                yield Scene(path, vrt, info.bands, mean, std, scale, opts.nodata, float(train_gsd), True)
+                yield Scene(path, vrt, info.bands, norm, scale, float(train_gsd), True)
             return
         if opts.resample:  # and no training resolution to resample to
             log.warning("%s: the checkpoint records no training resolution; --resample ignored", path)
         check_gsd(path, gsd, train_gsd)
-        yield Scene(path, ds, info.bands, mean, std, scale, opts.nodata, gsd, False)
+        yield Scene(path, ds, info.bands, norm, scale, gsd, False)
 
 
 def scene_gsd(ds: Any) -> float | None:
