@@ -29,8 +29,6 @@ class CanopyNet(nn.Module):
     def __init__(self, backbone: ViT, opts: HeadOptions) -> None:
         super().__init__()
         self.backbone = backbone
-        # iBOT's mask token serves masked pretraining only; a parameter without a gradient stalls DDP
-        backbone.mask_token.requires_grad_(False)
         self.opts = opts
         self.head = DPTHead(backbone.embed_dim, backbone.patch_size, len(backbone.blocks), opts)
         self.register_buffer(

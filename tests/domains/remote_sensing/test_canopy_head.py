@@ -53,8 +53,13 @@ def test_bins_prediction_is_the_expectation_over_bin_centres(single_thread):
 
 @pytest.mark.parametrize("mode", ["bins", "regression"])
 def test_every_trainable_parameter_gets_a_gradient(mode, single_thread):
-    """DDP (without find_unused_parameters) waits for a gradient of every parameter that requires one."""
-    net = build_canopy_net(_vit(regs=2), {"mode": mode, "features": 8, "bins": 4})
+    """DDP (without find_unused_parameters) waits for a gradient of every parameter that requires one; it wraps
+    the TaskModel the engine trains."""
+    from foundation.tasks import TaskModel
+
+    net = TaskModel(
+        build_canopy_net(_vit(regs=2), {"mode": mode, "features": 8, "bins": 4}), lambda p, b: {}
+    ).net
     net(torch.randn(1, 4, 32, 32)).mean().backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
