@@ -90,6 +90,12 @@ class DataConfig:
     num_workers: int = 2
     crops: CropsConfig = field(default_factory=CropsConfig)
     options: dict[str, Any] = field(default_factory=dict)  # domain-specific (e.g. mpp, bands)
+    # Where photometric augmentation runs, for domains with device views (pathology): "workers", "device"
+    # (batched on the training GPU; workers only read and crop) or "auto" (the device when CUDA is used).
+    augment_on: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("data.augment_on", self.augment_on, ("auto", "workers", "device"))
 
 
 @dataclass

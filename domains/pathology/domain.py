@@ -1,7 +1,8 @@
 """The ``pathology`` domain: tissue tiles streamed from whole-slide images, with the pathology SSL recipe.
 
 Recipe changes from natural images (PathDino, UNI, Virchow, Phikon reports): slides have no "up", so
-90-degree rotations and vertical flips; HED stain jitter once per tile; weaker colour jitter; no solarize.
+90-degree rotations and vertical flips; HED stain jitter once per tile (the same draw for all its crops);
+weaker colour jitter; no solarize.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from domains.pathology.source import (
     mpp_override,
     read_mpp_csv,
 )
-from domains.pathology.stain import HEDJitter
+from domains.pathology.stain import HEDJitter, HEDJitterOnDevice
 from foundation.config import Config
+from foundation.data.device_views import DeviceMAEView, DeviceMultiCropViews, augment_on_device
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 from foundation.errors import ConfigError, DataError
@@ -53,13 +55,27 @@ class PathologyDomain:
         return SlideSampleSource(list_slides(path), options, cfg.seed, root=Path(path), mpp_table=table)
 
     def ssl_transform(self, cfg: Config) -> ViewTransform:
+        """The pathology recipe. With ``data.augment_on`` resolving to the device (a CUDA run), workers only
+        read tiles and cut uint8 crops, and stain jitter, colour ops and normalisation run batched on the GPU
+        (``device_transform``), so a worker's time goes to reading slides; otherwise workers do it all."""
         options = PathologyOptions.from_config(cfg)
-        stain = [HEDJitter(options.hed_scale, options.hed_shift, p=1.0)]
         crops = cfg.data.crops
-        if cfg.ssl.method == "mae":
-            return ImageViews(MAEView(crops.global_size, self.mean, self.std, rot90=True, pre=stain))
+        mae = cfg.ssl.method == "mae"
+        if augment_on_device(cfg.data):
+            stain = [HEDJitterOnDevice(options.hed_scale, options.hed_shift)]
+            if mae:
+                return ImageViews(
+                    DeviceMAEView(crops.global_size, self.mean, self.std, rot90=True, tile_ops=stain)
+                )
+            views = DeviceMultiCropViews(
+                crops, self.mean, self.std, rot90=True, solarize=False, color_strength=0.5, tile_ops=stain
+            )
+            return ImageViews(views)
+        pre = [HEDJitter(options.hed_scale, options.hed_shift, p=1.0)]
+        if mae:
+            return ImageViews(MAEView(crops.global_size, self.mean, self.std, rot90=True, pre=pre))
         views = MultiCropViews(
-            crops, self.mean, self.std, rot90=True, solarize=False, color_strength=0.5, pre=stain
+            crops, self.mean, self.std, rot90=True, solarize=False, color_strength=0.5, pre=pre
         )
         return ImageViews(views)
 

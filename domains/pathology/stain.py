@@ -9,6 +9,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from albumentations.core.transforms_interface import ImageOnlyTransform
 
 # Optical-density vectors of haematoxylin, eosin and DAB (rows), normalised to unit length.
@@ -36,6 +37,12 @@ def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
 
 
+def _check_ranges(scale: float, shift: float) -> tuple[float, float]:
+    if not (0 <= scale < 1 and shift >= 0):
+        raise ValueError(f"HEDJitter(scale={scale!r}, shift={shift!r}): need 0 <= scale < 1 and shift >= 0")
+    return scale, shift
+
+
 class HEDJitter(ImageOnlyTransform):
     """Scale each stain density by U(1 - scale, 1 + scale) and shift it by U(-shift, shift).
 
@@ -47,12 +54,7 @@ class HEDJitter(ImageOnlyTransform):
 
     def __init__(self, scale: float = 0.05, shift: float = 0.05, p: float = 1.0) -> None:
         super().__init__(p=p)
-        if not (0 <= scale < 1 and shift >= 0):
-            raise ValueError(
-                f"HEDJitter(scale={scale!r}, shift={shift!r}): need 0 <= scale < 1 and shift >= 0"
-            )
-        self.scale = scale
-        self.shift = shift
+        self.scale, self.shift = _check_ranges(scale, shift)
 
     def get_params(self) -> dict[str, Any]:
         rng = self.random_generator  # seeded by Compose.set_random_seed: reproducible per sample
@@ -68,3 +70,37 @@ class HEDJitter(ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("scale", "shift")
+
+
+class HEDJitterOnDevice:
+    """:class:`HEDJitter` as a per-tile op of the device views (``foundation.data.device_views.TileOp``): the
+    worker draws the six numbers once per tile; the training device applies them to every crop of that tile,
+    batched. RGB -> HED -> jitter -> RGB collapses to one affine map of optical densities per sample.
+    """
+
+    n_params = 6
+
+    def __init__(self, scale: float = 0.05, shift: float = 0.05) -> None:
+        self.scale, self.shift = _check_ranges(scale, shift)
+
+    def __repr__(self) -> str:
+        return f"HEDJitterOnDevice(scale={self.scale}, shift={self.shift})"
+
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        """``(alpha_H, alpha_E, alpha_D, beta_H, beta_E, beta_D)`` of one tile."""
+        u = torch.rand(6, generator=generator) * 2 - 1
+        return torch.cat([1 + self.scale * u[:3], self.shift * u[3:]])
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, 3, H, W)`` RGB in [0, 1] (uint8 values / 255), ``params`` ``(B, 6)`` -> jittered RGB."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"HEDJitterOnDevice needs (B, 3, H, W) RGB, got {tuple(x.shape)}")
+        hed_from_rgb = torch.as_tensor(HED_FROM_RGB, dtype=x.dtype, device=x.device)
+        rgb_from_hed = torch.as_tensor(RGB_FROM_HED, dtype=x.dtype, device=x.device)
+        alpha, beta = params[:, :3].to(x.dtype), params[:, 3:].to(x.dtype)
+        # od' = (od @ M1 * alpha + beta) @ M2 = od @ (M1 diag(alpha) M2) + beta @ M2
+        affine = hed_from_rgb[None] * alpha[:, None, :] @ rgb_from_hed  # (B, 3, 3)
+        offset = beta @ rgb_from_hed  # (B, 3)
+        od = x.mul(255 / 256).add_(1 / 256).log_().neg_()  # -ln((I + 1) / 256), I = 255 x
+        od = torch.einsum("bchw,bcd->bdhw", od, affine).add_(offset[:, :, None, None])
+        return od.neg_().exp_().mul_(256 / 255).sub_(1 / 255).clamp_(0, 1)

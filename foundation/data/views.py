@@ -155,6 +155,8 @@ class ImageViews:
 
     def __init__(self, views: Any) -> None:
         self.views = views
+        # views that finish on the training device (``device_views``) hand the engine their batch stage
+        self.device_transform = getattr(views, "device_transform", None)
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         return self.views(sample["image"], generator)

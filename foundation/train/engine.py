@@ -94,7 +94,8 @@ class TrainingSetup:
     ``trainable_named_parameters()``, ``student_backbone``, ``backbone_prefix``, ``update_teacher(step)``,
     ``export_prefix`` and ``export_backbone()``. ``dataset[i]`` is a pure function of ``(seed, i)``.
     ``checkpoint_meta`` is stored in every checkpoint; ``validate(net, device)`` runs every ``train.eval_every``
-    steps and at the end (main rank).
+    steps and at the end (main rank). ``device_transform(batch)``, when set, finishes each batch on the training
+    device (batched augmentation) after the loader's workers made it.
     """
 
     objective: nn.Module
@@ -106,6 +107,7 @@ class TrainingSetup:
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)
     validate: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
     export_extra: dict[str, Any] = field(default_factory=dict)
+    device_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def ssl_setup(cfg: Config) -> TrainingSetup:
@@ -124,14 +126,22 @@ def ssl_setup(cfg: Config) -> TrainingSetup:
     make_objective = get_objective_factory(cfg.ssl.method)
     objective, extras = make_objective(backbone, cfg.ssl, cfg.data.crops, cfg.train.steps)
     mean, std = tuple(domain.mean), tuple(domain.std)
+    transform = domain.ssl_transform(cfg)
+    device_transform = getattr(transform, "device_transform", None)
+    if cfg.data.augment_on == "device" and device_transform is None:
+        raise ConfigError(
+            f"data.augment_on=device: the {cfg.domain!r} domain augments in the data-loader workers only; "
+            "use data.augment_on=auto or workers"
+        )
     return TrainingSetup(
         objective=objective,
-        dataset=SSLViewDataset(source, domain.ssl_transform(cfg), cfg.seed, extras),
+        dataset=SSLViewDataset(source, transform, cfg.seed, extras),
         backbone_args=args,
         mean=mean,
         std=std,
         checkpoint_meta={"domain": cfg.domain},
         export_extra={"domain": cfg.domain, "ssl_method": cfg.ssl.method, "steps": cfg.train.steps},
+        device_transform=device_transform,
     )
 
 
@@ -261,8 +271,10 @@ class Trainer:
             worker_init_fn=worker_init if workers else None,
             prefetch_factor=4 if workers else None,
         )
+        finish = self.setup.device_transform
         for batch in loader:
-            yield _to_device(batch, self.device)
+            batch = _to_device(batch, self.device)
+            yield finish(batch) if finish is not None else batch
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def train_step(self, step: int, batches: Iterator[dict[str, Any]]) -> dict[str, float] | None:

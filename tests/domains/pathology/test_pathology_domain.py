@@ -20,8 +20,10 @@ from domains.pathology.slide import open_slide
 from domains.pathology.source import PathologyOptions, list_slides
 from foundation.cli import main
 from foundation.config import load_config
+from foundation.data.stream import collate_views
 from foundation.domain import get_domain, sample_cache_dir
 from foundation.errors import ConfigError, DataError
+from foundation.train.engine import ssl_setup
 
 SMALL = [
     "model.patch_size=8",
@@ -158,21 +160,61 @@ def test_mpp_overrides_for_slides_without_resolution(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["dinov2", "mae"])
-def test_views(slides: Path, method: str) -> None:
-    cfg = cfg_with(f"ssl.method={method}")
+def test_views_augmented_in_workers(slides: Path, method: str) -> None:
+    cfg = cfg_with(f"ssl.method={method}", "data.augment_on=workers")
     dom = PathologyDomain()
     g = torch.Generator().manual_seed(0)
-    views = dom.ssl_transform(cfg)(dom.sample_source(str(slides), cfg).sample(0, g), g)
+    transform = dom.ssl_transform(cfg)
+    assert transform.device_transform is None
+    views = transform(dom.sample_source(str(slides), cfg).sample(0, g), g)
     if method == "mae":
         assert views["image"].shape == (3, 32, 32)
     else:
         assert [v.shape for v in views["global_crops"]] == [(3, 32, 32)] * 2
         assert [v.shape for v in views["local_crops"]] == [(3, 16, 16)] * 2
-    pipelines = dom.ssl_transform(cfg).views
+    pipelines = transform.views
     names = repr(pipelines.pre if method == "dinov2" else pipelines.pipeline)
     assert "HEDJitter" in names
     if method == "dinov2":
         assert "Solarize" not in repr(pipelines.global2) and "D4" in repr(pipelines.global1)
+
+
+@pytest.mark.parametrize("method", ["dinov2", "mae"])
+def test_views_augmented_on_device(slides: Path, method: str) -> None:
+    """Workers ship uint8 crops + parameters; the engine's device stage turns them into normalised crops
+    with the stain jitter of their tile."""
+    cfg = cfg_with(f"ssl.method={method}", "data.augment_on=device")
+    dom = PathologyDomain()
+    transform = dom.ssl_transform(cfg)
+    source = dom.sample_source(str(slides), cfg)
+    samples = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        samples.append(transform(source.sample(i, g), g))
+    key = "image" if method == "mae" else "global_crops"
+    first = samples[0][key] if method == "mae" else samples[0][key][0]
+    assert first.dtype == torch.uint8 and first.shape == (32, 32, 3)
+    assert "HEDJitterOnDevice" in repr(transform.views.tile_ops)
+    batch = transform.device_transform(collate_views(samples))
+    assert f"{key}_params" not in batch
+    assert batch[key].dtype == torch.float32 and batch[key].shape == (
+        (3 if method == "mae" else 6),
+        3,
+        32,
+        32,
+    )
+    assert torch.isfinite(batch[key]).all()
+    if method == "dinov2":
+        assert batch["local_crops"].shape == (6, 3, 16, 16)
+        assert transform.views.global2.solarize_p == 0 and transform.views.global_crop.rot90
+
+
+def test_augment_on_device_needs_a_domain_with_device_views(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.augment_on"):
+        cfg_with("data.augment_on=gpu")
+    cfg = load_config(overrides=["domain=images", "data.augment_on=device", *SMALL])
+    with pytest.raises(ConfigError, match="augments in the data-loader workers only"):
+        ssl_setup(cfg)
 
 
 def test_eval_dataset_is_a_tile_folder(tmp_path: Path) -> None:
@@ -238,6 +280,15 @@ def test_pretrain_end_to_end_with_data(slides: Path, tmp_path: Path) -> None:
 
 def test_pretrain_end_to_end_on_embedded_sample(tmp_path: Path) -> None:
     run = _pretrain(tmp_path / "run")
+    assert (run["export"] / "model.safetensors").is_file()
+    loss = [json.loads(line) for line in run["metrics"] if "loss" in line]
+    assert loss and all(np.isfinite(m["loss"]) for m in loss)
+
+
+@pytest.mark.parametrize("method", ["dinov2", "mae"])
+def test_pretrain_with_augmentation_on_the_device(slides: Path, tmp_path: Path, method: str) -> None:
+    """The GPU recipe's data path (workers cut uint8 crops, the engine finishes them), run on the CPU."""
+    run = _pretrain(tmp_path / "run", "--data", str(slides), "data.augment_on=device", f"ssl.method={method}")
     assert (run["export"] / "model.safetensors").is_file()
     loss = [json.loads(line) for line in run["metrics"] if "loss" in line]
     assert loss and all(np.isfinite(m["loss"]) for m in loss)

@@ -7,10 +7,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import HEIGHT, TISSUE, WIDTH, tissue_image
 
 from domains.pathology.slide import open_slide
-from domains.pathology.stain import HEDJitter, hed_to_rgb, rgb_to_hed
+from domains.pathology.stain import HEDJitter, HEDJitterOnDevice, hed_to_rgb, rgb_to_hed
 from domains.pathology.tissue import detect_tissue, mask_for_tiles, plan_tiles, read_tile, write_qc
 
 
@@ -104,3 +105,25 @@ def test_hed_round_trip_and_jitter() -> None:
     assert a.dtype == np.uint8 and a.shape == tile.shape and np.abs(a.astype(int) - tile).mean() > 1
     with pytest.raises(ValueError, match="scale"):
         HEDJitter(scale=1.5)
+
+
+def test_hed_jitter_on_device_matches_the_worker_version() -> None:
+    """The batched torch op gives the pixels of the numpy/OpenCV one for the same draw (up to its rounding)."""
+    tiles = np.stack([tissue_image(32, 32, box=(0, 0, 32, 32), seed=s) for s in range(3)])
+    op = HEDJitterOnDevice(scale=0.3, shift=0.1)
+    params = torch.stack([op.draw(torch.Generator().manual_seed(s)) for s in range(3)])
+    assert (
+        params.shape == (3, 6) and (params[:, :3] - 1).abs().max() <= 0.3 and params[:, 3:].abs().max() <= 0.1
+    )
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    out = op.apply(x, params)
+    for i in range(3):
+        alpha, beta = params[i, :3].numpy(), params[i, 3:].numpy()
+        expected = hed_to_rgb(rgb_to_hed(tiles[i]) * alpha + beta)
+        got = out[i].permute(1, 2, 0).numpy() * 255
+        assert np.abs(got - expected).max() <= 0.51  # the worker version rounds to uint8
+    identity = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]] * 3)
+    torch.testing.assert_close(op.apply(x, identity), x, atol=1e-5, rtol=0)
+    assert torch.equal(op.draw(torch.Generator().manual_seed(1)), op.draw(torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="shift"):
+        HEDJitterOnDevice(shift=-1)

@@ -1,0 +1,330 @@
+"""Views whose photometric half runs on the training device, batched.
+
+Data-loader workers are the bottleneck of a tile stream that reads gigapixel slides: each worker should read
+tiles and cut crops, not spend most of its time on colour jitter, blur and float conversion of ten crops per
+tile. Here the workers do the cheap, geometric half (random resized crops, flips/rotations) on uint8 pixels and
+draw the random parameters of the photometric half from the sample's generator; the loader ships uint8
+crops plus a small parameter vector per crop, and :class:`DeviceStage` applies colour jitter, grayscale,
+Gaussian blur, solarize, per-tile ops (stain jitter) and normalisation to the whole batch on the device
+(kornia's functional ops, which match torchvision's definitions). Every random choice is still a pure function
+of the sample index, so resume and DDP stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import torch
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_hue,
+    adjust_saturation_with_gray_subtraction,
+)
+from kornia.filters import gaussian_blur2d
+from torch import Tensor
+
+from foundation.config import CropsConfig, DataConfig
+
+# DINOv2 blurs with torchvision's GaussianBlur(kernel_size=9, sigma=(0.1, 2.0)).
+BLUR_KERNEL = 9
+BLUR_SIGMA = (0.1, 2.0)
+# Layout of the photometric part of a crop's parameter vector.
+_B, _C, _S, _H, _ORDER, _GRAY, _SIGMA, _SOLARIZE = 0, 1, 2, 3, slice(4, 8), 8, 9, 10
+N_PHOTOMETRIC = 11
+# Uniforms drawn per crop: 22 for the crop box, 1 for flips/rotations, 13 for the photometric parameters.
+N_UNIFORMS = 23 + 13
+RATIO = (3 / 4, 4 / 3)
+# Counter-clockwise quarter turns (np.rot90's sense), as OpenCV's fast rotations.
+_QUARTER_TURNS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+_JITTER_OPS = (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_saturation_with_gray_subtraction,
+    lambda x, turns: adjust_hue(x, turns * (2 * torch.pi)),  # torchvision's hue factor is in turns
+)
+_NEUTRAL = (1.0, 1.0, 1.0, 0.0)
+
+
+def augment_on_device(data: DataConfig) -> bool:
+    """``data.augment_on``: "device", "workers", or "auto" = the device when training runs on CUDA (CPU
+    float ops on ten crops per tile cost several times what OpenCV's uint8 ops cost in the workers)."""
+    if data.augment_on == "auto":
+        return torch.cuda.is_available()
+    return data.augment_on == "device"
+
+
+class TileOp(Protocol):
+    """A per-tile device op (e.g. stain jitter): drawn once per sample, applied to every crop of it."""
+
+    n_params: int
+
+    def draw(self, generator: torch.Generator) -> Tensor:
+        """``(n_params,)`` float32 parameters of one sample."""
+        ...
+
+    def apply(self, x: Tensor, params: Tensor) -> Tensor:
+        """``x`` ``(B, C, H, W)`` float in [0, 1], ``params`` ``(B, n_params)`` -> ``x`` transformed."""
+        ...
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """The photometric recipe of one crop set (DINOv2: global 1, global 2, locals differ in blur/solarize).
+
+    Attributes:
+        jitter: (brightness, contrast, saturation, hue) amplitudes as torchvision's ColorJitter, or None.
+        jitter_p: probability of the colour jitter (its four ops in a random order, as torchvision).
+        gray_p: probability of converting to grayscale.
+        blur_p: probability of a Gaussian blur with sigma ~ U(0.1, 2.0).
+        solarize_p: probability of solarizing (inverting values >= 0.5).
+    """
+
+    jitter: tuple[float, float, float, float] | None = None
+    jitter_p: float = 0.8
+    gray_p: float = 0.0
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+
+    def draw(self, u: np.ndarray) -> list[float]:
+        """The 11 parameters of one crop from ``N_UNIFORMS`` uniforms: jitter factors (neutral when not
+        jittered), op order, grayscale, blur sigma (0 = none), solarize."""
+        factors = list(_NEUTRAL)
+        if self.jitter is not None and u[0] < self.jitter_p:
+            b, c, s, h = self.jitter
+            factors = [
+                max(0.0, 1 - b) + (1 + b - max(0.0, 1 - b)) * u[1],
+                max(0.0, 1 - c) + (1 + c - max(0.0, 1 - c)) * u[2],
+                max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * u[3],
+                -h + 2 * h * u[4],
+            ]
+        order = np.argsort(u[5:9]).tolist()  # a uniformly random permutation
+        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[11] if u[10] < self.blur_p else 0.0
+        return [*factors, *order, float(u[9] < self.gray_p), sigma, float(u[12] < self.solarize_p)]
+
+
+def apply_photometric(x: Tensor, params: Tensor) -> Tensor:
+    """Apply :meth:`Photometric.draw` parameters to a batch ``(B, 3, H, W)`` in [0, 1], sample by sample.
+
+    Each sample's four jitter ops run in its own order: at step k every sample is given its k-th op, so the
+    whole batch costs four op-passes, not four per distinct order.
+    """
+    factors, order = params[:, :4], params[:, _ORDER].long()
+    jittered = (factors != torch.tensor(_NEUTRAL, device=x.device)).any(dim=1)
+    for step in range(4):
+        for op_index, op in enumerate(_JITTER_OPS):
+            rows = torch.nonzero(jittered & (order[:, step] == op_index)).flatten()
+            if rows.numel():
+                x[rows] = op(x[rows], factors[rows, op_index]).clamp_(0, 1)
+    gray = params[:, _GRAY] > 0
+    if gray.any():
+        x = torch.where(gray[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
+    rows = torch.nonzero(params[:, _SIGMA] > 0).flatten()
+    if rows.numel():
+        sigma = params[rows, _SIGMA, None].expand(-1, 2)
+        x[rows] = gaussian_blur2d(x[rows], BLUR_KERNEL, sigma, border_type="reflect")
+    solarize = params[:, _SOLARIZE] > 0
+    if solarize.any():
+        x = torch.where(solarize[:, None, None, None] & (x >= 0.5), 1.0 - x, x)
+    return x
+
+
+class DeviceStage:
+    """The batch half of the views: uint8 ``(B, H, W, C)`` crops + parameters -> normalised float crops.
+
+    Called by the engine on each batch after it is moved to the device; ``<key>_params`` entries are consumed.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        tile_ops: Sequence[TileOp] = (),
+        photometric: bool = True,
+    ) -> None:
+        self.keys = tuple(keys)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.tile_ops = tuple(tile_ops)
+        self.photometric = photometric
+
+    def images(self, crops: Tensor, params: Tensor) -> Tensor:
+        """``(B, H, W, C)`` uint8 and ``(B, P)`` -> ``(B, C, H, W)`` float32, augmented and normalised."""
+        if crops.dtype != torch.uint8 or crops.ndim != 4:
+            raise ValueError(
+                f"device views expect (B, H, W, C) uint8 crops, got {crops.dtype} {tuple(crops.shape)}"
+            )
+        x = crops.permute(0, 3, 1, 2).float().div_(255.0)
+        offset = 0
+        for op in self.tile_ops:
+            x = op.apply(x, params[:, offset : offset + op.n_params])
+            offset += op.n_params
+        if self.photometric:
+            x = apply_photometric(x, params[:, offset : offset + N_PHOTOMETRIC])
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for key in self.keys:
+            params = batch.pop(f"{key}_params", None)
+            if batch.get(key) is not None:
+                batch[key] = self.images(batch[key], params)
+        return batch
+
+
+def random_resized_box(
+    u: np.ndarray, height: int, width: int, scale: Sequence[float], ratio: Sequence[float] = RATIO
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random resized crop, torchvision's algorithm (10 tries at a random area
+    fraction in ``scale`` and log-uniform aspect ratio in ``ratio``, else the largest centred box), driven by
+    ``2 * 10 + 2`` uniforms instead of a global RNG."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for attempt in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[2 * attempt])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[2 * attempt + 1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[20] * (height - h + 1)), height - h)
+            left = min(int(u[21] * (width - w + 1)), width - w)
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def cut_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int, d4: int) -> np.ndarray:
+    """Crop ``box``, resize to ``size`` (area averaging when shrinking, bicubic when growing), then one of the
+    8 flips/rotations (``d4``: ``d4 % 4`` quarter turns, mirrored first when ``d4 >= 4``)."""
+    top, left, h, w = box
+    region = image[top : top + h, left : left + w]
+    shrink = h * w > size * size
+    out = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    if d4 >= 4:
+        out = cv2.flip(out, 1)
+    if d4 % 4:
+        out = cv2.rotate(out, _QUARTER_TURNS[d4 % 4])
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+class CropRecipe:
+    """Random resized crop + flips of one crop set, drawn from one uniform vector per crop.
+
+    Args:
+        size: output side in pixels.
+        scale: area fraction range of the crop.
+        rot90: all 8 flips/rotations; otherwise horizontal flips only.
+    """
+
+    def __init__(self, size: int, scale: Sequence[float], rot90: bool) -> None:
+        self.size, self.scale, self.rot90 = size, tuple(scale), rot90
+
+    def __call__(self, image: np.ndarray, u: np.ndarray) -> Tensor:
+        box = random_resized_box(u, image.shape[0], image.shape[1], self.scale)
+        d4 = int(u[22] * 8) if self.rot90 else 4 * int(u[22] < 0.5)  # 4 = mirrored, no turn
+        return torch.from_numpy(cut_crop(image, box, self.size, d4))
+
+
+def _tile_params(tile_ops: Sequence[TileOp], generator: torch.Generator) -> list[float]:
+    return torch.cat([op.draw(generator) for op in tile_ops]).tolist() if tile_ops else []
+
+
+def _uniforms(generator: torch.Generator, n: int) -> np.ndarray:
+    """``n`` rows of :data:`N_UNIFORMS` uniforms (crop box, flips, photometric) in one RNG call."""
+    return torch.rand(n, N_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
+
+
+class DeviceMultiCropViews:
+    """DINOv2 multi-crop (:class:`~foundation.data.views.MultiCropViews`'s recipe) with the photometric half
+    on the device. ``__call__`` returns uint8 crops and their parameters; :attr:`device_transform` finishes them.
+
+    Args:
+        crops: sizes, counts and scale ranges.
+        mean, std: per-channel statistics of [0, 1] pixels.
+        color: colour jitter (0.8) and grayscale (0.2).
+        solarize: solarize the second global crop with p=0.2.
+        rot90: all 8 flips/rotations instead of horizontal flips (slides have no "up").
+        color_strength: scales the jitter amplitudes.
+        tile_ops: per-tile ops (stain jitter), drawn once per sample and applied to each of its crops.
+    """
+
+    def __init__(
+        self,
+        crops: CropsConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        color: bool = True,
+        solarize: bool = True,
+        rot90: bool = False,
+        color_strength: float = 1.0,
+        tile_ops: Sequence[TileOp] = (),
+    ) -> None:
+        self.n_local = crops.n_local
+        self.tile_ops = tuple(tile_ops)
+        self.global_crop = CropRecipe(crops.global_size, crops.global_scale, rot90)
+        self.local_crop = CropRecipe(crops.local_size, crops.local_scale, rot90)
+        s = color_strength
+        jitter = (0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s) if color else None
+        gray = 0.2 if color else 0.0
+        # Blur probabilities follow the paper (global 1: 1.0, global 2: 0.1, locals: 0.5).
+        self.global1 = Photometric(jitter, gray_p=gray, blur_p=1.0)
+        self.global2 = Photometric(jitter, gray_p=gray, blur_p=0.1, solarize_p=0.2 if solarize else 0.0)
+        self.local = Photometric(jitter, gray_p=gray, blur_p=0.5)
+        self.device_transform = DeviceStage(
+            ("global_crops", "local_crops"), mean, std, tile_ops=self.tile_ops
+        )
+
+    def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:
+        tile = _tile_params(self.tile_ops, generator)
+        u = _uniforms(generator, 2 + self.n_local)
+        recipes = [(self.global_crop, self.global1), (self.global_crop, self.global2)]
+        recipes += [(self.local_crop, self.local)] * self.n_local
+        crops = [crop(image, row) for (crop, _), row in zip(recipes, u, strict=True)]
+        params = [
+            torch.tensor(tile + photometric.draw(row[23:]), dtype=torch.float32)
+            for (_, photometric), row in zip(recipes, u, strict=True)
+        ]
+        return {
+            "global_crops": crops[:2],
+            "global_crops_params": params[:2],
+            "local_crops": crops[2:],
+            "local_crops_params": params[2:],
+        }
+
+
+class DeviceMAEView:
+    """MAE's view (RandomResizedCrop 0.2-1 + flips) cut in the worker; per-tile ops and normalisation on the
+    device (:attr:`device_transform`)."""
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: Sequence[float] = (0.2, 1.0),
+        rot90: bool = False,
+        tile_ops: Sequence[TileOp] = (),
+    ) -> None:
+        self.crop = CropRecipe(size, scale, rot90)
+        self.tile_ops = tuple(tile_ops)
+        self.device_transform = DeviceStage(("image",), mean, std, tile_ops=self.tile_ops, photometric=False)
+
+    def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:
+        tile = _tile_params(self.tile_ops, generator)
+        u = _uniforms(generator, 1)[0]
+        return {"image": self.crop(image, u), "image_params": torch.tensor(tile, dtype=torch.float32)}
