@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="slide folder; default: the embedded sample slide")
     ap.add_argument("--tiles", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of)")
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--tile-size", type=int, default=224)
     ap.add_argument("--n-local", type=int, default=8)
@@ -143,9 +144,17 @@ def main() -> None:
             pass
         return n / (time.perf_counter() - t)
 
-    raw_rate = _rate(n, raw)
-    in_workers = _rate(n, lambda: ours(datasets["workers"]))
-    device_half = _rate(n, lambda: ours(datasets["device"]))
+    # Interleaved rounds, best of each: a busy neighbour on a shared machine slows one round, not one method.
+    runs = {
+        "raw": raw,
+        "workers": lambda: ours(datasets["workers"]),
+        "device": lambda: ours(datasets["device"]),
+    }
+    best: dict[str, float] = {k: 0.0 for k in runs}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            best[name] = max(best[name], _rate(n, fn))
+    raw_rate, in_workers, device_half = best["raw"], best["workers"], best["device"]
     stage_ms = device_stage_ms()
     one, two = loader(1), loader(2)
     print(

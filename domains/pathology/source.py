@@ -211,6 +211,7 @@ class SlideSampleSource:
         self.handles = SlideCache(options.max_open_slides)
         self._tilings: OrderedDict[tuple[Path, float], Tiling] = OrderedDict()
         self.broken: set[Path] = set()
+        self._last_slide: tuple[tuple[int, int] | None, Path | None] = (None, None)
 
     def mpp_override(self, path: Path) -> float | None:
         return mpp_override(path, self.options.slide_mpp, self.mpp_table, self.root)
@@ -248,8 +249,11 @@ class SlideSampleSource:
         return tiling
 
     def slide_at(self, index: int, attempt: int = 0) -> Path:
-        g = generator_for(self.seed, index // self.options.samples_per_slide, attempt, 0x511DE)
-        return self.slides[int(torch.randint(len(self.slides), (1,), generator=g))]
+        key = (index // self.options.samples_per_slide, attempt)
+        if self._last_slide[0] != key:  # consecutive indices share a slide: draw it once per group
+            g = generator_for(self.seed, key[0], attempt, 0x511DE)
+            self._last_slide = (key, self.slides[int(torch.randint(len(self.slides), (1,), generator=g))])
+        return self._last_slide[1]
 
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
         for attempt in range(8 * len(self.slides) + 32):

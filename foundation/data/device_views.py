@@ -1,13 +1,16 @@
-"""Views whose photometric half runs on the training device, batched.
+"""Views made on the training device, batched: the loader workers only read tiles.
 
 Data-loader workers are the bottleneck of a tile stream that reads gigapixel slides: each worker should read
-tiles and cut crops, not spend most of its time on colour jitter, blur and float conversion of ten crops per
-tile. Here the workers do the cheap, geometric half (random resized crops, flips/rotations) on uint8 pixels and
-draw the random parameters of the photometric half from the sample's generator; the loader ships uint8
-crops plus a small parameter vector per crop, and :class:`DeviceStage` applies colour jitter, grayscale,
-Gaussian blur, solarize, per-tile ops (stain jitter) and normalisation to the whole batch on the device
-(kornia's functional ops, which match torchvision's definitions). Every random choice is still a pure function
-of the sample index, so resume and DDP stay exact.
+tiles, not spend most of its time cutting, colour-jittering, blurring and converting ten crops per tile. Here a
+worker returns the uint8 tile plus, per crop, a small vector of random parameters drawn from the sample's
+generator (crop box, flip/rotation, per-tile stain jitter, colour jitter, grayscale, blur, solarize). The loader
+ships one uint8 tile instead of ten float crops, and :class:`DeviceStage` cuts and resizes all crops of the
+batch at once (``torchvision.ops.roi_align``: bilinear, averaging several samples per output pixel when a crop
+shrinks), applies the 8 flips/rotations, the per-tile ops, kornia's colour ops (torchvision's definitions) and
+normalisation. Every random choice is still a pure function of the sample index, so resume and DDP stay exact.
+
+Float ops on the CPU cost several times what OpenCV's uint8 ops cost, so CPU runs keep the all-in-worker
+views (:mod:`foundation.data.views`); ``data.augment_on`` picks (:func:`augment_on_device`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 import torch
 from kornia.color import rgb_to_grayscale
@@ -29,6 +31,7 @@ from kornia.enhance import (
 )
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
+from torchvision.ops import roi_align
 
 from foundation.config import CropsConfig, DataConfig
 
@@ -41,8 +44,8 @@ N_PHOTOMETRIC = 11
 # Uniforms drawn per crop: 22 for the crop box, 1 for flips/rotations, 13 for the photometric parameters.
 N_UNIFORMS = 23 + 13
 RATIO = (3 / 4, 4 / 3)
-# Counter-clockwise quarter turns (np.rot90's sense), as OpenCV's fast rotations.
-_QUARTER_TURNS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+# Geometric part of a crop's parameter vector: top, left, height, width (tile pixels), d4 (0-7).
+N_GEOMETRIC = 5
 _JITTER_OPS = (
     adjust_brightness_accumulative,
     adjust_contrast_with_mean_subtraction,
@@ -136,33 +139,42 @@ def apply_photometric(x: Tensor, params: Tensor) -> Tensor:
 
 
 class DeviceStage:
-    """The batch half of the views: uint8 ``(B, H, W, C)`` crops + parameters -> normalised float crops.
+    """The batch half of the views: uint8 tiles ``(B, H, W, C)`` + per-crop parameters -> normalised crops.
 
-    Called by the engine on each batch after it is moved to the device; ``<key>_params`` entries are consumed.
+    Called by the engine on each batch after it is moved to the device. ``batch["tile"]`` is consumed; each key
+    in ``sizes`` holds the ``(R, P)`` parameters of its crops (crop-major: row ``r`` is a crop of sample
+    ``r % B``, as :func:`~foundation.data.stream.collate_views` stacks them) and is replaced by the crops
+    ``(R, C, size, size)``.
     """
 
     def __init__(
         self,
-        keys: Sequence[str],
+        sizes: dict[str, int],
         mean: Sequence[float],
         std: Sequence[float],
         *,
         tile_ops: Sequence[TileOp] = (),
         photometric: bool = True,
     ) -> None:
-        self.keys = tuple(keys)
+        self.sizes = dict(sizes)
         self.mean, self.std = tuple(mean), tuple(std)
         self.tile_ops = tuple(tile_ops)
         self.photometric = photometric
 
-    def images(self, crops: Tensor, params: Tensor) -> Tensor:
-        """``(B, H, W, C)`` uint8 and ``(B, P)`` -> ``(B, C, H, W)`` float32, augmented and normalised."""
-        if crops.dtype != torch.uint8 or crops.ndim != 4:
+    def crops(self, tiles: Tensor, params: Tensor, size: int) -> Tensor:
+        """``tiles`` ``(B, H, W, C)`` uint8 and ``params`` ``(R, P)`` -> ``(R, C, size, size)`` float32."""
+        if tiles.dtype != torch.uint8 or tiles.ndim != 4:
             raise ValueError(
-                f"device views expect (B, H, W, C) uint8 crops, got {crops.dtype} {tuple(crops.shape)}"
+                f"device views expect (B, H, W, C) uint8 tiles, got {tiles.dtype} {tuple(tiles.shape)}"
             )
-        x = crops.permute(0, 3, 1, 2).float().div_(255.0)
-        offset = 0
+        x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
+        params = params.to(x.device, torch.float32)
+        rows = torch.arange(params.shape[0], device=x.device) % x.shape[0]
+        top, left, h, w = params[:, 0], params[:, 1], params[:, 2], params[:, 3]
+        boxes = torch.stack([rows.to(x.dtype), left, top, left + w, top + h], dim=1)
+        x = roi_align(x, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        x = apply_d4(x, params[:, 4].long())
+        offset = N_GEOMETRIC
         for op in self.tile_ops:
             x = op.apply(x, params[:, offset : offset + op.n_params])
             offset += op.n_params
@@ -173,11 +185,22 @@ class DeviceStage:
         return ((x - mean) / std).contiguous()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        for key in self.keys:
-            params = batch.pop(f"{key}_params", None)
+        tiles = batch.pop("tile")
+        for key, size in self.sizes.items():
             if batch.get(key) is not None:
-                batch[key] = self.images(batch[key], params)
+                batch[key] = self.crops(tiles, batch[key], size)
         return batch
+
+
+def apply_d4(x: Tensor, d4: Tensor) -> Tensor:
+    """One of the 8 flips/rotations per sample: ``d4 % 4`` counter-clockwise quarter turns (``np.rot90``'s
+    sense), mirrored left-right first when ``d4 >= 4``. Crops must be square."""
+    out = x.clone()
+    for variant in d4.unique().tolist():
+        rows = torch.nonzero(d4 == variant).flatten()
+        y = x[rows].flip(-1) if variant >= 4 else x[rows]
+        out[rows] = torch.rot90(y, variant % 4, dims=(-2, -1))
+    return out
 
 
 def random_resized_box(
@@ -206,36 +229,21 @@ def random_resized_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def cut_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int, d4: int) -> np.ndarray:
-    """Crop ``box``, resize to ``size`` (area averaging when shrinking, bicubic when growing), then one of the
-    8 flips/rotations (``d4``: ``d4 % 4`` quarter turns, mirrored first when ``d4 >= 4``)."""
-    top, left, h, w = box
-    region = image[top : top + h, left : left + w]
-    shrink = h * w > size * size
-    out = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-    if d4 >= 4:
-        out = cv2.flip(out, 1)
-    if d4 % 4:
-        out = cv2.rotate(out, _QUARTER_TURNS[d4 % 4])
-    return out[:, :, None] if out.ndim == 2 else out
-
-
 class CropRecipe:
-    """Random resized crop + flips of one crop set, drawn from one uniform vector per crop.
+    """Random resized crop + flips of one crop set, drawn in the worker as :data:`N_GEOMETRIC` numbers.
 
     Args:
-        size: output side in pixels.
         scale: area fraction range of the crop.
         rot90: all 8 flips/rotations; otherwise horizontal flips only.
     """
 
-    def __init__(self, size: int, scale: Sequence[float], rot90: bool) -> None:
-        self.size, self.scale, self.rot90 = size, tuple(scale), rot90
+    def __init__(self, scale: Sequence[float], rot90: bool) -> None:
+        self.scale, self.rot90 = tuple(scale), rot90
 
-    def __call__(self, image: np.ndarray, u: np.ndarray) -> Tensor:
-        box = random_resized_box(u, image.shape[0], image.shape[1], self.scale)
+    def draw(self, height: int, width: int, u: np.ndarray) -> list[float]:
+        top, left, h, w = random_resized_box(u, height, width, self.scale)
         d4 = int(u[22] * 8) if self.rot90 else 4 * int(u[22] < 0.5)  # 4 = mirrored, no turn
-        return torch.from_numpy(cut_crop(image, box, self.size, d4))
+        return [top, left, h, w, d4]
 
 
 def _tile_params(tile_ops: Sequence[TileOp], generator: torch.Generator) -> list[float]:
@@ -247,9 +255,15 @@ def _uniforms(generator: torch.Generator, n: int) -> np.ndarray:
     return torch.rand(n, N_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
 
 
+def _tile(image: np.ndarray) -> Tensor:
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"device views expect H x W x C uint8 tiles, got {image.dtype} {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image))
+
+
 class DeviceMultiCropViews:
-    """DINOv2 multi-crop (:class:`~foundation.data.views.MultiCropViews`'s recipe) with the photometric half
-    on the device. ``__call__`` returns uint8 crops and their parameters; :attr:`device_transform` finishes them.
+    """DINOv2 multi-crop (:class:`~foundation.data.views.MultiCropViews`'s recipe) made on the device.
+    ``__call__`` returns the uint8 tile and each crop's parameters; :attr:`device_transform` makes the crops.
 
     Args:
         crops: sizes, counts and scale ranges.
@@ -275,8 +289,8 @@ class DeviceMultiCropViews:
     ) -> None:
         self.n_local = crops.n_local
         self.tile_ops = tuple(tile_ops)
-        self.global_crop = CropRecipe(crops.global_size, crops.global_scale, rot90)
-        self.local_crop = CropRecipe(crops.local_size, crops.local_scale, rot90)
+        self.global_crop = CropRecipe(crops.global_scale, rot90)
+        self.local_crop = CropRecipe(crops.local_scale, rot90)
         s = color_strength
         jitter = (0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s) if color else None
         gray = 0.2 if color else 0.0
@@ -284,31 +298,25 @@ class DeviceMultiCropViews:
         self.global1 = Photometric(jitter, gray_p=gray, blur_p=1.0)
         self.global2 = Photometric(jitter, gray_p=gray, blur_p=0.1, solarize_p=0.2 if solarize else 0.0)
         self.local = Photometric(jitter, gray_p=gray, blur_p=0.5)
-        self.device_transform = DeviceStage(
-            ("global_crops", "local_crops"), mean, std, tile_ops=self.tile_ops
-        )
+        sizes = {"global_crops": crops.global_size, "local_crops": crops.local_size}
+        self.device_transform = DeviceStage(sizes, mean, std, tile_ops=self.tile_ops)
 
     def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:
         tile = _tile_params(self.tile_ops, generator)
         u = _uniforms(generator, 2 + self.n_local)
         recipes = [(self.global_crop, self.global1), (self.global_crop, self.global2)]
         recipes += [(self.local_crop, self.local)] * self.n_local
-        crops = [crop(image, row) for (crop, _), row in zip(recipes, u, strict=True)]
+        h, w = image.shape[:2]
         params = [
-            torch.tensor(tile + photometric.draw(row[23:]), dtype=torch.float32)
-            for (_, photometric), row in zip(recipes, u, strict=True)
+            torch.tensor(crop.draw(h, w, row) + tile + photometric.draw(row[23:]), dtype=torch.float32)
+            for (crop, photometric), row in zip(recipes, u, strict=True)
         ]
-        return {
-            "global_crops": crops[:2],
-            "global_crops_params": params[:2],
-            "local_crops": crops[2:],
-            "local_crops_params": params[2:],
-        }
+        return {"tile": _tile(image), "global_crops": params[:2], "local_crops": params[2:]}
 
 
 class DeviceMAEView:
-    """MAE's view (RandomResizedCrop 0.2-1 + flips) cut in the worker; per-tile ops and normalisation on the
-    device (:attr:`device_transform`)."""
+    """MAE's view (RandomResizedCrop 0.2-1 + flips), per-tile ops and normalisation made on the device
+    (:attr:`device_transform`); the worker returns the tile and the crop's parameters."""
 
     def __init__(
         self,
@@ -320,11 +328,14 @@ class DeviceMAEView:
         rot90: bool = False,
         tile_ops: Sequence[TileOp] = (),
     ) -> None:
-        self.crop = CropRecipe(size, scale, rot90)
+        self.crop = CropRecipe(scale, rot90)
         self.tile_ops = tuple(tile_ops)
-        self.device_transform = DeviceStage(("image",), mean, std, tile_ops=self.tile_ops, photometric=False)
+        self.device_transform = DeviceStage(
+            {"image": size}, mean, std, tile_ops=self.tile_ops, photometric=False
+        )
 
     def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:
         tile = _tile_params(self.tile_ops, generator)
         u = _uniforms(generator, 1)[0]
-        return {"image": self.crop(image, u), "image_params": torch.tensor(tile, dtype=torch.float32)}
+        params = self.crop.draw(image.shape[0], image.shape[1], u) + tile
+        return {"tile": _tile(image), "image": torch.tensor(params, dtype=torch.float32)}

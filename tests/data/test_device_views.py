@@ -1,7 +1,7 @@
-"""Device views: uint8 crops and parameters from the worker, photometric ops batched on the device.
+"""Device views: the worker returns the uint8 tile and per-crop parameters, the device stage makes the crops.
 
 The photometric ops are checked against torchvision's definitions sample by sample (each sample with its own
-factors and op order), and the geometric half against numpy references.
+factors and op order), and the geometric ops against numpy slicing and rotations.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import torchvision.transforms.v2.functional as F
 
 from foundation.config import CropsConfig, DataConfig
 from foundation.data.device_views import (
+    N_GEOMETRIC,
     N_PHOTOMETRIC,
     N_UNIFORMS,
     DeviceMAEView,
     DeviceMultiCropViews,
     DeviceStage,
     Photometric,
+    apply_d4,
     apply_photometric,
     augment_on_device,
-    cut_crop,
     random_resized_box,
 )
 from foundation.data.stream import collate_views
@@ -97,37 +98,42 @@ def test_random_resized_box_stays_inside_with_the_drawn_area_and_ratio() -> None
     assert random_resized_box(np.full(23, 0.99), 10, 100, (1.0, 1.0)) == (0, 43, 10, 13)
 
 
-def test_cut_crop_resizes_and_applies_the_eight_symmetries() -> None:
-    image = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+def test_d4_is_the_eight_symmetries_of_numpy() -> None:
+    image = np.random.default_rng(2).integers(0, 256, (2, 12, 12, 3), dtype=np.uint8)
+    x = torch.from_numpy(image).permute(0, 3, 1, 2).float()
     for d4 in range(8):
-        out = cut_crop(image, (0, 5, 30, 30), 30, d4)
-        np.testing.assert_array_equal(
-            out, np.rot90(image[:, 5:35][:, ::-1] if d4 >= 4 else image[:, 5:35], d4 % 4)
-        )
-        assert out.flags["C_CONTIGUOUS"]
-    small = cut_crop(image[:, :, :1], (0, 0, 30, 40), 8, 0)
-    assert small.shape == (8, 8, 1) and small.dtype == np.uint8
+        out = apply_d4(x, torch.tensor([d4, (d4 + 3) % 8])).permute(0, 2, 3, 1).numpy()
+        for i, v in enumerate((d4, (d4 + 3) % 8)):
+            expected = np.rot90(image[i][:, ::-1] if v >= 4 else image[i], v % 4)
+            np.testing.assert_array_equal(out[i], expected)
 
 
-def test_device_stage_normalises_and_consumes_the_parameters() -> None:
-    crops = torch.randint(0, 256, (4, 6, 6, 3), dtype=torch.uint8)
-    neutral = torch.tensor([_params()] * 4)
-    stage = DeviceStage(("global_crops", "local_crops"), MEAN, STD)
-    out = stage(
-        {
-            "global_crops": crops,
-            "global_crops_params": neutral,
-            "local_crops": None,
-            "local_crops_params": None,
-        }
+def _geometric(top: int, left: int, h: int, w: int, d4: int = 0) -> list[float]:
+    return [top, left, h, w, d4]
+
+
+def test_device_stage_cuts_boxes_of_the_right_tile_and_normalises() -> None:
+    tiles = torch.randint(
+        0, 256, (2, 20, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    expected = (crops.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        STD
-    ).view(1, 3, 1, 1)
-    torch.testing.assert_close(out["global_crops"], expected)
+    neutral = _params()
+    stage = DeviceStage({"global_crops": 8, "local_crops": 4}, MEAN, STD)
+    # crop-major rows: [crop 0 of tile 0, crop 0 of tile 1, crop 1 of tile 0, crop 1 of tile 1]
+    boxes = [(3, 5, 8, 8), (0, 0, 8, 8), (12, 16, 8, 8), (6, 2, 8, 8)]
+    params = torch.tensor([_geometric(*b) + neutral for b in boxes])
+    out = stage({"tile": tiles, "global_crops": params, "local_crops": None})
     assert set(out) == {"global_crops", "local_crops"} and out["local_crops"] is None
+    x = tiles.permute(0, 3, 1, 2).float() / 255
+    norm = (torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1))
+    for r, (top, left, h, w) in enumerate(boxes):
+        expected = (x[r % 2, :, top : top + h, left : left + w] - norm[0]) / norm[1]
+        torch.testing.assert_close(out["global_crops"][r], expected)  # a box of the output size: exact pixels
+    # a 16 px box down to 4 px averages (no aliasing): a constant tile stays constant
+    flat = torch.full((1, 16, 16, 3), 100, dtype=torch.uint8)
+    small = stage.crops(flat, torch.tensor([_geometric(0, 0, 16, 16) + neutral]), 4)
+    torch.testing.assert_close(small, ((100 / 255 - norm[0]) / norm[1]).expand(1, 3, 4, 4))
     with pytest.raises(ValueError, match="uint8"):
-        stage.images(crops.float(), neutral)
+        stage.crops(tiles.float(), params, 8)
 
 
 def test_multicrop_views_are_deterministic_and_finish_on_the_device() -> None:
@@ -137,16 +143,23 @@ def test_multicrop_views_are_deterministic_and_finish_on_the_device() -> None:
     a = views(image, torch.Generator().manual_seed(5))
     b = views(image, torch.Generator().manual_seed(5))
     c = views(image, torch.Generator().manual_seed(6))
-    for key in ("global_crops", "local_crops", "global_crops_params", "local_crops_params"):
+    assert torch.equal(a["tile"], torch.from_numpy(image)) and set(a) == {
+        "tile",
+        "global_crops",
+        "local_crops",
+    }
+    for key in ("global_crops", "local_crops"):
         assert all(torch.equal(x, y) for x, y in zip(a[key], b[key], strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a["global_crops"], c["global_crops"], strict=True))
-    assert [t.shape for t in a["global_crops"]] == [(24, 24, 3)] * 2
-    assert [t.shape for t in a["local_crops"]] == [(12, 12, 3)] * 3
-    assert all(p[10] == 0 for p in a["global_crops_params"])  # solarize off
-    assert a["global_crops_params"][0][9] > 0  # the first global crop is always blurred (p = 1)
+    assert len(a["global_crops"]) == 2 and len(a["local_crops"]) == 3
+    for p in a["global_crops"] + a["local_crops"]:
+        top, left, h, w = p[:4].tolist()
+        assert top >= 0 and left >= 0 and top + h <= 40 and left + w <= 48 and 0 <= p[4] < 8
+    assert all(p[N_GEOMETRIC + 10] == 0 for p in a["global_crops"])  # solarize off
+    assert a["global_crops"][0][N_GEOMETRIC + 9] > 0  # the first global crop is always blurred (p = 1)
     batch = views.device_transform(collate_views([a, c]))
+    assert "tile" not in batch and batch["global_crops"].dtype == torch.float32
     assert batch["global_crops"].shape == (4, 3, 24, 24) and batch["local_crops"].shape == (6, 3, 12, 12)
-    assert batch["global_crops"].dtype == torch.float32 and "global_crops_params" not in batch
     # crop-major order survives: row 1 is sample c's first global crop
     single = views.device_transform(collate_views([c]))
     torch.testing.assert_close(batch["global_crops"][1], single["global_crops"][0])
@@ -154,6 +167,8 @@ def test_multicrop_views_are_deterministic_and_finish_on_the_device() -> None:
     no_local = DeviceMultiCropViews(CropsConfig(global_size=24, local_size=12, n_local=0), MEAN, STD)
     batch = no_local.device_transform(collate_views([no_local(image, torch.Generator().manual_seed(0))]))
     assert batch["local_crops"] is None
+    with pytest.raises(ValueError, match="uint8"):
+        no_local(image.astype(np.float32), torch.Generator())
 
 
 class _Shift:
@@ -173,14 +188,15 @@ def test_tile_ops_are_drawn_once_per_tile_and_applied_to_each_crop() -> None:
     views = DeviceMultiCropViews(crops, MEAN, STD, color=False, tile_ops=[_Shift()])
     image = np.full((32, 32, 3), 128, np.uint8)
     sample = views(image, torch.Generator().manual_seed(0))
-    shifts = {float(p[0]) for p in sample["global_crops_params"] + sample["local_crops_params"]}
+    shifts = {float(p[N_GEOMETRIC]) for p in sample["global_crops"] + sample["local_crops"]}
     assert len(shifts) == 1  # one draw for the tile
     mae = DeviceMAEView(16, MEAN, STD, tile_ops=[_Shift()])
     one = mae(image, torch.Generator().manual_seed(0))
-    assert one["image"].shape == (16, 16, 3) and one["image_params"].shape == (1,)
+    assert one["tile"].shape == (32, 32, 3) and one["image"].shape == (N_GEOMETRIC + 1,)
     out = mae.device_transform(collate_views([one]))["image"]
-    blur_free = (128 / 255 + float(one["image_params"][0]) - torch.tensor(MEAN)) / torch.tensor(STD)
-    torch.testing.assert_close(out[0, :, 0, 0], blur_free)
+    assert out.shape == (1, 3, 16, 16)
+    shifted = (128 / 255 + float(one["image"][N_GEOMETRIC]) - torch.tensor(MEAN)) / torch.tensor(STD)
+    torch.testing.assert_close(out[0, :, 0, 0], shifted)
 
 
 def test_augment_on_setting(monkeypatch: pytest.MonkeyPatch) -> None:

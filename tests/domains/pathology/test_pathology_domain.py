@@ -181,8 +181,8 @@ def test_views_augmented_in_workers(slides: Path, method: str) -> None:
 
 @pytest.mark.parametrize("method", ["dinov2", "mae"])
 def test_views_augmented_on_device(slides: Path, method: str) -> None:
-    """Workers ship uint8 crops + parameters; the engine's device stage turns them into normalised crops
-    with the stain jitter of their tile."""
+    """Workers ship the uint8 tile + crop parameters; the engine's device stage makes normalised crops with
+    the stain jitter of their tile."""
     cfg = cfg_with(f"ssl.method={method}", "data.augment_on=device")
     dom = PathologyDomain()
     transform = dom.ssl_transform(cfg)
@@ -192,11 +192,10 @@ def test_views_augmented_on_device(slides: Path, method: str) -> None:
         g = torch.Generator().manual_seed(i)
         samples.append(transform(source.sample(i, g), g))
     key = "image" if method == "mae" else "global_crops"
-    first = samples[0][key] if method == "mae" else samples[0][key][0]
-    assert first.dtype == torch.uint8 and first.shape == (32, 32, 3)
+    assert samples[0]["tile"].dtype == torch.uint8 and samples[0]["tile"].shape == (32, 32, 3)
     assert "HEDJitterOnDevice" in repr(transform.views.tile_ops)
     batch = transform.device_transform(collate_views(samples))
-    assert f"{key}_params" not in batch
+    assert "tile" not in batch
     assert batch[key].dtype == torch.float32 and batch[key].shape == (
         (3 if method == "mae" else 6),
         3,
@@ -207,6 +206,7 @@ def test_views_augmented_on_device(slides: Path, method: str) -> None:
     if method == "dinov2":
         assert batch["local_crops"].shape == (6, 3, 16, 16)
         assert transform.views.global2.solarize_p == 0 and transform.views.global_crop.rot90
+        assert transform.views.global1.jitter == (0.2, 0.2, 0.1, 0.05)  # half-strength colour jitter
 
 
 def test_augment_on_device_needs_a_domain_with_device_views(tmp_path: Path) -> None:
