@@ -34,10 +34,10 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from foundation.config import CropsConfig, DataConfig
+from foundation.data.views import BLUR_P, BLUR_SIGMA, GRAY_P, JITTER, JITTER_P, SOLARIZE_P
 
 # DINOv2 blurs with torchvision's GaussianBlur(kernel_size=9, sigma=(0.1, 2.0)).
 BLUR_KERNEL = 9
-BLUR_SIGMA = (0.1, 2.0)
 # Layout of the photometric part of a crop's parameter vector.
 _B, _C, _S, _H, _ORDER, _GRAY, _SIGMA, _SOLARIZE = 0, 1, 2, 3, slice(4, 8), 8, 9, 10
 N_PHOTOMETRIC = 11
@@ -90,7 +90,7 @@ class Photometric:
     """
 
     jitter: tuple[float, float, float, float] | None = None
-    jitter_p: float = 0.8
+    jitter_p: float = JITTER_P
     gray_p: float = 0.0
     blur_p: float = 0.0
     solarize_p: float = 0.0
@@ -291,13 +291,12 @@ class DeviceMultiCropViews:
         self.tile_ops = tuple(tile_ops)
         self.global_crop = CropRecipe(crops.global_scale, rot90)
         self.local_crop = CropRecipe(crops.local_scale, rot90)
-        s = color_strength
-        jitter = (0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s) if color else None
-        gray = 0.2 if color else 0.0
-        # Blur probabilities follow the paper (global 1: 1.0, global 2: 0.1, locals: 0.5).
-        self.global1 = Photometric(jitter, gray_p=gray, blur_p=1.0)
-        self.global2 = Photometric(jitter, gray_p=gray, blur_p=0.1, solarize_p=0.2 if solarize else 0.0)
-        self.local = Photometric(jitter, gray_p=gray, blur_p=0.5)
+        jitter = tuple(a * color_strength for a in JITTER) if color else None
+        gray = GRAY_P if color else 0.0
+        self.global1 = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["global1"])
+        second_solarize = SOLARIZE_P if solarize else 0.0
+        self.global2 = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["global2"], solarize_p=second_solarize)
+        self.local = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["local"])
         sizes = {"global_crops": crops.global_size, "local_crops": crops.local_size}
         self.device_transform = DeviceStage(sizes, mean, std, tile_ops=self.tile_ops)
 

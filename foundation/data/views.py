@@ -17,6 +17,14 @@ import torch
 from foundation.config import CropsConfig
 from foundation.data.seeding import draw_seed
 
+# DINOv2's photometric recipe (arXiv 2304.07193, after BYOL), shared with the device views.
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue amplitudes
+JITTER_P = 0.8
+GRAY_P = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_P = {"global1": 1.0, "global2": 0.1, "local": 0.5}
+SOLARIZE_P = 0.2  # second global crop only
+
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """HWC numpy -> CHW float32 tensor."""
@@ -76,20 +84,24 @@ class MultiCropViews:
         if color:
             s = color_strength
             photometric = [
-                A.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s, hue=0.1 * s, p=0.8),
-                A.ToGray(p=0.2),
+                A.ColorJitter(*(a * s for a in JITTER), p=JITTER_P),
+                A.ToGray(p=GRAY_P),
             ]
 
         def blur(p: float) -> A.GaussianBlur:
-            return A.GaussianBlur(sigma_limit=(0.1, 2.0), p=p)
+            return A.GaussianBlur(sigma_limit=BLUR_SIGMA, p=p)
 
         norm = _normalize(mean, std, max_pixel_value)
         g_size, l_size = crops.global_size, crops.local_size
-        # Blur probabilities follow the paper (global 1: 1.0, global 2: 0.1, locals: 0.5).
-        self.global1 = A.Compose(geometric(g_size, crops.global_scale) + photometric + [blur(1.0), norm])
-        second = [blur(0.1)] + ([A.Solarize(threshold_range=(0.5, 0.5), p=0.2)] if solarize else [])
+        self.global1 = A.Compose(
+            geometric(g_size, crops.global_scale) + photometric + [blur(BLUR_P["global1"]), norm]
+        )
+        second = [blur(BLUR_P["global2"])]
+        second += [A.Solarize(threshold_range=(0.5, 0.5), p=SOLARIZE_P)] if solarize else []
         self.global2 = A.Compose(geometric(g_size, crops.global_scale) + photometric + second + [norm])
-        self.local = A.Compose(geometric(l_size, crops.local_scale) + photometric + [blur(0.5), norm])
+        self.local = A.Compose(
+            geometric(l_size, crops.local_scale) + photometric + [blur(BLUR_P["local"]), norm]
+        )
 
     def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:
         if self.pre is not None:
