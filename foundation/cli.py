@@ -163,6 +163,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS_GROUP = "foundation.commands"
 CORE_COMMANDS = ("pretrain", "export", "evaluate", "finetune", "embed", "info")
 
 
@@ -307,16 +308,21 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
     p = sub.add_parser("info", help="versions, devices and registered domains")
     p.set_defaults(func=cmd_info, quiet=False)
 
-    if not with_domain_commands:
-        return parser
-    from foundation.domain import get_domain, list_domains
-
-    for name in list_domains():
-        try:
-            get_domain(name).add_commands(sub)
-        except FoundationError as e:
-            log.warning("domain %r: commands not available: %s", name, e)
+    if with_domain_commands:
+        add_domain_commands(sub)
     return parser
+
+
+def add_domain_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Parsers of the commands registered under the entry-point group ``foundation.commands`` (light modules:
+    a command's code is imported when it runs). A package whose parsers fail to load is named and skipped."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(subparsers)
+        except Exception as e:  # a broken plug-in must not take the whole CLI down
+            log.warning("commands of %r (%s) not available: %s", ep.name, ep.value, e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,13 @@
 
 Domains register under a name, either with :func:`register_domain` or through the entry-point group
 ``foundation.domains`` (this package's own built-ins use that group too, so the core never imports them).
+A domain's own commands (``foundation pathology-qc``...) register separately, through the entry-point group
+``foundation.commands`` (``name = "module:add_commands"``, a function given the CLI's subparsers): parsers
+only, so ``foundation --help`` lists them without importing any domain.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -74,10 +76,6 @@ class Domain(Protocol):
 
     def eval_dataset(self, path: str, cfg: Config) -> LabelledDataset:
         """Deterministic labelled images at the model's input size, for kNN / linear probe / embed."""
-        ...
-
-    def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
-        """Optional extra CLI commands (a domain without any may define it as a no-op)."""
         ...
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -123,3 +124,50 @@ def test_resolve_data_path_uses_sample_cache(tmp_path: Path, monkeypatch: pytest
 
     assert resolve_data_path(Fake(), "/given") == "/given"
     assert resolve_data_path(Fake(), None) == str(tmp_path / "samples" / "fake" / "data")
+
+
+def test_domain_commands_are_listed_without_importing_torch() -> None:
+    """``foundation --help`` builds every parser from the ``foundation.commands`` entry points: light modules
+    that import no domain, torch, rasterio or MONAI."""
+    code = (
+        "import sys\n"
+        "from foundation.cli import build_parser\n"
+        "help_text = build_parser().format_help()\n"
+        "heavy = sorted(m for m in ('torch', 'rasterio', 'monai', 'openslide') if m in sys.modules)\n"
+        "print(heavy)\n"
+        "print(help_text)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "[]"
+    for command in ("pathology-qc", "canopy-height", "stats", "segment", "export-bundle", "pretrain"):
+        assert command in out
+
+
+def test_third_party_commands_through_real_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "tinycommands.py").write_text(
+        textwrap.dedent(
+            """
+            def add_commands(subparsers):
+                p = subparsers.add_parser("tiny-hello", help="say hello")
+                p.set_defaults(func=lambda args: print("hello") or 0, quiet=False)
+            """
+        )
+    )
+    dist = tmp_path / "tinycommands-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tinycommands\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[foundation.commands]\ntiny = tinycommands:add_commands\nbroken = no_such_module_xyz:add_commands\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tinycommands", raising=False)
+    from foundation.cli import main
+
+    try:
+        with caplog.at_level("WARNING", logger="foundation"):
+            assert main(["tiny-hello"]) == 0
+        assert "broken" in caplog.text  # named and skipped; the other commands still work
+    finally:
+        sys.modules.pop("tinycommands", None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,3 @@ class ImagesDomain:
 
     def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
         return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)
-
-    def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
-        return None

@@ -8,7 +8,6 @@ nibabel, pydicom and MONAI are imported only when data is touched, so ``foundati
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -145,14 +144,3 @@ class MedicalDomain:
             "labels); judge a backbone by organ segmentation: `foundation finetune organ-segmentation "
             "--backbone RUN --data DATALIST.json`, then `foundation evaluate organ-segmentation`"
         )
-
-    def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
-        """``foundation segment`` and ``foundation export-bundle`` (parsers only; nothing heavy is imported)."""
-        from domains.medical.segmentation.bundle import add_export_bundle_parser
-        from domains.medical.segmentation.segment import add_segment_parser
-
-        for name, add in (("segment", add_segment_parser), ("export-bundle", add_export_bundle_parser)):
-            if name in subparsers.choices:  # another domain got there first; never break the CLI
-                log.debug("medical: a %r command exists already; not adding ours", name)
-                continue
-            add(subparsers)

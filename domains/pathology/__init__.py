@@ -1,5 +1,13 @@
 """The ``pathology`` domain: whole-slide images, tissue detection, tiling and stain augmentation."""
 
-from domains.pathology.domain import PathologyDomain
-
 __all__ = ["PathologyDomain"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the command-line parsers live in this package too, and listing them must not
+    # import torch (PEP 562).
+    if name == "PathologyDomain":
+        from domains.pathology.domain import PathologyDomain
+
+        return PathologyDomain
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -146,34 +146,6 @@ class RemoteSensingDomain:
             path, infos, scales, cfg.data.crops.global_size, self.mean, self.std, opts.nodata
         )
 
-    # -- commands ----------------------------------------------------------------------------------------------
-    def add_commands(self, subparsers: argparse._SubParsersAction) -> None:
-        from domains.remote_sensing.canopy.mapping import add_canopy_parser
-
-        add_canopy_parser(subparsers)  # `foundation canopy-height`
-        if "stats" in subparsers.choices:  # another domain got there first; never break the CLI
-            log.debug("remote_sensing: a 'stats' command exists already; not adding ours")
-            return
-        p = subparsers.add_parser(
-            "stats",
-            help="per-band statistics of rasters (mean, std, 2nd/98th percentiles) to JSON",
-            description="Per-band statistics of a raster or a folder of rasters, nodata excluded, in the "
-            "units the remote_sensing domain trains in (pixel values / scale). Use the file with "
-            "`foundation pretrain --domain remote_sensing data.options.stats=FILE`.",
-        )
-        p.add_argument("data", help="a raster, or a folder searched recursively (.tif .tiff .vrt .jp2 .img)")
-        p.add_argument("--out", required=True, help="JSON file to write (atomically)")
-        p.add_argument("--bands", help="1-based bands in order, e.g. 3,2,1 (default: all but alpha)")
-        p.add_argument("--scale", default="auto", help="divisor: auto (uint8 255, (u)int16 10000, else 1)")
-        p.add_argument("--nodata", type=float, help="nodata value for files that declare none")
-        p.add_argument("--window", type=int, default=512, help="side of the windows read (default 512)")
-        p.add_argument(
-            "--max-windows", type=int, help="read at most this many random windows (default: everything)"
-        )
-        p.add_argument("--seed", type=int, default=0, help="seed of the window sample and percentiles")
-        p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-        p.set_defaults(func=cmd_stats)
-
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """``foundation stats``: compute, write, print a one-line JSON summary."""

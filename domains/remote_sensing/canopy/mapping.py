@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from domains.remote_sensing.commands import OUT_SUFFIX
 from foundation.errors import ConfigError, DataError, FoundationError
 
 if TYPE_CHECKING:  # rasterio is imported only when a scene is mapped
@@ -35,22 +36,9 @@ if TYPE_CHECKING:  # rasterio is imported only when a scene is mapped
 
 log = logging.getLogger(__name__)
 
-COMMAND = "canopy-height"
-OUT_SUFFIX = "_chm.tif"
 GSD_TOLERANCE = 1.5  # warn when scene and training resolution differ by more than this factor
 GDAL_CACHE_MB = 64  # GDAL's block cache (default: 5% of RAM) bounded, so memory does not grow with the scene
 M_PER_DEG = 111_320.0  # metres per degree of latitude / of longitude at the equator
-
-EPILOG = """\
-examples:
-  foundation canopy-height scene.tif --checkpoint runs/chm/model.pt --out chm.tif
-  foundation canopy-height tiles/*.tif --checkpoint runs/chm --out maps/ --quicklook --batch-size 32
-  foundation canopy-height tiles/ --checkpoint runs/chm --out maps/ --nproc 4      # 4 local workers
-  torchrun --nnodes 2 --node-rank $RANK --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-      --nproc-per-node 8 -m foundation canopy-height tiles/ --checkpoint runs/chm --out maps/
-
-Exit status: 0 every scene mapped, 1 some scene skipped (see the JSON lines), 2 nothing could be done.
-"""
 
 
 @dataclass(frozen=True)
@@ -70,61 +58,7 @@ class MapOptions:
     quiet: bool = False
 
 
-# -- the command line ----------------------------------------------------------------------------------------
-def add_canopy_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``canopy-height`` (unless a command of that name exists already)."""
-    if COMMAND in subparsers.choices:
-        log.debug("remote_sensing: a %r command exists already; not adding ours", COMMAND)
-        return
-    p = subparsers.add_parser(
-        COMMAND,
-        help="canopy-height map of GeoTIFF scenes -> Cloud-Optimized GeoTIFF (float32 metres, NaN nodata)",
-        description="Predict canopy height (metres) over whole scenes with a model from `foundation finetune "
-        "canopy-height`. Output: float32, NaN nodata, the input's CRS, transform and size, tiled + DEFLATE "
-        "(predictor 3) + overviews, validated as a Cloud-Optimized GeoTIFF.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("scenes", nargs="+", help="rasters (any GDAL format) or folders of them")
-    p.add_argument("--checkpoint", required=True, help="RUN/model.pt, a run folder or a training checkpoint")
-    p.add_argument(
-        "--out",
-        required=True,
-        help=f"a .tif for one scene, else a folder (gets <stem>{OUT_SUFFIX} per scene)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
-    p.add_argument("--quicklook", action="store_true", help="also write a colour PNG next to each map")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
-    p.add_argument("--tile", type=int, help="tile side in px; default: the checkpoint's training tile size")
-    p.add_argument("--overlap", type=int, help="px shared by neighbouring tiles; default: a quarter tile")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="inference precision; auto: bf16 on CUDA, fp32 on CPU",
-    )
-    p.add_argument(
-        "--resample",
-        action="store_true",
-        help="read each scene resampled to the checkpoint's training resolution (same CRS and extent; "
-        "the map then has that resolution); default: predict at the scene's own resolution, with a "
-        "warning when it is more than 1.5x off",
-    )
-    p.add_argument(
-        "--nodata",
-        type=float,
-        help="nodata value (raw units) for scenes that declare none; default: the checkpoint's, if any",
-    )
-    p.add_argument(
-        "--nproc", type=int, default=0, help="spawn this many local workers (torchrun --standalone)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA when available"
-    )
-    p.set_defaults(func=cmd_canopy_height)
-
-
+# -- the command line (parser: domains/remote_sensing/commands.py) -----------------------------------------
 def cmd_canopy_height(args: argparse.Namespace) -> int:
     """Map every scene (this rank's share), print one JSON line per scene, return the exit status."""
     from foundation.train.distributed import all_gather_objects, destroy_distributed, init_distributed
