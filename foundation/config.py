@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,21 @@ from omegaconf.errors import OmegaConfBaseException
 from foundation.errors import ConfigError
 
 _ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant")
+
+
+def reject_unknown_keys(options: Any, allowed: Any, where: str, owner: str) -> None:
+    """Refuse keys of ``options`` that are not in ``allowed`` (a dataclass or names), naming each as
+    ``where.KEY`` and listing what ``owner`` accepts: the strictness of the config for domain/task options.
+
+    Raises:
+        ConfigError: e.g. "data.options.mmp is not an option of the pathology domain; allowed: [...]".
+    """
+    names = sorted(f.name for f in fields(allowed)) if is_dataclass(allowed) else sorted(allowed)
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        keys = ", ".join(f"{where}.{k}" for k in unknown)
+        verb = "is not an option" if len(unknown) == 1 else "are not options"
+        raise ConfigError(f"{keys} {verb} of {owner}; allowed: {names}")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:

@@ -188,3 +188,15 @@ def test_every_recipe_loads(recipe: Path) -> None:
 
 def test_recipes_were_found() -> None:
     assert RECIPES, "no recipes under configs/"
+
+
+def test_reject_unknown_keys_names_every_key_and_what_is_allowed() -> None:
+    from foundation.config import CropsConfig, reject_unknown_keys
+
+    reject_unknown_keys({"global_size": 1}, CropsConfig, "data.crops", "the crops")  # known: fine
+    with pytest.raises(
+        ConfigError, match=r"^data.crops.sise is not an option of the crops; allowed: \['global_scale'"
+    ):
+        reject_unknown_keys({"sise": 1}, CropsConfig, "data.crops", "the crops")
+    with pytest.raises(ConfigError, match=r"^x.a, x.b are not options of y; allowed: \['c'\]$"):
+        reject_unknown_keys({"b": 1, "a": 2, "c": 3}, {"c": 0}, "x", "y")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 
 MODALITIES = ("ct", "mr")
@@ -36,12 +37,7 @@ class VolumeOptions:
     @classmethod
     def from_config(cls, options: dict[str, Any]) -> VolumeOptions:
         """Raises: ConfigError naming the ``data.options`` key and the allowed values."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"data.options {unknown} unknown to the medical domain; allowed: {sorted(known)}"
-            )
+        reject_unknown_keys(options, cls, "data.options", "the medical domain")
         kw = dict(options)
         if kw.get("spacing") is not None:
             kw["spacing"] = _floats("spacing", kw["spacing"], 3)

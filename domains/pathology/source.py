@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from domains.pathology.slide import SlideCache
 from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
-from foundation.config import Config
+from foundation.config import Config, reject_unknown_keys
 from foundation.data.seeding import generator_for
 from foundation.errors import ConfigError, DataError
 
@@ -93,12 +93,7 @@ class PathologyOptions:
             ConfigError: unknown key, wrong type or value out of range; the message names the key.
         """
         options: dict[str, Any] = dict(cfg.data.options or {})
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"data.options: unknown key(s) {unknown} for the pathology domain; allowed: {allowed}"
-            )
+        reject_unknown_keys(options, cls, "data.options", "the pathology domain")
         options.setdefault("tile_size", cfg.data.crops.global_size)
         for key in ("mpp", "min_tissue", "slide_mpp", "hed_scale", "hed_shift"):
             value = options.get(key)

@@ -6,9 +6,10 @@ allowed values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 
 
@@ -60,12 +61,7 @@ class RasterOptions:
     @classmethod
     def from_config(cls, options: dict[str, Any]) -> RasterOptions:
         """Raises: ConfigError: unknown key or bad value, named as ``data.options.KEY``."""
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"data.options.{unknown[0]} is not an option of the remote_sensing domain; allowed: {allowed}"
-            )
+        reject_unknown_keys(options, cls, "data.options", "the remote_sensing domain")
         values = dict(options)
         values["bands"] = parse_bands(values.get("bands"))
         for key in ("mean", "std"):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from domains.medical.segmentation.unetr import UNETRDecoder, decoder_levels, skip_blocks
+from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 from foundation.models.vit import ViT, build_vit
 from foundation.tasks.checkpoint import TaskCheckpoint, load_net_weights, load_task_checkpoint
@@ -35,9 +36,7 @@ def head_config(head: dict[str, Any], backbone: ViT) -> dict[str, Any]:
     Raises:
         ConfigError: unknown keys, a missing class count, or skip blocks that do not fit the backbone.
     """
-    unknown = sorted(set(head) - set(HEAD_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"segmentation head keys {unknown} unknown; allowed: {sorted(HEAD_DEFAULTS)}")
+    reject_unknown_keys(head, HEAD_DEFAULTS, "head", "the UNETR segmentation head")
     cfg = {**HEAD_DEFAULTS, **head}
     if cfg["type"] != "unetr":
         raise ConfigError(f"segmentation head type {cfg['type']!r} is not one of ['unetr']")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from domains.medical.options import VolumeOptions
 from domains.medical.segmentation.datalist import Datalist, load_datalist, sample_datalist
 from domains.medical.segmentation.model import TASK_NAME, build_segmentation_net, net_from_checkpoint
-from foundation.config import Config
+from foundation.config import Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.tasks.base import TaskParts
@@ -61,12 +61,7 @@ class SegmentationOptions:
     @classmethod
     def from_config(cls, options: dict[str, Any]) -> SegmentationOptions:
         """Raises: ConfigError naming the ``task.options`` key and what it accepts."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"task.options {unknown} unknown to organ-segmentation; allowed: {sorted(known)}"
-            )
+        reject_unknown_keys(options, cls, "task.options", "organ-segmentation")
         kw = dict(options)
         if "roi_size" in kw:
             roi = kw["roi_size"]

@@ -10,13 +10,14 @@ depth, patch size or register count works.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 
 MODES = ("bins", "regression")
@@ -47,10 +48,7 @@ class HeadOptions:
     def from_dict(cls, options: dict[str, Any] | None) -> HeadOptions:
         """Raises: ConfigError: unknown key or bad value, named as ``task.options.head.KEY``."""
         options = dict(options or {})
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ConfigError(f"task.options.head.{unknown[0]} is not a head option; allowed: {allowed}")
+        reject_unknown_keys(options, cls, "task.options.head", "the canopy-height head")
         if options.get("layers") is not None:
             options["layers"] = tuple(int(i) for i in options["layers"])
         try:

@@ -9,12 +9,13 @@ backward (DDP) and nothing becomes NaN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 
 REGRESSION_LOSSES = ("l1", "huber")
@@ -85,10 +86,7 @@ class LossOptions:
     def from_dict(cls, options: dict[str, Any] | None) -> LossOptions:
         """Raises: ConfigError: unknown key or bad value, named as ``task.options.loss.KEY``."""
         options = dict(options or {})
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ConfigError(f"task.options.loss.{unknown[0]} is not a loss option; allowed: {allowed}")
+        reject_unknown_keys(options, cls, "task.options.loss", "the canopy-height loss")
         opts = cls(**options)
         if opts.regression not in REGRESSION_LOSSES:
             raise ConfigError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from domains.remote_sensing.canopy.metrics import CanopyMetrics, scalar_metrics
 from domains.remote_sensing.canopy.model import TASK_NAME, CanopyNet, build_canopy_net, load_canopy_model
 from domains.remote_sensing.options import parse_bands
 from domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scale
-from foundation.config import Config
+from foundation.config import Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.tasks.base import TaskParts
@@ -81,12 +81,7 @@ class CanopyOptions:
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> CanopyOptions:
         """Raises: ConfigError: unknown key or bad value, named as ``task.options.KEY``."""
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"task.options.{unknown[0]} is not an option of canopy-height; allowed: {allowed}"
-            )
+        reject_unknown_keys(options, cls, "task.options", "canopy-height")
         opts = cls(**options)
         if opts.resampling not in RESAMPLING:
             raise ConfigError(f"task.options.resampling={opts.resampling!r} is not one of {list(RESAMPLING)}")

@@ -143,7 +143,7 @@ def test_setup_errors_name_the_problem(tmp_path, capsys):
     assert _finetune(recipe, tmp_path / "run", "model.in_chans=2") == 2
     assert "backbone takes 2 channel(s) but the images of" in capsys.readouterr().err
     assert _finetune(recipe, tmp_path / "run", "task.options.roi=32") == 2
-    assert "task.options ['roi'] unknown" in capsys.readouterr().err
+    assert "task.options.roi is not an option of organ-segmentation" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="overlap"):
         from domains.medical.segmentation.task import SegmentationOptions
 

@@ -76,7 +76,7 @@ def test_head_and_backbone_errors_name_the_problem():
             ViT(embed_dim=48, depth=2, num_heads=2, img_size=36, patch_size=12, in_chans=1, spatial_dims=3),
             {"out_channels": 3},
         )
-    with pytest.raises(ConfigError, match="unknown"):
+    with pytest.raises(ConfigError, match="head.featuresize is not an option of the UNETR segmentation head"):
         build_segmentation_net(_vit(), {"out_channels": 3, "featuresize": 8})
     with pytest.raises(ConfigError, match="out_channels"):
         build_segmentation_net(_vit(), {})
