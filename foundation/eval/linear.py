@@ -125,7 +125,7 @@ def linear_probe(
     test_labels: Tensor,
     num_classes: int,
     *,
-    epochs: int = 100,
+    max_iter: int = 1000,
     lr: float | None = None,
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     seed: int = 0,
@@ -138,7 +138,9 @@ def linear_probe(
         test_features: ``(M, D)`` features to evaluate.
         test_labels: ``(M,)`` integer labels in ``[0, num_classes)``.
         num_classes: number of classes C.
-        epochs: L-BFGS iterations per fit (each is one full-batch pass plus line search).
+        max_iter: the most L-BFGS iterations per fit (each one full-batch pass plus line search); a fit stops
+            earlier once converged. Too few leaves ill-conditioned features (e.g. MAE's, of low effective
+            rank) under-fitted, and the probe would then judge the optimiser rather than the features.
         lr: L-BFGS step size; None uses 1.0, right for the strong-Wolfe line search.
         weight_decays: grid of L2 penalties ``0.5 * wd * ||W||^2`` added to the mean cross-entropy.
         seed: seed of the stratified hold-out split (the fit itself has no randomness).
@@ -147,14 +149,14 @@ def linear_probe(
         ``{"top1", "balanced_accuracy", "weight_decay"}``: fractions in ``[0, 1]`` and the chosen penalty.
 
     Raises:
-        ConfigError: empty or negative ``weight_decays``, or non-positive ``epochs`` / ``lr``.
+        ConfigError: empty or negative ``weight_decays``, or non-positive ``max_iter`` / ``lr``.
         DataError: fewer than two classes in ``train_labels``, or mismatched shapes / labels out of range.
     """
     grid = [float(w) for w in weight_decays]
     if not grid or any(w < 0 for w in grid):
         raise ConfigError(f"weight_decays={list(weight_decays)!r} must be a non-empty list of values >= 0")
-    if epochs < 1:
-        raise ConfigError(f"linear probe epochs={epochs!r} must be >= 1")
+    if max_iter < 1:
+        raise ConfigError(f"linear probe max_iter={max_iter!r} must be >= 1")
     lr = 1.0 if lr is None else lr
     if not lr > 0:
         raise ConfigError(f"linear probe lr={lr!r} must be > 0")
@@ -184,8 +186,8 @@ def linear_probe(
 
     small = x.numel() * num_classes <= SINGLE_THREAD_MAX_MACS
     with _intra_op_threads(1 if small else torch.get_num_threads()):
-        chosen = _select_weight_decay(x, y, num_classes, grid, epochs, lr, seed)
-        model = _fit(x, y, num_classes, chosen, epochs, lr)
+        chosen = _select_weight_decay(x, y, num_classes, grid, max_iter, lr, seed)
+        model = _fit(x, y, num_classes, chosen, max_iter, lr)
         pred = _predict(model, test_features.detach().to("cpu", torch.float32))
     target = test_labels.detach().to("cpu", torch.int64)
     return {
@@ -196,7 +198,7 @@ def linear_probe(
 
 
 def _select_weight_decay(
-    x: Tensor, y: Tensor, num_classes: int, grid: list[float], epochs: int, lr: float, seed: int
+    x: Tensor, y: Tensor, num_classes: int, grid: list[float], max_iter: int, lr: float, seed: int
 ) -> float:
     """The grid value with the best accuracy on a stratified hold-out (ties: the stronger penalty)."""
     chosen = grid[0]
@@ -205,7 +207,7 @@ def _select_weight_decay(
         if len(hold_idx) and len(torch.unique(y[fit_idx])) >= 2:
             best = -1.0
             for wd in sorted(grid, reverse=True):  # on ties the stronger penalty wins
-                model = _fit(x[fit_idx], y[fit_idx], num_classes, wd, epochs, lr)
+                model = _fit(x[fit_idx], y[fit_idx], num_classes, wd, max_iter, lr)
                 acc = (_predict(model, x[hold_idx]) == y[hold_idx]).double().mean().item()
                 if acc > best:
                     best, chosen = acc, wd

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from foundation.errors import ConfigError, DataError
-from foundation.eval.linear import balanced_accuracy, linear_probe, stratified_split
+from foundation.eval.linear import _fit, balanced_accuracy, linear_probe, stratified_split
 
 
 def blobs(
@@ -21,7 +22,7 @@ def blobs(
 def test_separable_blobs() -> None:
     x, y = blobs([100] * 4, 32, seed=0)
     xt, yt = blobs([50] * 4, 32, seed=1)
-    result = linear_probe(x, y, xt, yt, num_classes=4, epochs=50)
+    result = linear_probe(x, y, xt, yt, num_classes=4, max_iter=50)
     assert set(result) == {"top1", "balanced_accuracy", "weight_decay"}
     assert result["top1"] > 0.95
     assert result["balanced_accuracy"] > 0.95
@@ -31,11 +32,11 @@ def test_separable_blobs() -> None:
 def test_deterministic_and_grid_respected() -> None:
     x, y = blobs([40, 60, 30], 16, seed=2, spread=4.0)
     xt, yt = blobs([20, 20, 20], 16, seed=3, spread=4.0)
-    a = linear_probe(x, y, xt, yt, 3, epochs=30, weight_decays=[1e-3, 1e-1], seed=7)
-    b = linear_probe(x, y, xt, yt, 3, epochs=30, weight_decays=[1e-3, 1e-1], seed=7)
+    a = linear_probe(x, y, xt, yt, 3, max_iter=30, weight_decays=[1e-3, 1e-1], seed=7)
+    b = linear_probe(x, y, xt, yt, 3, max_iter=30, weight_decays=[1e-3, 1e-1], seed=7)
     assert a == b
     assert a["weight_decay"] in (1e-3, 1e-1)
-    single = linear_probe(x, y, xt, yt, 3, epochs=30, weight_decays=[0.5])
+    single = linear_probe(x, y, xt, yt, 3, max_iter=30, weight_decays=[0.5])
     assert single["weight_decay"] == 0.5
 
 
@@ -56,7 +57,7 @@ def test_imbalanced_probe_reports_balanced_accuracy() -> None:
     threads = torch.get_num_threads()
     x, y = blobs([150, 20], 8, seed=4)
     xt, yt = blobs([60, 10], 8, seed=5)
-    result = linear_probe(x, y, xt, yt, num_classes=2, epochs=30)
+    result = linear_probe(x, y, xt, yt, num_classes=2, max_iter=30)
     assert result["balanced_accuracy"] > 0.9 and result["top1"] > 0.9  # the minority class is found too
     assert torch.get_num_threads() == threads  # the small-problem single-thread fit restores the setting
 
@@ -79,3 +80,36 @@ def test_errors() -> None:
         linear_probe(x, y, x, torch.full((20,), 7), 2)
     with pytest.raises(ConfigError, match="weight_decays"):
         linear_probe(x, y, x, y, 2, weight_decays=[-1.0])
+
+
+def test_fit_converges_to_scikit_learns_optimum_on_ill_conditioned_features() -> None:
+    """Features of low effective rank with scales spread over four decades (as a short MAE gives): the fit must
+    run to convergence, where it reaches scikit-learn's multinomial logistic regression with the same penalty;
+    100 iterations (the old default) stop far above it."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    g = torch.Generator().manual_seed(0)
+    n, k, wd = 600, 6, 1e-5
+    scales = torch.logspace(0, -4, k)
+    latent = torch.randn(n, k, generator=g) * scales
+    x = latent @ torch.randn(k, 64, generator=g) + 1e-5 * torch.randn(n, 64, generator=g)
+    y = ((latent / scales) @ torch.randn(k, 10, generator=g) + 0.3 * torch.randn(n, 10, generator=g)).argmax(
+        1
+    )
+
+    def objective(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = layer((x - mean) / std)
+            return float(F.cross_entropy(logits, y) + 0.5 * wd * layer.weight.pow(2).sum())
+
+    z = (x - x.mean(0)) / x.std(0, unbiased=False)
+    reference = linear_model.LogisticRegression(C=1 / (wd * n), max_iter=100_000, tol=1e-12)
+    reference.fit(z.numpy(), y.numpy())
+    sk = torch.nn.Linear(64, 10)
+    with torch.no_grad():
+        sk.weight.copy_(torch.from_numpy(reference.coef_))
+        sk.bias.copy_(torch.from_numpy(reference.intercept_))
+    with torch.no_grad():
+        optimum = float(F.cross_entropy(sk(z), y) + 0.5 * wd * sk.weight.pow(2).sum())
+    converged = objective(*_fit(x, y, 10, wd, 1000, 1.0))
+    assert converged == pytest.approx(optimum, abs=5e-3)
+    assert objective(*_fit(x, y, 10, wd, 100, 1.0)) > optimum + 0.1
