@@ -207,9 +207,12 @@ class SlideSampleSource:
         self._tilings: OrderedDict[tuple[Path, float], Tiling] = OrderedDict()
         self.broken: set[Path] = set()
         self._last_slide: tuple[tuple[int, int] | None, Path | None] = (None, None)
+        self._overrides: dict[Path, float | None] = {}
 
     def mpp_override(self, path: Path) -> float | None:
-        return mpp_override(path, self.options.slide_mpp, self.mpp_table, self.root)
+        if path not in self._overrides:  # once per slide: the lookup stats the root folder
+            self._overrides[path] = mpp_override(path, self.options.slide_mpp, self.mpp_table, self.root)
+        return self._overrides[path]
 
     def tiling(self, path: Path, mpp: float | None = None) -> Tiling:
         """The slide's tissue tiles at ``mpp`` (default ``options.mpp``), computed on first use and cached

@@ -86,10 +86,10 @@ class HEDJitterOnDevice:
     def __repr__(self) -> str:
         return f"HEDJitterOnDevice(scale={self.scale}, shift={self.shift})"
 
-    def draw(self, generator: torch.Generator) -> torch.Tensor:
-        """``(alpha_H, alpha_E, alpha_D, beta_H, beta_E, beta_D)`` of one tile."""
-        u = torch.rand(6, generator=generator) * 2 - 1
-        return torch.cat([1 + self.scale * u[:3], self.shift * u[3:]])
+    def draw(self, u: np.ndarray) -> list[float]:
+        """``(alpha_H, alpha_E, alpha_D, beta_H, beta_E, beta_D)`` of one tile from six uniforms in [0, 1)."""
+        v = 2 * np.asarray(u[:6], dtype=np.float64) - 1
+        return [*(1 + self.scale * v[:3]).tolist(), *(self.shift * v[3:]).tolist()]
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, 3, H, W)`` RGB in [0, 1] (uint8 values / 255), ``params`` ``(B, 6)`` -> jittered RGB."""

@@ -68,8 +68,8 @@ class TileOp(Protocol):
 
     n_params: int
 
-    def draw(self, generator: torch.Generator) -> Tensor:
-        """``(n_params,)`` float32 parameters of one sample."""
+    def draw(self, u: np.ndarray) -> list[float]:
+        """The ``n_params`` parameters of one sample from as many uniforms in [0, 1)."""
         ...
 
     def apply(self, x: Tensor, params: Tensor) -> Tensor:
@@ -246,13 +246,18 @@ class CropRecipe:
         return [top, left, h, w, d4]
 
 
-def _tile_params(tile_ops: Sequence[TileOp], generator: torch.Generator) -> list[float]:
-    return torch.cat([op.draw(generator) for op in tile_ops]).tolist() if tile_ops else []
-
-
-def _uniforms(generator: torch.Generator, n: int) -> np.ndarray:
-    """``n`` rows of :data:`N_UNIFORMS` uniforms (crop box, flips, photometric) in one RNG call."""
-    return torch.rand(n, N_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
+def _draw(
+    tile_ops: Sequence[TileOp], generator: torch.Generator, crops: int
+) -> tuple[list[float], np.ndarray]:
+    """The per-tile op parameters and ``crops`` rows of :data:`N_UNIFORMS` uniforms (crop box, flips,
+    photometric), from one RNG call: each call costs as much as the arithmetic on its numbers."""
+    n_tile = sum(op.n_params for op in tile_ops)
+    u = torch.rand(n_tile + crops * N_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
+    tile, offset = [], 0
+    for op in tile_ops:
+        tile += op.draw(u[offset : offset + op.n_params])
+        offset += op.n_params
+    return tile, u[n_tile:].reshape(crops, N_UNIFORMS)
 
 
 def _tile(image: np.ndarray) -> Tensor:
@@ -301,8 +306,7 @@ class DeviceMultiCropViews:
         self.device_transform = DeviceStage(sizes, mean, std, tile_ops=self.tile_ops)
 
     def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:
-        tile = _tile_params(self.tile_ops, generator)
-        u = _uniforms(generator, 2 + self.n_local)
+        tile, u = _draw(self.tile_ops, generator, 2 + self.n_local)
         recipes = [(self.global_crop, self.global1), (self.global_crop, self.global2)]
         recipes += [(self.local_crop, self.local)] * self.n_local
         h, w = image.shape[:2]
@@ -334,7 +338,6 @@ class DeviceMAEView:
         )
 
     def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:
-        tile = _tile_params(self.tile_ops, generator)
-        u = _uniforms(generator, 1)[0]
-        params = self.crop.draw(image.shape[0], image.shape[1], u) + tile
+        tile, u = _draw(self.tile_ops, generator, 1)
+        params = self.crop.draw(image.shape[0], image.shape[1], u[0]) + tile
         return {"tile": _tile(image), "image": torch.tensor(params, dtype=torch.float32)}

@@ -176,8 +176,8 @@ class _Shift:
 
     n_params = 1
 
-    def draw(self, generator: torch.Generator) -> torch.Tensor:
-        return torch.rand(1, generator=generator) * 0.1
+    def draw(self, u: np.ndarray) -> list[float]:
+        return [0.1 * float(u[0])]
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return x + params[:, :1, None, None]
