@@ -116,7 +116,7 @@ def apply_photometric(x: Tensor, params: Tensor) -> Tensor:
     """Apply :meth:`Photometric.draw` parameters to a batch ``(B, 3, H, W)`` in [0, 1], sample by sample.
 
     Each sample's four jitter ops run in its own order: at step k every sample is given its k-th op, so the
-    whole batch costs four op-passes, not four per distinct order.
+    whole batch costs four op-passes, not four per distinct order. ``x`` is updated in place where it can be.
     """
     factors, order = params[:, :4], params[:, _ORDER].long()
     jittered = (factors != torch.tensor(_NEUTRAL, device=x.device)).any(dim=1)
