@@ -56,8 +56,9 @@ _NEUTRAL = (1.0, 1.0, 1.0, 0.0)
 
 
 def augment_on_device(data: DataConfig) -> bool:
-    """``data.augment_on``: "device", "workers", or "auto" = the device when training runs on CUDA (CPU
-    float ops on ten crops per tile cost several times what OpenCV's uint8 ops cost in the workers)."""
+    """``data.augment_on``: "device", "workers", or "auto" = the device when CUDA is available. The engine makes
+    "auto" concrete from the device training runs on first (``resolve_augment_on``); float ops on ten crops per
+    tile cost several times more on the CPU than OpenCV's uint8 ops in the workers."""
     if data.augment_on == "auto":
         return torch.cuda.is_available()
     return data.augment_on == "device"

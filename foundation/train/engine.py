@@ -7,6 +7,7 @@ know whether it runs DINOv2 or MAE.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -448,7 +449,18 @@ def run_training(
     return trainer
 
 
+def resolve_augment_on(cfg: Config, device: torch.device) -> Config:
+    """``data.augment_on: auto`` made concrete for the device training runs on: batched on the device for CUDA,
+    in the loader workers otherwise (also on a CUDA machine told ``--device cpu``)."""
+    if cfg.data.augment_on != "auto":
+        return cfg
+    where = "device" if device.type == "cuda" else "workers"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment_on=where))
+
+
 def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False) -> Path:
     """Pretrain (or resume) into ``out``; returns the exported backbone folder."""
-    run_training(cfg, out, dist_info, lambda: ssl_setup(cfg), quiet=quiet)
+    run_training(
+        cfg, out, dist_info, lambda: ssl_setup(resolve_augment_on(cfg, dist_info.device)), quiet=quiet
+    )
     return Path(out) / "export"

@@ -23,7 +23,7 @@ from foundation.config import load_config
 from foundation.data.stream import collate_views
 from foundation.domain import get_domain, sample_cache_dir
 from foundation.errors import ConfigError, DataError
-from foundation.train.engine import ssl_setup
+from foundation.train.engine import resolve_augment_on, ssl_setup
 
 SMALL = [
     "model.patch_size=8",
@@ -209,6 +209,19 @@ def test_views_augmented_on_device(slides: Path, method: str) -> None:
         assert batch["local_crops"].shape == (6, 3, 16, 16)
         assert transform.views.global2.solarize_p == 0 and transform.views.global_crop.rot90
         assert transform.views.global1.jitter == (0.2, 0.2, 0.1, 0.05)  # half-strength colour jitter
+
+
+def test_auto_augments_where_training_runs(slides: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` follows the training device, not the machine: a CUDA machine told ``--device cpu`` augments in
+    the workers (float ops on the CPU would be the slow path)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = cfg_with(f"data.path={slides}")
+    assert resolve_augment_on(cfg, torch.device("cpu")).data.augment_on == "workers"
+    assert resolve_augment_on(cfg, torch.device("cuda", 0)).data.augment_on == "device"
+    assert ssl_setup(resolve_augment_on(cfg, torch.device("cpu"))).device_transform is None
+    assert ssl_setup(resolve_augment_on(cfg, torch.device("cuda", 0))).device_transform is not None
+    forced = cfg_with(f"data.path={slides}", "data.augment_on=device")
+    assert resolve_augment_on(forced, torch.device("cpu")) is forced  # an explicit choice is kept
 
 
 def test_augment_on_device_needs_a_domain_with_device_views(tmp_path: Path) -> None:
