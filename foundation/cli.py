@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from foundation.errors import FoundationError
 
@@ -107,7 +109,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     backbone, meta = load_backbone(args.run)
     out = export_backbone(
-        backbone, meta["backbone_args"], Path(args.out), mean=meta.get("mean", ()), std=meta.get("std", ())
+        backbone,
+        meta["backbone_args"],
+        Path(args.out),
+        mean=meta.get("mean", ()),
+        std=meta.get("std", ()),
+        overwrite=args.overwrite,
+        inputs=[Path(args.run), Path(meta["source"])],
     )
     log.info("exported %s -> %s", meta["source"], out)
     print(json.dumps({"export": str(out), "source": meta["source"]}))
@@ -228,13 +236,32 @@ def _add_task_parsers(sub: argparse._SubParsersAction, argv: list[str], command:
 
 
 def _print_json(result: dict) -> int:
-    """Print a task's result; exit 1 when it reports skipped inputs (the rest finished)."""
+    """Print a task's result; the batch exit rule over its inputs (``done``: how many were evaluated,
+    ``skipped``: the list of inputs that could not be)."""
+    from foundation.batch import exit_status
+
     print(json.dumps(result))
-    return 1 if result.get("skipped") else 0
+    return exit_status(int(result.get("done", 1)), len(result.get("skipped") or []))
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error exits 1 (nothing done), like every other refusal; 2 means some inputs were skipped."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _os_error_text(e: OSError) -> str:
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on device"
+    return f"{where}: {reason.lower()}" if where else reason
 
 
 def build_parser(with_domain_commands: bool = True, argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="foundation",
         description="Domain-specialist foundation models: DINOv2/MAE pretraining, evaluation and export.",
     )
@@ -264,7 +291,12 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
     p = sub.add_parser("export", help="write a run's backbone as model.safetensors + timm config.json")
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument(
-        "--out", required=True, help="export folder (loads with timm.create_model('local-dir:OUT'))"
+        "--out",
+        required=True,
+        help="a new or empty export folder (loads with timm.create_model('local-dir:OUT'))",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export of ours in --out (nothing else)"
     )
     _add_common(p)
     p.set_defaults(func=cmd_export)
@@ -334,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FoundationError as e:
-        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
+    except OSError as e:  # the OS refused (read-only folder, no space, permissions): its words, no traceback
+        print(f"error: {_os_error_text(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

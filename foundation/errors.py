@@ -36,3 +36,8 @@ class TrainingError(FoundationError, RuntimeError):
 
 class MissingDependencyError(FoundationError, ImportError):
     """An optional dependency is not installed; the message gives the pip line."""
+
+
+class OutputError(FoundationError, OSError):
+    """An output cannot be written where asked: no space left, read-only, an existing folder that is not ours,
+    an input of the same command. Nothing was replaced; the message names the path and the reason."""

@@ -8,8 +8,6 @@ backbones have no timm counterpart; they are written the same way and load with 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from safetensors.torch import save_file
 from foundation.errors import CheckpointError
 from foundation.models.vit import ARCHS, ViT, build_vit
 from foundation.models.weights import read_state_dict
+from foundation.outputs import building_dir, check_output_dir
 from foundation.train import checkpoint as ckpt
 
 _TIMM_ARCH = "vit_base_patch16_224"  # any registered ViT entry point: model_args override every shape
@@ -31,6 +30,9 @@ def timm_model_args(backbone: ViT) -> dict[str, Any]:
     return args
 
 
+EXPORT_KIND = "export"
+
+
 def export_backbone(
     backbone: ViT,
     backbone_args: dict[str, Any],
@@ -39,14 +41,15 @@ def export_backbone(
     mean: Sequence[float],
     std: Sequence[float],
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[Path] = (),
 ) -> Path:
-    """Write ``out_dir/{model.safetensors,config.json}`` atomically (a temporary folder, then rename)."""
+    """Write ``out_dir/{model.safetensors,config.json}``: built in a temporary folder, read back and compared,
+    then renamed into place. An existing ``out_dir`` must be empty or an export of ours (``overwrite``), and
+    neither be nor hold one of ``inputs`` (the run being exported)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_output_dir(out_dir, EXPORT_KIND, overwrite=overwrite, inputs=inputs)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items() if k != "mask_token"}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     size = backbone_args["img_size"]
     spatial = (size,) * backbone.spatial_dims
     config = {
@@ -63,11 +66,20 @@ def export_backbone(
         "model_args": timm_model_args(backbone),
         "foundation": {"backbone_args": backbone_args, **(extra or {})},
     }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with building_dir(out_dir, EXPORT_KIND, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _verify_export(tmp, state, config)
     return out_dir
+
+
+def _verify_export(folder: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Read the written files back: the same tensors, the same config (a short write raises here)."""
+    written = read_state_dict(folder / "model.safetensors")
+    if written.keys() != state.keys() or any(not torch.equal(written[k], state[k]) for k in state):
+        raise CheckpointError(f"{folder / 'model.safetensors'}: read back differs from what was written")
+    if json.loads((folder / "config.json").read_text()) != json.loads(json.dumps(config)):
+        raise CheckpointError(f"{folder / 'config.json'}: read back differs from what was written")
 
 
 def _from_export(path: Path) -> tuple[ViT, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,47 @@ def tiny_recipe(tmp_path: Path) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Embedded samples go to a temporary cache, never the user's home."""
     monkeypatch.setenv("FOUNDATION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``small_disk(kib)``: a folder on a tmpfs of that size, so a test meets a real full disk (ENOSPC from
+    the kernel, whatever library writes). Skips where this machine does not allow mounting."""
+    mounts: list[Path] = []
+
+    def make(size_kib: int) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        mounts.append(where)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _fill_disk(folder: Path, leave_bytes: int = 0) -> Path:
+    """Fill the file system of ``folder`` until at most ``leave_bytes`` are free; returns the filler file."""
+    import shutil
+
+    filler = folder / "filler.bin"
+    with open(filler, "wb") as f:
+        while shutil.disk_usage(folder).free > leave_bytes:
+            chunk = min(1 << 16, shutil.disk_usage(folder).free - leave_bytes)
+            try:
+                f.write(b"\0" * max(chunk, 1))
+                f.flush()
+            except OSError:
+                break
+    return filler
+
+
+@pytest.fixture
+def fill_disk() -> Callable[..., Path]:
+    """``fill_disk(folder, leave_bytes=0)``: fill ``folder``'s file system (a ``small_disk``) up to the last bytes."""
+    return _fill_disk

@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from foundation.errors import CheckpointError
+from foundation.errors import CheckpointError, OutputError
 from foundation.export import export_backbone, load_backbone
 from foundation.models.vit import ViT, build_vit
 
@@ -60,8 +60,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[ViT, dict, Path]
 
 def test_export_files_and_config(exported: tuple[ViT, dict, Path]) -> None:
     model, args, out = exported
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert not (out.parent / ".export.tmp").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".foundation.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["export"]  # no temporary left
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] in timm.list_models()
     assert config["num_features"] == 192
@@ -142,28 +142,71 @@ def test_3d_export_round_trip(tmp_path: Path) -> None:
 
 
 def test_interrupted_export_does_not_break_a_new_one(tmp_path: Path) -> None:
-    leftover = tmp_path / ".export.tmp"
+    leftover = tmp_path / ".tmp-999999-export"  # a killed export's temporary folder
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half written")
-    (leftover / "junk.bin").write_bytes(b"x")
     args = backbone_args()
     model = make(args)
     out = export_backbone(model, args, tmp_path / "export", mean=MEAN, std=STD)
-    assert not leftover.exists()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".foundation.json", "config.json", "model.safetensors"]
     loaded, _ = load_backbone(out)
     torch.testing.assert_close(loaded.cls_token, model.cls_token)
 
 
-def test_export_replaces_an_older_one(tmp_path: Path) -> None:
+def test_export_replaces_an_older_one_only_when_asked_and_only_ours(tmp_path: Path) -> None:
     args = backbone_args()
     first, second = make(args, seed=0), make(args, seed=1)
-    export_backbone(first, args, tmp_path / "export", mean=MEAN, std=STD)
-    (tmp_path / "export" / "stale.txt").write_text("old")
-    export_backbone(second, args, tmp_path / "export", mean=MEAN, std=STD)
-    assert not (tmp_path / "export" / "stale.txt").exists()
-    loaded, _ = load_backbone(tmp_path / "export")
+    out = export_backbone(first, args, tmp_path / "export", mean=MEAN, std=STD)
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        export_backbone(second, args, out, mean=MEAN, std=STD)
+    export_backbone(second, args, out, mean=MEAN, std=STD, overwrite=True)
+    loaded, _ = load_backbone(out)
     torch.testing.assert_close(loaded.cls_token, second.cls_token)
+    (out / "notes.txt").write_text("mine")  # a user's file in our folder: no longer ours to replace
+    with pytest.raises(OutputError, match="not ours"):
+        export_backbone(first, args, out, mean=MEAN, std=STD, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    torch.testing.assert_close(load_backbone(out)[0].cls_token, second.cls_token)
+
+
+def _cli_export(*argv: str) -> int:
+    from foundation.cli import main
+
+    return main(["export", *argv, "--quiet"])
+
+
+def test_export_command_never_deletes_what_it_did_not_write(tmp_path: Path, monkeypatch, capsys) -> None:
+    args = backbone_args()
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    export_backbone(make(args), args, run / "export", mean=MEAN, std=STD)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "data.csv").write_text("precious")
+    monkeypatch.chdir(tmp_path)
+    for out, why in (
+        (run, "is \\(or holds\\) the input"),
+        (run / "export", "is \\(or holds\\) the input"),
+        (tmp_path / "runs", "is \\(or holds\\) the input"),
+        (Path(".."), "is \\(or holds\\) the input"),
+        (user, "folder of other files"),
+        (Path("."), "is \\(or holds\\) the input"),
+    ):
+        assert _cli_export(str(run), "--out", str(out), "--overwrite") == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        import re
+
+        assert re.search(why, err), err
+    assert (user / "data.csv").read_text() == "precious"
+    assert (run / "export" / "model.safetensors").is_file()
+    (tmp_path / "file.txt").write_text("x")
+    assert _cli_export(str(run), "--out", str(tmp_path / "file.txt")) == 1
+    assert "is not a folder" in capsys.readouterr().err and (tmp_path / "file.txt").read_text() == "x"
+    assert _cli_export(str(run), "--out", str(tmp_path / "exp")) == 0
+    assert _cli_export(str(run), "--out", str(tmp_path / "exp")) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert _cli_export(str(run), "--out", str(tmp_path / "exp"), "--overwrite") == 0
 
 
 def test_load_backbone_missing_or_empty(tmp_path: Path) -> None:

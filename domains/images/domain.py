@@ -7,7 +7,7 @@ from typing import Any
 
 from domains.images.folder import ImageFolder, ImageSampleSource, read_rgb
 from domains.images.sample import make_sample_images
-from foundation.config import Config
+from foundation.config import Config, reject_unknown_keys
 from foundation.data.views import EvalView, ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 
@@ -44,6 +44,7 @@ class ImagesDomain:
         return make_sample_images(Path(root))
 
     def sample_source(self, path: str, cfg: Config) -> ImageSampleSource:
+        reject_unknown_keys(cfg.data.options, (), "data.options", "the images domain")
         return ImageSampleSource(ImageFolder.scan(path), cfg.seed)
 
     def ssl_transform(self, cfg: Config) -> ViewTransform:

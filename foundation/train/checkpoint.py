@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from foundation.errors import CheckpointError
+from foundation.outputs import write_verified
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,27 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) 
     """Write ``step_XXXXXXXX.pt`` via a temporary file and ``os.replace``, then prune to the last ``keep``."""
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(d)
     path = d / f"step_{step:08d}.pt"
-    tmp = d / f".{path.name}.tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:  # durable before the rename makes it visible
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_verified(path, lambda tmp: torch.save(state, tmp), _verify_archive)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _verify_archive(path: Path) -> None:
+    """Every member of the written zip archive reads back with its CRC (a short write fails here)."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise CheckpointError(f"{path}: member {bad} does not read back")
+
+
+def _remove_stale_temporaries(d: Path) -> None:
+    """Half-written checkpoints of a killed process (the run lock makes this process the only writer)."""
+    for p in d.iterdir():
+        if p.name.endswith(".pt.tmp") or (p.name.startswith(".tmp-") and p.name.endswith(".pt")):
+            p.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from foundation.data.sampler import StepBatchSampler, micro_batch_size
 from foundation.data.seeding import derive_seed
 from foundation.data.stream import SSLViewDataset, collate_views
 from foundation.domain import Domain, get_domain, resolve_data_path
-from foundation.errors import CheckpointError, ConfigError, DataError, TrainingError
+from foundation.errors import CheckpointError, ConfigError, TrainingError
 from foundation.export import export_backbone
 from foundation.models.factory import backbone_args, build_backbone
 from foundation.ssl.registry import get_objective_factory
@@ -42,8 +42,16 @@ from foundation.train.distributed import (
     barrier,
     maybe_no_sync,
 )
+from foundation.train.lock import RunLock
 from foundation.train.metrics import MetricsLogger
 from foundation.train.optim import apply_schedules, build_optimizer, build_param_groups
+from foundation.train.run_folder import (
+    check_run_folder,
+    mark_run,
+    refuse_other_backbone,
+    refuse_other_run,
+    run_identity,
+)
 from foundation.train.schedules import cosine_schedule, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -213,11 +221,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
-        if state.get("backbone_args") != self.backbone_args:
-            raise CheckpointError(
-                f"{path} was written for backbone {state.get('backbone_args')}, this config builds "
-                f"{self.backbone_args}; use another --out or the original config"
-            )
+        refuse_other_backbone(state, path, self.backbone_args)
         try:
             self.objective.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -242,14 +246,10 @@ class Trainer:
             log.info("checkpoint: %s", path)
         barrier()
 
-    def maybe_resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            return False
-        self.load_state_dict(ckpt.load_checkpoint(path), path)
+    def resume(self, state: dict[str, Any], path: Path) -> None:
+        self.load_state_dict(state, path)
         if self.dist.is_main:
             log.warning("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.train.steps)
-        return True
 
     # -- data ------------------------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -386,11 +386,18 @@ class Trainer:
             logger.close()
 
 
-def _check_out(out: Path) -> None:
-    if not out.parent.exists():
-        raise DataError(f"the parent folder of --out {str(out)!r} does not exist; create it first")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {str(out)!r} exists and is not a folder")
+def _take_run_folder(out: Path, identity: dict, lock: RunLock) -> bool:
+    """Main rank: create ``out`` if needed, lock it, mark it as a run. Returns whether this call created it."""
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        lock.acquire()
+    except BaseException:
+        if created:
+            out.rmdir()
+        raise
+    mark_run(out, identity)
+    return created
 
 
 def run_training(
@@ -399,53 +406,74 @@ def run_training(
     dist_info: DistInfo,
     make_setup: Callable[[], TrainingSetup],
     *,
+    identity: dict,
     quiet: bool = False,
     finish: Callable[[Trainer], None] | None = None,
 ) -> Trainer:
     """Train (or resume) into ``out``: the config, metrics, checkpoints, then the exported backbone.
 
-    ``finish(trainer)`` runs on the main rank after training (e.g. a task writes its deployable model). The
-    run folder is complete when ``export/`` exists; if the run fails before its first checkpoint, a folder
+    Before anything in ``out`` is touched, every check that can refuse runs: ``out`` is new, empty or a run of
+    ours; a checkpoint there was written by the same command, domain, task and objective (``identity``, see
+    :func:`~foundation.train.run_folder.run_identity`) for the same backbone; no other process trains there (the
+    run lock). ``finish(trainer)`` runs on the main rank after training (e.g. a task writes its deployable model).
+    The run folder is complete when ``export/`` exists; if the run fails before its first checkpoint, a folder
     this call created is removed, so nothing half-made looks like a run.
     """
     out = Path(out)
-    _check_out(out)
+    check_run_folder(out)
+    latest = ckpt.latest_checkpoint(out)
+    state = ckpt.load_checkpoint(latest) if latest is not None else None
+    refuse_other_run(out, identity, state, latest)
     # Denormal floats (tiny gradients early in training) take a slow path on x86 CPUs: a ViT-B MAE step ran
     # 10x slower. Flushing them to zero changes nothing visible in the numbers.
     torch.set_flush_denormal(True)
-    created = not out.exists()
+    # data errors surface here, before any output
+    trainer = Trainer(cfg, out, dist_info, make_setup(), quiet=quiet)
+    refuse_other_backbone(state, latest, trainer.backbone_args)
+    lock = RunLock(out)
+    created, failure = False, None
+    if dist_info.is_main:
+        try:
+            created = _take_run_folder(out, identity, lock)
+        except Exception as e:  # every rank must learn of it, or the others wait forever
+            failure = e
+    if any_rank(failure is not None, dist_info.device):
+        raise failure if failure is not None else TrainingError("rank 0 could not take the run folder")
     try:
-        # data errors surface here, before any output
-        trainer = Trainer(cfg, out, dist_info, make_setup(), quiet=quiet)
         if dist_info.is_main:
-            out.mkdir(exist_ok=True)
             save_config(cfg, out / "config.yaml")
         barrier()
-        resumed = trainer.maybe_resume()
-        if not resumed and dist_info.is_main:
+        if state is not None:
+            trainer.resume(state, latest)
+            del state
+        elif dist_info.is_main:
             log.info("new run in %s (%d steps, global batch %d)", out, cfg.train.steps, cfg.train.batch_size)
         if trainer.start_step < cfg.train.steps:
             trainer.train()
         elif dist_info.is_main:
             log.info("run %s already finished %d steps", out, cfg.train.steps)
+        if dist_info.is_main:
+            if finish is not None:
+                finish(trainer)
+            setup = trainer.setup
+            export_backbone(
+                trainer.objective.export_backbone(),
+                trainer.backbone_args,
+                out / "export",
+                mean=setup.mean,
+                std=setup.std,
+                extra=setup.export_extra,
+                overwrite=True,  # the run's own export, replaced when a resumed run finishes again
+            )
+            log.info("exported backbone: %s", out / "export")
+        barrier()
     except BaseException:
         if created and dist_info.is_main and out.exists() and not ckpt.list_checkpoints(out):
-            shutil.rmtree(out, ignore_errors=True)
+            lock.release()
+            shutil.rmtree(out, ignore_errors=True)  # a folder this call created and nothing of value in it
         raise
-    if dist_info.is_main:
-        if finish is not None:
-            finish(trainer)
-        setup = trainer.setup
-        export_backbone(
-            trainer.objective.export_backbone(),
-            trainer.backbone_args,
-            out / "export",
-            mean=setup.mean,
-            std=setup.std,
-            extra=setup.export_extra,
-        )
-        log.info("exported backbone: %s", out / "export")
-    barrier()
+    finally:
+        lock.release()
     return trainer
 
 
@@ -461,6 +489,11 @@ def resolve_augment_on(cfg: Config, device: torch.device) -> Config:
 def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False) -> Path:
     """Pretrain (or resume) into ``out``; returns the exported backbone folder."""
     run_training(
-        cfg, out, dist_info, lambda: ssl_setup(resolve_augment_on(cfg, dist_info.device)), quiet=quiet
+        cfg,
+        out,
+        dist_info,
+        lambda: ssl_setup(resolve_augment_on(cfg, dist_info.device)),
+        identity=run_identity("pretrain", cfg.domain, ssl_method=cfg.ssl.method),
+        quiet=quiet,
     )
     return Path(out) / "export"

@@ -16,6 +16,7 @@ from foundation.tasks.base import Task, TaskModel, TaskParts
 from foundation.tasks.checkpoint import MODEL_FILE, save_task_model
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import Trainer, TrainingSetup, run_training
+from foundation.train.run_folder import run_identity
 
 log = logging.getLogger(__name__)
 
@@ -89,5 +90,13 @@ def finetune(
         )
         log.info("fine-tuned model: %s", path)
 
-    run_training(cfg, out, dist_info, lambda: task_setup(task, cfg, args), quiet=quiet, finish=write_model)
+    run_training(
+        cfg,
+        out,
+        dist_info,
+        lambda: task_setup(task, cfg, args),
+        identity=run_identity("finetune", task.domain, task=task.name),
+        quiet=quiet,
+        finish=write_model,
+    )
     return Path(out) / MODEL_FILE

@@ -12,15 +12,28 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """The readable lines of ``metrics.jsonl``; a line cut by a kill during a write is dropped with a warning."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            log.warning("%s line %d is not a whole JSON record (a write cut short); dropped", path, number)
+            continue
+        records.append((line, record))
+    return records
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after ``last_step`` (they were written before a crash and will be replayed)."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line).get("step", -1) <= last_step
-    ]
+    kept = [line for line, record in _records(path) if record.get("step", -1) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from foundation.config import load_config
-from foundation.errors import CheckpointError, ConfigError, DataError, TrainingError
+from foundation.errors import CheckpointError, ConfigError, DataError, OutputError, TrainingError
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import Trainer, pretrain, ssl_setup
 
@@ -198,7 +198,7 @@ def test_empty_data_folder_leaves_no_run(tiny_recipe, tmp_path):
 
 
 def test_missing_out_parent_is_refused(tiny_recipe, image_folder, tmp_path):
-    with pytest.raises(DataError, match="parent folder of --out"):
+    with pytest.raises(OutputError, match="parent folder of --out"):
         _run_in_process(tiny_recipe, image_folder, tmp_path / "missing" / "run")
 
 
@@ -220,7 +220,7 @@ def test_checkpoint_from_another_architecture_is_refused(tiny_recipe, image_fold
 def test_cli_reports_errors_with_exit_code(tmp_path):
     proc = _cli("pretrain", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--quiet")
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "does not exist" in err and "nowhere" in err
 
 
