@@ -332,6 +332,11 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--img-size", type=int, help="input size; default: the backbone's")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace earlier outputs of ours made with other weights or settings (never other files)",
+    )
+    p.add_argument(
         "overrides", nargs="*", help="domain options key=value, e.g. data.options.mpp=0.5 (pathology)"
     )
     _add_common(p)

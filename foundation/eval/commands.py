@@ -17,6 +17,7 @@ from foundation.eval.features import cached_features, extract_features, feature_
 from foundation.eval.knn import knn_evaluate
 from foundation.eval.linear import linear_probe
 from foundation.export import load_backbone, random_like, resolve_backbone_source
+from foundation.models.fingerprint import weights_fingerprint
 from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         device=device,
         amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
 
 
@@ -118,7 +120,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         if not args.cache_dir:
             return compute()
-        stamp = "random" if args.random_init else f"{source.resolve()}:{source.stat().st_mtime_ns}"
+        stamp = "random" if args.random_init else weights_fingerprint(backbone)
         key = feature_cache_key(stamp, str(Path(path).resolve()), str(size), args.pooling, str(args.seed))
         return cached_features(Path(args.cache_dir), key, compute)
 

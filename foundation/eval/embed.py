@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from foundation.errors import DataError
+from foundation.errors import DataError, OutputError
 from foundation.eval.features import _collate, _pool
+from foundation.models.fingerprint import weights_fingerprint
+from foundation.outputs import output_error
 
 log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
@@ -59,6 +62,53 @@ def _open_partial(path: Path, fingerprint: str, n: int, dim: int, meta: dict[str
     return f
 
 
+def _existing_is_current(out: Path, fingerprint: str, overwrite: bool) -> int | None:
+    """The feature dimension of ``out`` when it is complete for these inputs and weights; None when it must be
+    (re)computed. A file that is not a feature file of ours is refused, one of ours from other weights or inputs
+    is replaced only with ``overwrite``."""
+    if not out.exists():
+        return None
+    if out.is_dir():
+        raise OutputError(f"--out {str(out)!r} is a folder; give an HDF5 file name")
+    try:
+        with h5py.File(out, "r") as f:
+            ours = "fingerprint" in f.attrs
+            if ours and f.attrs.get("complete") and f.attrs["fingerprint"] == fingerprint:
+                return int(f["features"].shape[1])
+    except OSError:
+        ours = False
+    if not ours:
+        raise OutputError(f"--out {str(out)!r} exists and is not a feature file of ours; nothing was changed")
+    if not overwrite:
+        raise OutputError(
+            f"{out} holds other features (other weights, inputs or settings); pass --overwrite to replace it"
+        )
+    return None
+
+
+def _check_space(out: Path, n: int, dim: int) -> None:
+    """HDF5 does not survive a full disk gracefully: refuse up front when the features cannot fit."""
+    need = n * (dim * 4 + 8 + 256) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise OutputError(
+            f"{out}: cannot write (no space left on device: about {need >> 20} MiB needed, {free >> 20} MiB free)"
+        )
+
+
+def _verify(path: Path, n: int, dim: int, fingerprint: str) -> None:
+    with h5py.File(path, "r") as f:
+        ok = (
+            f["features"].shape == (n, dim)
+            and f.attrs.get("fingerprint") == fingerprint
+            and int(f.attrs["done"]) == n
+            and bool(f.attrs["complete"])
+        )
+        np.asarray(f["features"][-1:])  # the last chunk reads back
+    if not ok:
+        raise OutputError(f"{path}: the written features do not read back complete")
+
+
 def embed_dataset(
     backbone: torch.nn.Module,
     dataset: Any,
@@ -72,35 +122,82 @@ def embed_dataset(
     device: torch.device = _CPU,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``features`` (N x D float32), ``ids`` (paths) and ``labels`` for ``dataset`` to ``out``.
 
-    Returns a summary dict (``n``, ``dim``, ``resumed_from``, ``out``).
+    The file is complete for one set of inputs, settings and backbone *weights* (a retrained backbone at the same
+    path is another backbone). Returns a summary dict (``n``, ``dim``, ``resumed_from``, ``out``).
     """
     out = Path(out)
     if not out.parent.exists():
-        raise DataError(f"the parent folder of --out {str(out)!r} does not exist")
+        raise OutputError(f"the parent folder of --out {str(out)!r} does not exist")
     n = len(dataset)
     if n == 0:
         raise DataError("nothing to embed: the dataset is empty")
     ids = [str(p) for p in getattr(getattr(dataset, "folder", None), "files", [])] or [
         str(i) for i in range(n)
     ]
-    fingerprint = _fingerprint(ids, backbone_name, pooling, size)
-    if out.exists():
-        with h5py.File(out, "r") as f:
-            if f.attrs.get("complete") and f.attrs.get("fingerprint") == fingerprint:
-                log.info("%s is already complete", out)
-                return {"out": str(out), "n": n, "dim": int(f["features"].shape[1]), "resumed_from": n}
-        raise DataError(f"{out} exists and holds other features; remove it or choose another --out")
+    weights = weights_fingerprint(backbone)
+    fingerprint = _fingerprint(ids, weights, pooling, size)
+    dim = _existing_is_current(out, fingerprint, overwrite)
+    if dim is not None:
+        log.info("%s is already complete", out)
+        return {"out": str(out), "n": n, "dim": dim, "resumed_from": n}
 
     backbone = backbone.to(device).train(False)
     with torch.inference_mode():
         probe = _collate([dataset[0]])["image"].to(device)
         dim = int(_pool(backbone.forward_dict(probe), pooling).shape[1])
     partial = out.with_name(out.name + ".partial")
-    meta = {"backbone": backbone_name, "pooling": pooling, "img_size": size, "classes": list(dataset.classes)}
-    f = _open_partial(partial, fingerprint, n, dim, meta)
+    meta = {
+        "backbone": backbone_name,
+        "backbone_weights": weights,
+        "pooling": pooling,
+        "img_size": size,
+        "classes": list(dataset.classes),
+    }
+    _check_space(out, n, dim)
+    try:
+        start = _embed_into(
+            partial,
+            dataset,
+            backbone,
+            _open_partial(partial, fingerprint, n, dim, meta),
+            pooling=pooling,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            amp_dtype=amp_dtype,
+            progress=progress,
+        )
+        _verify(partial, n, dim, fingerprint)
+        os.replace(partial, out)
+    except OutputError:
+        partial.unlink(missing_ok=True)
+        raise
+    except OSError as e:  # HDF5 write errors arrive as OSError; the partial file is of no use
+        error = output_error(e, out)
+        partial.unlink(missing_ok=True)
+        raise error from e
+    return {"out": str(out), "n": n, "dim": dim, "resumed_from": start}
+
+
+def _embed_into(
+    partial: Path,
+    dataset: Any,
+    backbone: torch.nn.Module,
+    f: h5py.File,
+    *,
+    pooling: str,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: bool,
+) -> int:
+    """Fill the open partial file ``f`` from its last complete chunk; returns the item it resumed at."""
+    n = len(dataset)
     start = int(f.attrs["done"])
     if start:
         log.info("resuming %s at item %d of %d", partial, start, n)
@@ -126,5 +223,4 @@ def embed_dataset(
             f.flush()
             bar.update(k)
         f.attrs["complete"] = True
-    os.replace(partial, out)
-    return {"out": str(out), "n": n, "dim": dim, "resumed_from": start}
+    return start

@@ -91,8 +91,11 @@ def test_embed_refuses_a_foreign_output(tiny_run, image_folder, tmp_path, capsys
     with h5py.File(out, "w") as f:
         f.attrs["complete"] = True
     args = ["embed", "--data", str(image_folder), "--backbone", str(tiny_run), "--out", str(out), "--quiet"]
-    assert main(args) == 2
-    assert "holds other features" in capsys.readouterr().err
+    assert main(args) == 1
+    assert "not a feature file of ours; nothing was changed" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 1  # never ours to replace
+    with h5py.File(out, "r") as f:
+        assert "features" not in f
 
 
 def test_info_lists_domains_and_versions(capsys):
@@ -118,3 +121,31 @@ def test_help_documents_every_command(capsys):
             main([command, "--help"])
         assert exc.value.code == 0
         assert "usage: foundation" in capsys.readouterr().out
+
+
+def test_embed_knows_a_retrained_backbone_at_the_same_path(tiny_run, image_folder, tmp_path, capsys):
+    from foundation.export import export_backbone, load_backbone
+
+    backbone_dir = tmp_path / "backbone"
+    first, meta = load_backbone(tiny_run)
+    export_backbone(first, meta["backbone_args"], backbone_dir, mean=meta["mean"], std=meta["std"])
+    out = tmp_path / "feats.h5"
+    args = ["embed", "--data", str(image_folder), "--backbone", str(backbone_dir), "--out", str(out)]
+    args += ["--num-workers", "0", "--quiet"]
+    assert main(args) == 0
+    with h5py.File(out, "r") as f:
+        old = f["features"][()]
+    retrained = load_backbone(tiny_run)[0]
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.add_(0.05)
+    export_backbone(
+        retrained, meta["backbone_args"], backbone_dir, mean=meta["mean"], std=meta["std"], overwrite=True
+    )
+    assert main(args) == 1  # not "already complete": the weights changed
+    assert "holds other features" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    with h5py.File(out, "r") as f:
+        new = f["features"][()]
+        assert f.attrs["backbone_weights"] != "" and not (tmp_path / "feats.h5.partial").exists()
+    assert not torch.allclose(torch.from_numpy(new), torch.from_numpy(old))
