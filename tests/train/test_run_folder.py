@@ -108,3 +108,17 @@ def test_a_metrics_line_cut_by_a_kill_does_not_stop_resume(tiny_recipe, image_fo
     assert "not a whole JSON record" in caplog.text
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 3
+
+
+def test_a_full_disk_at_checkpoint_time_is_named_and_leaves_nothing(
+    tiny_recipe, image_folder, small_disk, capsys
+):
+    from foundation.cli import main
+
+    disk = small_disk(2048)  # the config fits, a checkpoint (~100 MB) does not
+    out = disk / "run"
+    argv = ["pretrain", "--config", str(tiny_recipe), "--data", str(image_folder), "--out", str(out), "--quiet"]
+    assert main([*argv, *QUICK]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_00000002.pt: cannot write (no space left on device)" in err[0], err
+    assert list(disk.iterdir()) == []  # no run that looks started, no hidden temporary
