@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,3 +103,23 @@ def _fill_disk(folder: Path, leave_bytes: int = 0) -> Path:
 def fill_disk() -> Callable[..., Path]:
     """``fill_disk(folder, leave_bytes=0)``: fill ``folder``'s file system (a ``small_disk``) up to the last bytes."""
     return _fill_disk
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody may write in, root included (a read-only tmpfs); chmod where mounting is not allowed
+    and we are not root; skips otherwise."""
+    where = tmp_path / "read_only"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode == 0:
+        yield where
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        return
+    if os.geteuid() == 0:
+        pytest.skip(f"cannot make a read-only folder here: {done.stderr.decode().strip()}")
+    where.chmod(0o500)
+    yield where
+    where.chmod(0o700)
