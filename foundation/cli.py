@@ -131,10 +131,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from foundation.batch import EXIT_DONE
     from foundation.eval.commands import embed
 
-    print(json.dumps(embed(args)))
-    return 0
+    result = embed(args)
+    print(json.dumps(result))
+    return int(result.get("exit_status", EXIT_DONE))
 
 
 def cmd_info(args: argparse.Namespace) -> int:

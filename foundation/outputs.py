@@ -62,11 +62,11 @@ def failure_reason(exc: BaseException, path: Path) -> str:
     os_error = _os_error_in(exc)
     if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on device"
+    if os_error is not None and os_error.errno != errno.EIO:  # the OS said what it was (read-only, ...)
+        return os.strerror(os_error.errno).lower()
     if _disk_nearly_full(Path(path)):
         return "no space left on device"
-    if os_error is not None:
-        return os.strerror(os_error.errno).lower() if os_error.errno else str(os_error)
-    return str(exc) or type(exc).__name__
+    return str(os_error or exc) or type(exc).__name__
 
 
 def output_error(exc: BaseException, path: Path, what: str = "cannot write") -> OutputError:

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from foundation.errors import ConfigError, DataError
+from foundation.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "pathology-qc",
         help="tissue mask and tile grid of each slide as a QC picture (PNG)",
         description="For each slide: detect tissue, plan tiles at --mpp/--tile-size, and write "
-        "OUT/<slide>.png (thumbnail, tissue outline in green, kept tiles in blue). Prints one JSON line.",
+        "OUT/<slide>.png (thumbnail, tissue outline in green, kept tiles in blue), and OUT/summary.json "
+        "(also printed as one JSON line). A broken slide is skipped and listed. Exit status: 0 every "
+        "slide done, 2 some skipped, 1 none done.",
     )
     p.add_argument("slides", nargs="+", help="slide files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
@@ -36,45 +38,96 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_qc)
 
 
-def run_qc(args: argparse.Namespace) -> int:
-    """``foundation pathology-qc``: one PNG per slide; broken slides are reported and skipped."""
-    from tqdm import tqdm
-
-    from domains.pathology.slide import open_slide
-    from domains.pathology.source import list_slides, mpp_override, read_mpp_csv
-    from domains.pathology.tissue import mask_for_tiles, plan_tiles, write_qc
-
+def _check_ranges(args: argparse.Namespace) -> None:
     checks = {
         "--mpp": args.mpp > 0,
         "--tile-size": args.tile_size >= 8,
         "--min-tissue": 0 <= args.min_tissue <= 1,
         "--slide-mpp": args.slide_mpp is None or args.slide_mpp > 0,
+        "--max-size": args.max_size >= 16,
     }
     for flag, ok in checks.items():
         if not ok:
             raise ConfigError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))!r} is out of range")
+
+
+def _picture_name(path: Path, root: Path) -> str:
+    """Sub-folders in the name, so equal file names in two cases do not overwrite each other."""
+    return ("__".join(path.relative_to(root).parts) if root.is_dir() else "") or path.name
+
+
+def _qc_one(path: Path, root: Path, out: Path, args: argparse.Namespace, table: dict[str, float]) -> dict:
+    """The QC picture of one slide; returns its line of the report.
+
+    Raises:
+        DataError: the slide cannot be read. OutputError: the picture cannot be written.
+    """
+    from domains.pathology.slide import open_slide
+    from domains.pathology.source import mpp_override
+    from domains.pathology.tissue import mask_for_tiles, plan_tiles, write_qc
+
+    with open_slide(path, mpp_override(path, args.slide_mpp, table, root)) as slide:
+        mask = mask_for_tiles(slide, args.mpp, args.tile_size)
+        tiling = plan_tiles(slide, mask, args.mpp, args.tile_size, args.min_tissue)
+        png = write_qc(out / f"{_picture_name(path, root)}.png", slide, mask, tiling, args.max_size)
+        return {
+            "slide": str(path),
+            "png": str(png),
+            "tiles": len(tiling),
+            "level": tiling.level,
+            "mpp": slide.mpp,
+        }
+
+
+def run_qc(args: argparse.Namespace) -> int:
+    """``foundation pathology-qc``: one PNG per slide and ``OUT/summary.json``; broken slides are reported and
+    skipped, a full disk stops the rest. Exit status (:func:`foundation.batch.exit_status`): 0 every slide
+    done, 2 some skipped; nothing done raises (exit 1)."""
+    from tqdm import tqdm
+
+    from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
+    from domains.pathology.source import list_slides, read_mpp_csv
+    from foundation.batch import exit_status
+    from foundation.outputs import write_verified
+
+    _check_ranges(args)
+    roots = [Path(root) for root in args.slides]
+    slides = [(path, root) for root in roots for path in list_slides(root)]
     table = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
-    slides = [(path, Path(root)) for root in args.slides for path in list_slides(root)]
     out = Path(args.out)
-    done, failed = [], []
-    for path, root in tqdm(slides, desc="pathology-qc", unit="slide", disable=args.quiet):
+    check_out_dir(out, roots, summary_key="failed")
+    make_out_dir(out)
+    done, failed, disk_full = [], [], None
+    for k, (path, root) in enumerate(tqdm(slides, desc="pathology-qc", unit="slide", disable=args.quiet)):
         try:
-            with open_slide(path, mpp_override(path, args.slide_mpp, table, root)) as slide:
-                mask = mask_for_tiles(slide, args.mpp, args.tile_size)
-                tiling = plan_tiles(slide, mask, args.mpp, args.tile_size, args.min_tissue)
-                # sub-folders in the name, so equal file names in two cases do not overwrite each other
-                name = ("__".join(path.relative_to(root).parts) if root.is_dir() else "") or path.name
-                png = write_qc(out / f"{name}.png", slide, mask, tiling, args.max_size)
-                mpp = slide.mpp
-        except DataError as e:
+            done.append(_qc_one(path, root, out, args, table))
+        except (DataError, OutputError) as e:
             log.warning("skipping slide: %s", e)
             failed.append({"slide": str(path), "error": str(e)})
-            continue
-        done.append(
-            {"slide": str(path), "png": str(png), "tiles": len(tiling), "level": tiling.level, "mpp": mpp}
+            if isinstance(e, OutputError) and is_disk_full(e):
+                disk_full = e
+                failed += [{"slide": str(p), "error": f"not started: {e}"} for p, _ in slides[k + 1 :]]
+                break
+    report = {
+        "out": str(out),
+        "slides": done,
+        "failed": failed,
+        "exit_status": exit_status(len(done), len(failed)),
+    }
+    try:
+        write_verified(
+            out / "summary.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)), _read_json
         )
+    except OutputError as e:
+        log.error("summary not written: %s", e)
     if not done:
-        raise DataError(f"no QC picture written: all {len(slides)} slide(s) failed (see the log)")
+        raise disk_full or DataError(
+            f"no QC picture written: all {len(slides)} slide(s) failed (see the log)"
+        )
     log.info("QC pictures in %s", out)
-    print(json.dumps({"out": str(out), "slides": done, "failed": failed}))
-    return 0
+    print(json.dumps(report))
+    return report["exit_status"]
+
+
+def _read_json(path: Path) -> None:
+    json.loads(path.read_text())

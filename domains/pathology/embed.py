@@ -3,13 +3,19 @@
 Each slide's tissue tiles are planned in the main process, read by DataLoader workers (each opens the slide
 itself) and run through the frozen backbone in batches. ``FEATS_DIR/<slide>.h5`` holds ``coords`` (N x 2
 int64, level-0 top-left corners) and ``features`` (N x D float32) with the tiling and backbone as attributes.
-It is written as ``<slide>.h5.partial`` and renamed once complete, so a file under its final name is always
-whole: a rerun skips complete files made with the same backbone and settings, and redoes partial ones.
+A slide's features are gathered in memory and its file written in one go, re-opened, checked and renamed
+(``feature_file.py``), so a file under its final name is always whole.
+
+A file is complete for a rerun when it was made with the same backbone WEIGHTS (their fingerprint, not the
+path: a backbone retrained in place is another backbone), pooling, tiling and normalisation; any other file
+of ours under that name is replaced. A file there that is not ours is left alone and its slide skipped.
 
 A broken slide (unreadable, no resolution, no tissue, a read error part-way) is skipped with its reason; the
-others finish. ``summary.json`` lists processed, skipped and already-complete slides (under torchrun, where slide ``i`` goes
-to rank ``i % world_size``, each rank writes ``summary_rank{r}.json`` and rank 0 merges them into it); if any was skipped a
-:class:`DataError` follows the summary, so the command exits non-zero.
+others finish. A full disk stops the job (no later slide could be written either): the slide being written
+leaves nothing behind and the ones not started are listed as skipped. ``summary.json`` lists processed,
+skipped and already-complete slides (under torchrun, where slide ``i`` goes to rank ``i % world_size``, each
+rank writes ``summary_rank{r}.json`` and rank 0 merges them into it). Exit status
+(:func:`foundation.batch.exit_status`): 0 every slide done (now or before), 2 some skipped, 1 none done.
 """
 
 from __future__ import annotations
@@ -22,18 +28,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from domains.pathology.feature_file import is_complete, is_ours, write_feature_file
+from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
 from domains.pathology.slide import SlideCache, open_slide
 from domains.pathology.source import PathologyOptions, list_slides, mpp_override, read_mpp_csv
 from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
+from foundation.batch import EXIT_DONE, exit_status
 from foundation.config import load_config
-from foundation.errors import ConfigError, DataError
+from foundation.errors import CheckpointError, ConfigError, DataError, OutputError
 from foundation.eval.features import POOLINGS, _pool
+from foundation.models.fingerprint import weights_fingerprint
+from foundation.outputs import write_verified
 from foundation.train.distributed import barrier, destroy_distributed, init_distributed
 
 log = logging.getLogger(__name__)
@@ -95,19 +105,6 @@ def _options(overrides: list[str], img_size: int) -> PathologyOptions:
     return options
 
 
-def _is_complete(path: Path, expected: dict[str, Any]) -> bool:
-    """A finished output made with the same backbone and settings."""
-    if not path.is_file():
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            if not f.attrs.get("complete"):
-                return False
-            return all(f.attrs.get(k) == v for k, v in expected.items())
-    except OSError:  # damaged: redo it
-        return False
-
-
 def _reason(e: BaseException) -> str:
     """The error's message without the worker traceback a DataLoader wraps around it."""
     text = str(e).strip()
@@ -115,12 +112,6 @@ def _reason(e: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if last.startswith(("foundation.errors.", "DataError")) else last
     return text
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 class StartedSlide:
@@ -141,6 +132,7 @@ class StartedSlide:
                 slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
             )
             self.scanned_mpp = float(slide.mpp)
+            self.mpp_source = slide.mpp_source
             self.downsample = float(slide.level_downsamples[self.tiling.level])
         if len(self.tiling) == 0:
             raise DataError(
@@ -169,224 +161,346 @@ def _start(path: Path, **kwargs: Any) -> StartedSlide | DataError:
         return e
 
 
-def _features(
-    backbone: torch.nn.Module,
-    started: StartedSlide,
-    partial: Path,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    pooling: str,
-    device: torch.device,
-    progress: bool,
-) -> h5py.File:
-    """Features of every tile into a new ``partial`` file, returned open (``complete`` still False)."""
-    tiling = started.tiling
-    n = len(tiling)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    f: h5py.File | None = None
-    try:
-        desc = started.path.name
-        with tqdm(total=n, desc=desc, unit="tile", leave=False, disable=not progress) as bar:
-            for images, index in started.batches:
-                x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-                with torch.inference_mode(), autocast:
-                    feats = _pool(backbone.forward_dict(x), pooling).float().cpu().numpy()
-                if f is None:
-                    partial.unlink(missing_ok=True)
-                    f = h5py.File(partial, "w")
-                    f.create_dataset("coords", data=tiling.coords.astype(np.int64))
-                    f.create_dataset(
-                        "features",
-                        shape=(n, feats.shape[1]),
-                        dtype="float32",
-                        chunks=(min(n, 256), feats.shape[1]),
-                    )
-                    f.attrs["complete"] = False
-                idx = index.numpy()
-                f["features"][int(idx[0]) : int(idx[-1]) + 1] = feats  # batches come in order
-                bar.update(len(idx))
-    except BaseException:
-        if f is not None:
-            f.close()
-        raise
-    assert f is not None
-    return f
-
-
-def embed_slide(
-    backbone: torch.nn.Module,
-    started: StartedSlide,
-    out: Path,
-    *,
-    attrs: dict[str, Any],
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    pooling: str,
-    device: torch.device,
-    progress: bool,
-) -> int:
-    """Write ``out`` for one started slide (through ``out.partial``); returns the number of tiles.
+def check_backbone(meta: dict[str, Any]) -> None:
+    """Slides are 2D RGB: a volume backbone, or one for other channels, is refused by name before any work.
 
     Raises:
-        DataError: a tile that cannot be read, or a reader worker that died.
+        CheckpointError: the backbone is 3D or does not take 3 input channels.
     """
-    path, tiling = started.path, started.tiling
-    partial = out.with_name(out.name + ".partial")
-    f: h5py.File | None = None
+    args = meta["backbone_args"]
+    dims, chans = int(args.get("spatial_dims", 2)), int(args.get("in_chans", 3))
+    problems = [f"it is a {dims}D (volume) backbone"] if dims != 2 else []
+    problems += [f"it takes {chans} input channel(s), slides are RGB (3)"] if chans != 3 else []
+    if problems:
+        raise CheckpointError(
+            f"--backbone {meta['source']}: cannot embed slides: {' and '.join(problems)}; "
+            "give a 2D backbone pretrained on RGB tiles (e.g. from `foundation pretrain --domain pathology`)"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _left_by_a_killed_run(file: Path, names: set[str]) -> bool:
+    """``.tmp-<pid>-<name>`` of a process that is gone, or ``<name>.partial`` (an earlier version's)."""
+    if file.name.endswith(".partial"):
+        return file.name.removesuffix(".partial") in names
+    pid, _, name = file.name.removeprefix(".tmp-").partition("-")
+    return file.name.startswith(".tmp-") and pid.isdigit() and name in names and not _pid_alive(int(pid))
+
+
+def remove_stale_temporaries(out_dir: Path, names: set[str]) -> None:
+    """Remove the temporaries of our outputs ``names`` that a killed earlier run left behind."""
+    for file in out_dir.iterdir():
+        if file.is_file() and _left_by_a_killed_run(file, names):
+            log.info("removing %s, left by an interrupted run", file)
+            file.unlink(missing_ok=True)
+
+
+def feature_key(
+    backbone: torch.nn.Module, meta: dict[str, Any], options: PathologyOptions, pooling: str
+) -> dict[str, Any]:
+    """What determines a slide's features, stored with them: a rerun redoes a file whose key differs. The
+    backbone is known by its weights, not its path (a retrained backbone at the same path is another one)."""
+    from domains.pathology.domain import PathologyDomain
+
+    return {
+        "backbone_fingerprint": weights_fingerprint(backbone),
+        "pooling": pooling,
+        "tile_size": int(options.tile_size),
+        "mpp": float(options.mpp),
+        "min_tissue": float(options.min_tissue),
+        "mean": np.asarray(meta.get("mean") or PathologyDomain.mean, np.float64),
+        "std": np.asarray(meta.get("std") or PathologyDomain.std, np.float64),
+    }
+
+
+class SlideEmbedder:
+    """Embeds started slides with a frozen backbone and writes one feature file each."""
+
+    def __init__(
+        self, backbone: torch.nn.Module, key: dict[str, Any], args: argparse.Namespace,
+        options: PathologyOptions, mpp_table: dict[str, float], device: torch.device, source: str,
+    ) -> None:  # fmt: skip
+        self.backbone = backbone.to(device).train(False)
+        self.key = key
+        self.options = options
+        self.device = device
+        self.source = source
+        self.pooling = args.pooling
+        self.batch_size, self.num_workers = args.batch_size, args.num_workers
+        self.progress = not args.quiet
+        self.root = Path(args.data)
+        self.table = mpp_table
+        self.mean = torch.tensor(key["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(key["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def slide_mpp(self, path: Path) -> float | None:
+        return mpp_override(path, self.options.slide_mpp, self.table, self.root)
+
+    def key_for(self, path: Path) -> dict[str, Any]:
+        """The key of one slide: a resolution given by the user changes its tiles (0: the file's own)."""
+        return {**self.key, "slide_mpp_override": float(self.slide_mpp(path) or 0.0)}
+
+    def start(self, path: Path) -> StartedSlide | DataError:
+        return _start(
+            path, slide_mpp=self.slide_mpp(path), options=self.options, batch_size=self.batch_size,
+            num_workers=self.num_workers, device=self.device,
+        )  # fmt: skip
+
+    def features(self, started: StartedSlide) -> np.ndarray:
+        """``N x D`` float32 features of every tile of ``started`` (in memory: the file is written in one go).
+
+        Raises:
+            DataError: a tile that cannot be read, or a reader worker that died.
+        """
+        n = len(started.tiling)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        out: np.ndarray | None = None
+        bar = tqdm(total=n, desc=started.path.name, unit="tile", leave=False, disable=not self.progress)
         try:
-            f = _features(backbone, started, partial, mean, std, pooling, device, progress)
+            with bar:
+                for images, index in started.batches:
+                    x = images.to(self.device, non_blocking=True).float().div_(255)
+                    x = x.sub_(self.mean).div_(self.std)
+                    with torch.inference_mode(), autocast:
+                        feats = _pool(self.backbone.forward_dict(x), self.pooling).float().cpu().numpy()
+                    if out is None:
+                        out = np.empty((n, feats.shape[1]), np.float32)
+                    idx = index.numpy()
+                    out[int(idx[0]) : int(idx[-1]) + 1] = feats  # batches come in order
+                    bar.update(len(idx))
         except RuntimeError as e:  # a worker killed by a crash in a decoder: this slide, not the job
             if "DataLoader worker" not in str(e):
                 raise
-            raise DataError(f"{path}: a tile-reading worker died ({e})") from e
-        f.attrs.update(
-            {
-                **attrs,
-                "level": int(tiling.level),
-                "downsample": started.downsample,
-                "slide_mpp": started.scanned_mpp,
-                "read_size": int(tiling.read_size),
-                "extent": int(tiling.extent),
-                "n_tiles": len(tiling),
-                "slide": str(path.resolve()),
-                "complete": True,
-            }
+            raise DataError(f"{started.path}: a tile-reading worker died ({e})") from e
+        assert out is not None  # a started slide has at least one tile
+        return out
+
+    def embed(self, started: StartedSlide, out: Path) -> int:
+        """Write ``out`` for one started slide; returns the number of tiles.
+
+        Raises:
+            DataError: the slide cannot be read (see :meth:`features`).
+            OutputError: ``out`` cannot be written (no space left, ...); nothing is left under its name.
+        """
+        try:
+            features = self.features(started)
+        finally:
+            started.close()
+        tiling = started.tiling
+        attrs = {
+            **self.key_for(started.path),
+            "backbone": self.source,
+            "level": int(tiling.level),
+            "downsample": started.downsample,
+            "slide_mpp": started.scanned_mpp,
+            "mpp_source": started.mpp_source,
+            "read_size": int(tiling.read_size),
+            "extent": int(tiling.extent),
+            "n_tiles": len(tiling),
+            "slide": str(started.path.resolve()),
+            "complete": True,
+        }
+        write_feature_file(out, tiling.coords, features, attrs)
+        return len(tiling)
+
+
+@dataclasses.dataclass
+class ShardReport:
+    """What one rank did with its slides."""
+
+    processed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    complete: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    disk_full: OutputError | None = None  # the write that found the disk full; the rest was not started
+
+    @property
+    def done(self) -> int:
+        """Slides whose features are on disk: embedded now or complete from an earlier run."""
+        return len(self.processed) + len(self.complete)
+
+    def skip(self, path: Path, reason: str) -> None:
+        log.warning("skipping slide: %s", reason)
+        self.skipped.append({"slide": str(path), "reason": reason})
+
+
+def plan(
+    embedder: SlideEmbedder, work: list[tuple[Path, Path]], report: ShardReport
+) -> list[tuple[Path, Path]]:
+    """The slides still to embed: not those complete with this key, nor those whose output name is taken by a
+    file that is not ours (it is left alone and the slide skipped)."""
+    todo = []
+    for path, out in work:
+        if is_complete(out, embedder.key_for(path)):
+            report.complete.append({"slide": str(path), "out": str(out)})
+        elif out.exists() and not is_ours(out):
+            taken = f"{out} exists and is not a feature file of ours; it was left as it is (move it or give "
+            report.skip(path, taken + "another --out)")
+        else:
+            todo.append((path, out))
+    return todo
+
+
+def embed_all(embedder: SlideEmbedder, todo: list[tuple[Path, Path]], report: ShardReport, rank: int) -> None:
+    """Embed ``todo`` in order, the next slide's readers starting while one runs; a broken slide is skipped,
+    a full disk stops the rest (none of them could be written either)."""
+
+    def start(k: int) -> StartedSlide | DataError | None:
+        return embedder.start(todo[k][0]) if k < len(todo) else None
+
+    current, upcoming = None, start(0)
+    try:
+        for k in tqdm(
+            range(len(todo)), desc=f"embed (rank {rank})", unit="slide", disable=not embedder.progress
+        ):
+            (path, out), current = todo[k], upcoming
+            upcoming = start(k + 1)  # read-ahead: the next slide's workers start while this one runs
+            try:
+                if isinstance(current, DataError):
+                    raise current
+                n = embedder.embed(current, out)
+            except DataError as e:
+                report.skip(path, _reason(e))
+                continue
+            except OutputError as e:
+                report.skip(path, str(e))
+                if is_disk_full(e):
+                    report.disk_full = e
+                    for rest, _ in todo[k + 1 :]:
+                        report.skipped.append({"slide": str(rest), "reason": f"not started: {e}"})
+                    return
+                continue
+            report.processed.append({"slide": str(path), "out": str(out), "tiles": n})
+    finally:  # interrupted or stopped: stop the workers still running (closing twice is harmless)
+        for started in (current, upcoming):
+            if isinstance(started, StartedSlide):
+                started.close()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> bool:
+    """Write a summary (verified, atomic); a failure (a full disk) is logged, the result is still printed."""
+    try:
+        write_verified(
+            path,
+            lambda tmp: tmp.write_text(json.dumps(data, indent=2)),
+            lambda tmp: json.loads(tmp.read_text()),
         )
-        f.close()
-        f = None
-        os.replace(partial, out)
-    finally:
-        if f is not None:
-            f.close()
-        started.close()
-        partial.unlink(missing_ok=True)
-    return len(tiling)
+    except OutputError as e:
+        log.error("summary not written: %s", e)
+        return False
+    return True
 
 
 def _merge_summaries(out_dir: Path, world_size: int) -> Path:
     """``summary.json`` for the whole archive from the per-rank summaries of a torchrun job."""
-    parts = [json.loads((out_dir / f"summary_rank{r}.json").read_text()) for r in range(world_size)]
+    paths = [out_dir / f"summary_rank{r}.json" for r in range(world_size)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        log.error(
+            "summaries of some ranks are missing (%s): summary.json covers the others", ", ".join(missing)
+        )
+    parts = [json.loads(p.read_text()) for p in paths if p.is_file()]
     lists = ("slides_processed", "slides_skipped", "slides_complete_before")
     merged: dict[str, Any] = {key: [item for part in parts for item in part[key]] for key in lists}
+    done = len(merged["slides_processed"]) + len(merged["slides_complete_before"])
     merged.update(
         out=str(out_dir),
         processed=len(merged["slides_processed"]),
         skipped=len(merged["slides_skipped"]),
         complete_before=len(merged["slides_complete_before"]),
         tiles=sum(p["tiles"] for p in parts),
+        exit_status=exit_status(done, len(merged["slides_skipped"]) + len(missing)),
         world_size=world_size,
     )
     _write_json(out_dir / "summary.json", merged)
     return out_dir / "summary.json"
 
 
-def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """``foundation embed --domain pathology``: see the module docstring."""
-    from domains.pathology.domain import PathologyDomain
+def _finish(report: ShardReport, n_slides: int, summary_path: Path) -> None:
+    """Say what was skipped; raise when nothing is done (exit 1), the disk-full error first."""
+    if not report.skipped:
+        return
+    first = report.skipped[0]["reason"]
+    message = f"{len(report.skipped)} of {n_slides} slides skipped: see {summary_path} (first: {first})"
+    if report.done == 0:
+        if report.disk_full is not None:
+            raise report.disk_full
+        raise DataError(message)
+    if report.disk_full is not None:
+        log.error("stopped: %s; %d slide(s) done, listed in %s", report.disk_full, report.done, summary_path)
+    log.warning("%s", message)
 
+
+def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``foundation embed --domain pathology``: see the module docstring.
+
+    Returns:
+        The result printed by the command, ``exit_status`` included (0 all done, 2 some skipped).
+
+    Raises:
+        CheckpointError, ConfigError, OutputError, DataError: refused before anything is written, or no slide
+            could be done (exit 1; ``summary.json`` lists why).
+    """
+    check_backbone(meta)
     if args.pooling not in POOLINGS:
         raise ConfigError(f"--pooling {args.pooling!r}: choose one of {POOLINGS}")
     img_size = int(args.img_size or meta["backbone_args"]["img_size"])
     options = _options(list(args.overrides or []), img_size)
-    out_dir = Path(args.out)
-    if not out_dir.parent.exists():
-        raise DataError(f"the parent folder of --out {str(out_dir)!r} does not exist")
-    root = Path(args.data)
+    out_dir, root = Path(args.out), Path(args.data)
     slides = list_slides(root)
-    names = output_names(slides, root)
+    check_out_dir(out_dir, [root], summary_key="slides_processed")
     table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else {}
-    out_dir.mkdir(exist_ok=True)
+    names = output_names(slides, root)
+    key = feature_key(backbone, meta, options, args.pooling)
+    make_out_dir(out_dir)
 
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     dist = init_distributed(args.device)
     try:
-        device = dist.device
         mine = [i for i in range(len(slides)) if i % dist.world_size == dist.rank]
-        mean = torch.tensor(meta.get("mean") or PathologyDomain.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(meta.get("std") or PathologyDomain.std, device=device).view(1, -1, 1, 1)
-        backbone = backbone.to(device).train(False)
-        attrs = {
-            "backbone": str(Path(meta["source"]).resolve()),
-            "pooling": args.pooling,
-            "tile_size": int(options.tile_size),
-            "mpp": float(options.mpp),
-            "min_tissue": float(options.min_tissue),
-        }
-        processed: list[dict[str, Any]] = []
-        skipped: list[dict[str, str]] = []
-        complete: list[dict[str, str]] = []
-        progress = not args.quiet
-        todo = []
-        for i in mine:
-            path, out = slides[i], out_dir / names[i]
-            if _is_complete(out, attrs):
-                complete.append({"slide": str(path), "out": str(out)})
-            else:
-                todo.append((path, out))
+        remove_stale_temporaries(out_dir, {names[i] for i in mine})
+        source = str(Path(meta["source"]).resolve())
+        embedder = SlideEmbedder(backbone, key, args, options, table, dist.device, source)
+        report = ShardReport()
+        todo = plan(embedder, [(slides[i], out_dir / names[i]) for i in mine], report)
+        embed_all(embedder, todo, report, dist.rank)
 
-        def start(k: int) -> StartedSlide | DataError | None:
-            if k >= len(todo):
-                return None
-            path = todo[k][0]
-            return _start(
-                path, slide_mpp=mpp_override(path, options.slide_mpp, table, root), options=options,
-                batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-            )  # fmt: skip
-
-        current, upcoming = None, start(0)
-        try:
-            for k in tqdm(
-                range(len(todo)), desc=f"embed (rank {dist.rank})", unit="slide", disable=not progress
-            ):
-                (path, out), current = todo[k], upcoming
-                upcoming = start(k + 1)  # read-ahead: the next slide's workers start while this one runs
-                try:
-                    if isinstance(current, DataError):
-                        raise current
-                    n = embed_slide(
-                        backbone, current, out, attrs=attrs, mean=mean, std=std, pooling=args.pooling,
-                        device=device, progress=progress,
-                    )  # fmt: skip
-                except DataError as e:
-                    log.warning("skipping slide: %s", _reason(e))
-                    skipped.append({"slide": str(path), "reason": _reason(e)})
-                    continue
-                processed.append({"slide": str(path), "out": str(out), "tiles": n})
-        finally:  # interrupted: stop the workers still running (closing twice is harmless)
-            for started in (current, upcoming):
-                if isinstance(started, StartedSlide):
-                    started.close()
         name = f"summary_rank{dist.rank}.json" if dist.world_size > 1 else "summary.json"
         summary_path = out_dir / name
+        status = exit_status(report.done, len(report.skipped)) if mine else EXIT_DONE
         result = {
             "out": str(out_dir),
-            "processed": len(processed),
-            "skipped": len(skipped),
-            "complete_before": len(complete),
-            "tiles": sum(p["tiles"] for p in processed),
-            "summary": str(summary_path),
+            "processed": len(report.processed),
+            "skipped": len(report.skipped),
+            "complete_before": len(report.complete),
+            "tiles": sum(p["tiles"] for p in report.processed),
+            "exit_status": status,
         }
-        _write_json(
+        written = _write_json(
             summary_path,
             {
                 **result,
                 "rank": dist.rank,
                 "world_size": dist.world_size,
-                "slides_processed": processed,
-                "slides_skipped": skipped,
-                "slides_complete_before": complete,
+                "slides_processed": report.processed,
+                "slides_skipped": report.skipped,
+                "slides_complete_before": report.complete,
             },
         )
+        result["summary"] = str(summary_path) if written else None
         if dist.world_size > 1:
             barrier()  # every rank's summary is on disk
             if dist.is_main:
                 _merge_summaries(out_dir, dist.world_size)
-        if skipped:
-            raise DataError(
-                f"{len(skipped)} of {len(mine)} slides skipped: see {summary_path} "
-                f"(first: {skipped[0]['reason']})"
-            )
+        _finish(report, len(mine), summary_path)
         return result
     finally:
         if not was_initialised:

@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 
 from domains.pathology.slide import Slide
-from foundation.errors import DataError
+from foundation.errors import DataError, OutputError
+from foundation.outputs import output_error, write_verified
 
 MASK_MAX_SIDE = 4096  # mask pixels on the longer side, whatever the slide size
 
@@ -157,7 +158,10 @@ def write_qc(
 ) -> Path:
     """A PNG a person can check at a glance: thumbnail, tissue outline (green), kept tiles (blue), a caption.
 
-    Written to a temporary name and renamed, so a partial picture never looks complete.
+    Written to a temporary name, decoded again and renamed, so a partial picture never looks complete.
+
+    Raises:
+        OutputError: the picture cannot be written (no space left, ...); nothing is left behind.
     """
     path = Path(path)
     canvas = slide.thumbnail(max_size).copy()
@@ -183,11 +187,18 @@ def write_qc(
     )
     bar = np.full((22, w, 3), 255, np.uint8)
     cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(np.vstack([bar, canvas]), cv2.COLOR_RGB2BGR))
+    picture = cv2.cvtColor(np.vstack([bar, canvas]), cv2.COLOR_RGB2BGR)
+    ok, png = cv2.imencode(".png", picture)
     if not ok:
         raise DataError(f"{path}: could not encode the QC picture")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(png.tobytes())
-    os.replace(tmp, path)
-    return path
+
+    def check(tmp: Path) -> None:
+        written = cv2.imread(str(tmp))
+        if written is None or not np.array_equal(written, picture):
+            raise OutputError(f"{path}: the picture written does not read back")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, path.parent, "cannot create the folder") from e
+    return write_verified(path, lambda tmp: tmp.write_bytes(png.tobytes()), check)

@@ -18,6 +18,7 @@ from domains.pathology import PathologyDomain
 from domains.pathology.sample import SAMPLE_NAME
 from domains.pathology.slide import open_slide
 from domains.pathology.source import PathologyOptions, list_slides
+from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.config import load_config
 from foundation.data.stream import collate_views
@@ -123,14 +124,17 @@ def test_broken_and_empty_slides_are_skipped_with_a_warning(
     write_levels(
         slides / "blank.tif", [blank], first={"resolution": (2e4, 2e4), "resolutionunit": "CENTIMETER"}
     )
+    whole = (slides / "case1" / "a.svs").read_bytes()
+    (slides / "cut.svs").write_bytes(whole[: len(whole) // 3])  # a header, then regions that cannot be read
     source = PathologyDomain().sample_source(str(slides), cfg_with())
     with caplog.at_level(logging.WARNING, logger="domains.pathology.source"):
         samples = [source.sample(i, torch.Generator().manual_seed(i)) for i in range(0, 400, 8)]
     assert {Path(s["path"]).name for s in samples} == {"a.svs", "b.ome.tif"}
-    assert {p.name for p in source.broken} == {"corrupt.svs", "blank.tif"}
+    assert {p.name for p in source.broken} == {"corrupt.svs", "blank.tif", "cut.svs"}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2  # each named once
+    assert len(warnings) == 3  # each named once
     assert any("corrupt.svs" in w for w in warnings)
+    assert any("cut.svs: cannot decode" in w for w in warnings)
     assert any("blank.tif" in w and "no 32 px tile" in w for w in warnings)
 
 
@@ -263,13 +267,15 @@ def test_qc_command(slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     (slides / "corrupt.svs").write_bytes(b"junk" * 100)
     out = tmp_path / "qc"
     args = ["pathology-qc", str(slides), "--out", str(out), "--mpp", "1", "--tile-size", "64", "--quiet"]
-    assert main(args) == 0
+    assert main(args) == EXIT_SOME_SKIPPED  # corrupt.svs: skipped and listed, the others done
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(Path(s["png"]).name for s in report["slides"]) == ["b.ome.tif.png", "case1__a.svs.png"]
     assert all(s["tiles"] > 0 for s in report["slides"])
     assert [Path(f["slide"]).name for f in report["failed"]] == ["corrupt.svs"]
     assert Image.open(out / "case1__a.svs.png").size[0] == 1024
-    assert main(["pathology-qc", str(slides), "--out", str(out), "--mpp", "-1"]) == 2  # refused, named
+    refused = main(["pathology-qc", str(slides), "--out", str(out), "--mpp", "-1"])
+    assert refused == EXIT_NOTHING_DONE
+    assert "--mpp=-1.0 is out of range" in capsys.readouterr().err
 
 
 def _pretrain(out: Path, *extra: str) -> dict:

@@ -12,6 +12,7 @@ import torch
 from conftest import TISSUE, tissue_image, write_levels, write_ome, write_svs
 
 from domains.pathology.embed import output_names
+from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
@@ -62,9 +63,10 @@ def test_one_hdf5_per_slide_then_resume(
     slides: Path, backbone: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "feats"
-    assert _embed(slides, backbone, out) == 0
+    assert _embed(slides, backbone, out) == EXIT_DONE
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["processed"], result["skipped"], result["complete_before"]) == (2, 0, 0)
+    assert result["exit_status"] == EXIT_DONE
     assert sorted(p.name for p in out.iterdir()) == ["a.h5", "b.ome.h5", "summary.json"]
     total = 0
     for name in ("a.h5", "b.ome.h5"):
@@ -90,14 +92,14 @@ def test_one_hdf5_per_slide_then_resume(
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["slides_processed"]) == 2 and summary["slides_skipped"] == []
 
-    # a rerun skips complete outputs; a partial one (left by a crash) is redone
+    # a rerun skips complete outputs; one whose temporary was left by a crash is redone, the temporary removed
     stamp = (out / "a.h5").stat().st_mtime_ns
-    (out / "b.ome.h5").rename(out / "b.ome.h5.partial")
+    (out / "b.ome.h5").rename(out / ".tmp-999999999-b.ome.h5")  # beyond pid_max: a process that is gone
     assert _embed(slides, backbone, out) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["processed"], result["complete_before"]) == (1, 1)
     assert (out / "a.h5").stat().st_mtime_ns == stamp
-    assert (out / "b.ome.h5").is_file() and not list(out.glob("*.partial"))
+    assert (out / "b.ome.h5").is_file() and not list(out.glob(".tmp-*"))
 
     # other settings (pooling) mean the outputs are redone
     assert _embed(slides, backbone, out, "--pooling", "cls+mean") == 0
@@ -106,7 +108,7 @@ def test_one_hdf5_per_slide_then_resume(
 
 
 def test_broken_slide_is_skipped_and_reported(
-    slides: Path, backbone: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    slides: Path, backbone: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (slides / "corrupt.svs").write_bytes(b"\x00garbage\xff" * 500)
     blank = np.full((512, 512, 3), 245, np.uint8)
@@ -114,9 +116,8 @@ def test_broken_slide_is_skipped_and_reported(
     write_levels(slides / "blank.tif", [blank], first=res)
     write_levels(slides / "nores.tif", [tissue_image(1024, 768, box=(256, 256, 768, 512))])
     out = tmp_path / "feats"
-    assert _embed(slides, backbone, out) == 2
-    err = capsys.readouterr().err
-    assert "3 of 5 slides skipped" in err and "summary.json" in err
+    assert _embed(slides, backbone, out) == EXIT_SOME_SKIPPED
+    assert "3 of 5 slides skipped: see " + str(out / "summary.json") in caplog.text
     assert sorted(p.name for p in out.glob("*.h5")) == ["a.h5", "b.ome.h5"]
     assert not list(out.glob("*.partial"))
     summary = json.loads((out / "summary.json").read_text())
@@ -127,12 +128,12 @@ def test_broken_slide_is_skipped_and_reported(
     assert "corrupt.svs" in reasons["corrupt.svs"]
     assert len(summary["slides_processed"]) == 2
     # the resolution supplied by an option: that slide is embedded too, the others stay skipped
-    assert _embed(slides, backbone, out, "data.options.mpp_csv=" + str(_csv(tmp_path))) == 2
+    assert _embed(slides, backbone, out, "data.options.mpp_csv=" + str(_csv(tmp_path))) == EXIT_SOME_SKIPPED
     assert (out / "nores.h5").is_file()
 
 
 def test_read_error_mid_slide_with_workers(
-    slides: Path, backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    slides: Path, backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     """Worker processes read the tiles; an error part-way through a slide skips it and leaves no partial."""
     import domains.pathology.embed as embed_mod
@@ -146,8 +147,8 @@ def test_read_error_mid_slide_with_workers(
 
     monkeypatch.setattr(embed_mod, "read_tile", flaky)  # inherited by forked workers
     out = tmp_path / "feats"
-    assert _embed(slides, backbone, out, "--num-workers", "2") == 2
-    assert "1 of 2 slides skipped" in capsys.readouterr().err
+    assert _embed(slides, backbone, out, "--num-workers", "2") == EXIT_SOME_SKIPPED
+    assert "1 of 2 slides skipped" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["b.ome.h5", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     reason = summary["slides_skipped"][0]["reason"]
@@ -180,7 +181,7 @@ def test_slides_are_sharded_by_rank(
 
 
 def test_out_parent_must_exist(slides: Path, backbone: Path, tmp_path: Path, capsys) -> None:
-    assert _embed(slides, backbone, tmp_path / "missing" / "feats") == 2
+    assert _embed(slides, backbone, tmp_path / "missing" / "feats") == EXIT_NOTHING_DONE
     assert "does not exist" in capsys.readouterr().err
 
 
