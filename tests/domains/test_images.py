@@ -277,3 +277,11 @@ def test_embedded_sample_has_three_classes(tmp_path: Path) -> None:
     before = folder.files[0].stat().st_mtime_ns
     assert dom.make_sample(tmp_path / "sample") == root
     assert folder.files[0].stat().st_mtime_ns == before
+
+
+def test_unknown_data_options_are_refused_by_name(flat: Path) -> None:
+    from foundation.errors import ConfigError
+
+    cfg = load_config(None, [f"data.path={flat}", "data.options.foo=1"])
+    with pytest.raises(ConfigError, match=r"data.options.foo is not an option of the images domain"):
+        ImagesDomain().sample_source(str(flat), cfg)
