@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from domains.remote_sensing.raster import RasterInfo, open_raster, read_window, scan_rasters
+from domains.remote_sensing.raster import RasterInfo, open_raster, read_error_text, read_window, scan_rasters
 from foundation.data.views import EvalView
 from foundation.errors import DataError
 
@@ -65,8 +66,11 @@ class RasterChipDataset:
         info = self.infos[index]
         side = min(info.width, info.height)
         win = Window((info.width - side) // 2, (info.height - side) // 2, side, side)
-        with open_raster(info.path) as ds:
-            image, valid = read_window(ds, info.bands, win, self.nodata)
+        try:
+            with open_raster(info.path) as ds:
+                image, valid = read_window(ds, info.bands, win, self.nodata)
+        except RasterioError as e:  # opens, then fails mid-read (e.g. a truncated GeoTIFF)
+            raise DataError(f"{info.path}: read error: {read_error_text(e)}") from e
         image = image / np.float32(self.scales[index])
         image[~valid] = self.fill
         return {"image": self.view(image), "label": self.labels[index], "id": info.path}

@@ -22,7 +22,9 @@ examples:
   torchrun --nnodes 2 --node-rank $RANK --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       --nproc-per-node 8 -m foundation canopy-height tiles/ --checkpoint runs/chm --out maps/
 
-Exit status: 0 every scene mapped, 1 some scene skipped (see the JSON lines), 2 nothing could be done.
+Exit status: 0 every scene mapped (now, or already by this model), 2 some scene skipped (see the JSON lines),
+1 nothing could be done. --out is never an input, a folder holding one, or a link to one; --overwrite replaces
+only maps (and quicklooks) this command wrote. NaN/infinite pixels are treated as nodata (NaN in the map).
 """
 
 
@@ -35,9 +37,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "stats",
         help="per-band statistics of rasters (mean, std, 2nd/98th percentiles) to JSON",
-        description="Per-band statistics of a raster or a folder of rasters, nodata excluded, in the "
-        "units the remote_sensing domain trains in (pixel values / scale). Use the file with "
-        "`foundation pretrain --domain remote_sensing data.options.stats=FILE`.",
+        description="Per-band statistics of a raster or a folder of rasters, nodata and NaN/infinite "
+        "values excluded, in the units the remote_sensing domain trains in (pixel values / scale). Use the "
+        "file with `foundation pretrain --domain remote_sensing data.options.stats=FILE`. A file that cannot "
+        "be read, or has no valid pixel, is skipped and named. Exit status: 0 every file used, 2 some "
+        "skipped, 1 none usable.",
     )
     p.add_argument("data", help="a raster, or a folder searched recursively (.tif .tiff .vrt .jp2 .img)")
     p.add_argument("--out", required=True, help="JSON file to write (atomically)")
@@ -74,7 +78,11 @@ def add_canopy_parser(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help=f"a .tif for one scene, else a folder (gets <stem>{OUT_SUFFIX} per scene)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace maps this command wrote earlier (default: keep them; one by this model counts as done)",
+    )
     p.add_argument("--quicklook", action="store_true", help="also write a colour PNG next to each map")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
     p.add_argument("--tile", type=int, help="tile side in px; default: the checkpoint's training tile size")

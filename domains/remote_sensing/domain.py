@@ -58,12 +58,14 @@ class RemoteSensingDomain:
         return make_sample_scene(Path(root))
 
     # -- data --------------------------------------------------------------------------------------------------
-    def _configure(self, infos: list, scales: list[float], opts: RasterOptions, seed: int) -> None:
-        """Set channels, mean, std and rgb for ``infos``, in scaled (reflectance-like) units."""
-        from domains.remote_sensing.stats import BandStats, compute_band_stats
+    def _configure(self, infos: list, scales: list[float], opts: RasterOptions, seed: int) -> set[str]:
+        """Set channels, mean, std and rgb for ``infos``, in scaled (reflectance-like) units; returns the
+        files that estimating the statistics found unreadable (none when they are given)."""
+        from domains.remote_sensing.stats import UNREADABLE, BandStats, compute_band_stats
 
         channels = infos[0].channels
         self.stats = None
+        unreadable: set[str] = set()
         if opts.mean is not None:
             mean, std, source = opts.mean, opts.std, "data.options.mean/std"
         elif opts.stats:
@@ -83,6 +85,7 @@ class RemoteSensingDomain:
             )
             mean, std = self.stats.mean, self.stats.std
             source = f"{self.stats.windows} windows of {self.stats.files} raster(s)"
+            unreadable = {s["file"] for s in self.stats.skipped if s["kind"] == UNREADABLE}
         if len(mean) != channels:
             raise ConfigError(f"{source}: {len(mean)} values for {channels} bands")
         self.channels = channels
@@ -93,9 +96,14 @@ class RemoteSensingDomain:
             "remote_sensing: %d raster(s), %d bands, normalisation from %s: mean %s std %s",
             len(infos), channels, source, _fmt(self.mean), _fmt(self.std),
         )  # fmt: skip
+        return unreadable
 
     def sample_source(self, path: str, cfg: Config):
-        """Random windows of ``window_scale x global_size`` pixels from the rasters at ``path``."""
+        """Random windows of ``window_scale x global_size`` pixels from the rasters at ``path``.
+
+        Files the statistics pass could not read are left out (named in its log); one that fails later, in
+        some of its windows, is handled by the sampler (another window is drawn for that sample).
+        """
         _require_rasterio()
         from domains.remote_sensing.raster import scan_rasters, value_scale
         from domains.remote_sensing.sampling import RasterSampleSource
@@ -103,7 +111,11 @@ class RemoteSensingDomain:
         opts = RasterOptions.from_config(cfg.data.options)
         infos = scan_rasters(path, opts.bands)
         scales = [value_scale(i, opts.scale) for i in infos]
-        self._configure(infos, scales, opts, cfg.seed)
+        unreadable = self._configure(infos, scales, opts, cfg.seed)
+        if unreadable:
+            log.warning("remote_sensing: %d unreadable raster(s) left out of training", len(unreadable))
+            kept = [k for k, info in enumerate(infos) if info.path not in unreadable]
+            infos, scales = [infos[k] for k in kept], [scales[k] for k in kept]
         size = cfg.data.crops.global_size
         return RasterSampleSource(
             infos,
@@ -148,14 +160,21 @@ class RemoteSensingDomain:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """``foundation stats``: compute, write, print a one-line JSON summary."""
-    _require_rasterio()
-    from domains.remote_sensing.raster import scan_rasters, value_scale
-    from domains.remote_sensing.stats import compute_band_stats
+    """``foundation stats``: compute, write, print a one-line JSON summary; the batch exit status.
 
+    Files that cannot be read, or hold no valid pixel, are skipped and named (``skipped`` in the summary and
+    in the statistics file); 0 every file used, 2 some skipped, 1 nothing usable (a ``DataError``).
+    """
+    _require_rasterio()
+    from domains.remote_sensing.raster import find_rasters, value_scale
+    from domains.remote_sensing.stats import UNREADABLE, compute_band_stats
+    from foundation.batch import exit_status
+    from foundation.outputs import check_not_input
+
+    check_not_input(Path(args.out), [Path(args.data)])
     bands = parse_bands(args.bands, key="--bands")
     scale: str | float = args.scale if args.scale == "auto" else float(args.scale)
-    infos = scan_rasters(args.data, bands)
+    infos, unreadable = find_rasters(args.data, bands)
     stats = compute_band_stats(
         infos,
         [value_scale(i, scale) for i in infos],
@@ -167,14 +186,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    stats.skipped = [{**s, "kind": UNREADABLE} for s in unreadable] + stats.skipped
     out = stats.save(args.out)
     log.info("band statistics of %d raster(s) written to %s", stats.files, out)
-    print(
-        json.dumps(
-            {"stats": str(out), "bands": len(stats.mean), "files": stats.files, "pixels": stats.pixels}
-        )
-    )
-    return 0
+    summary = {"stats": str(out), "bands": len(stats.mean), "files": stats.files, "pixels": stats.pixels}
+    summary.update(nonfinite_fraction=stats.nonfinite, skipped=stats.skipped)
+    print(json.dumps(summary))
+    return exit_status(stats.files, len(stats.skipped))
 
 
 def _check_stats(stats: Any, opts: RasterOptions, channels: int) -> None:

@@ -2,8 +2,9 @@
 
 Every read returns ``float32`` pixels ``H x W x C`` (band order as selected, file scale/offset applied) and a
 boolean ``H x W`` valid mask: a pixel is valid when GDAL's mask (nodata value, internal mask or alpha band)
-says so for every selected band and all its values are finite. Callers decide what to do with invalid
-pixels; nothing here fills them.
+says so for every selected band and all its values are finite. A NaN or infinite value is missing data, like
+nodata (:func:`read_pixels` also says which pixels were invalid only for that reason, so it can be reported).
+Callers decide what to do with invalid pixels; nothing here fills them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import rasterio
@@ -34,6 +36,17 @@ DTYPE_SCALES = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0}
 
 class UnreadableRasterError(DataError):
     """GDAL cannot open the file: in a folder it is skipped, given alone it stops the command."""
+
+
+# What opening or reading a broken file raises (a truncated GeoTIFF opens, then fails mid-read).
+READ_ERRORS = (RasterioError, DataError)
+
+
+def read_error_text(error: BaseException) -> str:
+    """GDAL's own words for a failed read: rasterio says "Read failed. See previous exception" and chains
+    GDAL's message (which block, which decoder) as the cause."""
+    cause = error.__cause__
+    return str(cause) if isinstance(error, RasterioError) and cause is not None and str(cause) else str(error)
 
 
 def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
@@ -139,13 +152,22 @@ def value_scale(info: RasterInfo, scale: object = "auto") -> float:
     return value
 
 
-def read_window(
+class Pixels(NamedTuple):
+    """One window read: values ``H x W x C`` float32, the ``H x W`` valid mask, and the ``H x W`` mask of
+    pixels GDAL calls valid that hold a NaN or infinite value (counted as invalid too)."""
+
+    values: np.ndarray
+    valid: np.ndarray
+    nonfinite: np.ndarray
+
+
+def read_pixels(
     ds: rasterio.io.DatasetReader,
     bands: Sequence[int],
     window: Window | None = None,
     nodata: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels ``H x W x C`` float32 and a valid mask ``H x W`` for ``window`` (whole raster if None).
+) -> Pixels:
+    """Pixels of ``window`` (whole raster if None), their valid mask and where values are not finite.
 
     Args:
         ds: an open dataset.
@@ -155,15 +177,26 @@ def read_window(
     """
     bands = list(bands)
     raw = ds.read(bands, window=window, out_dtype="float32")
-    valid = (ds.read_masks(bands, window=window) > 0).all(axis=0)
+    declared = (ds.read_masks(bands, window=window) > 0).all(axis=0)
     if nodata is not None:
-        valid &= ~(raw == np.float32(nodata)).any(axis=0)
+        declared &= ~(raw == np.float32(nodata)).any(axis=0)
     scales = np.array([ds.scales[b - 1] for b in bands], dtype=np.float32)
     offsets = np.array([ds.offsets[b - 1] for b in bands], dtype=np.float32)
     if (scales != 1).any() or (offsets != 0).any():
         raw = raw * scales[:, None, None] + offsets[:, None, None]
-    valid &= np.isfinite(raw).all(axis=0)
-    return np.ascontiguousarray(raw.transpose(1, 2, 0)), valid
+    nonfinite = declared & ~np.isfinite(raw).all(axis=0)
+    return Pixels(np.ascontiguousarray(raw.transpose(1, 2, 0)), declared & ~nonfinite, nonfinite)
+
+
+def read_window(
+    ds: rasterio.io.DatasetReader,
+    bands: Sequence[int],
+    window: Window | None = None,
+    nodata: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels ``H x W x C`` float32 and a valid mask ``H x W`` for ``window`` (see :func:`read_pixels`)."""
+    pixels = read_pixels(ds, bands, window, nodata)
+    return pixels.values, pixels.valid
 
 
 def list_rasters(path: str | Path) -> list[Path]:
@@ -183,6 +216,36 @@ def list_rasters(path: str | Path) -> list[Path]:
     return files
 
 
+def find_rasters(
+    path: str | Path, bands: Sequence[int] | None = None
+) -> tuple[list[RasterInfo], list[dict[str, str]]]:
+    """:func:`scan_rasters`, also returning the files skipped (``{"file", "reason"}``) for a batch report."""
+    files = list_rasters(path)
+    infos: list[RasterInfo] = []
+    skipped: list[dict[str, str]] = []
+    for f in files:
+        try:
+            info = inspect_raster(f, bands)
+        except UnreadableRasterError as e:
+            if len(files) == 1:
+                raise
+            log.warning("skipping %s", e)
+            skipped.append({"file": str(f), "reason": str(e)})
+            continue
+        if infos and info.channels != infos[0].channels:
+            raise DataError(
+                f"{f}: gives {info.channels} bands, but {infos[0].path} gives {infos[0].channels}; every raster "
+                "must have the same bands (select common ones with data.options.bands, e.g. bands=4,3,2)"
+            )
+        infos.append(info)
+    if not infos:
+        names = ", ".join(s["file"] for s in skipped)
+        raise DataError(f"no readable raster under {str(path)!r} (skipped: {names})")
+    if skipped:
+        log.warning("%d unreadable file(s) skipped under %s", len(skipped), path)
+    return infos, skipped
+
+
 def scan_rasters(path: str | Path, bands: Sequence[int] | None = None) -> list[RasterInfo]:
     """Inspect every raster under ``path``; all must give the same number of channels.
 
@@ -193,26 +256,4 @@ def scan_rasters(path: str | Path, bands: Sequence[int] | None = None) -> list[R
         DataError: nothing readable, a band missing from a file, or a file whose channel count differs from
             the first file's (named, with both counts).
     """
-    files = list_rasters(path)
-    infos: list[RasterInfo] = []
-    skipped: list[str] = []
-    for f in files:
-        try:
-            info = inspect_raster(f, bands)
-        except UnreadableRasterError as e:
-            if len(files) == 1:
-                raise
-            log.warning("skipping %s", e)
-            skipped.append(str(f))
-            continue
-        if infos and info.channels != infos[0].channels:
-            raise DataError(
-                f"{f}: gives {info.channels} bands, but {infos[0].path} gives {infos[0].channels}; every raster "
-                "must have the same bands (select common ones with data.options.bands, e.g. bands=4,3,2)"
-            )
-        infos.append(info)
-    if not infos:
-        raise DataError(f"no readable raster under {str(path)!r} (skipped: {', '.join(skipped)})")
-    if skipped:
-        log.warning("%d unreadable file(s) skipped under %s", len(skipped), path)
-    return infos
+    return find_rasters(path, bands)[0]

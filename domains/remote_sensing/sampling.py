@@ -2,7 +2,10 @@
 
 Sample ``i`` is a function of the generator the core seeds with ``(seed, i)``: which raster (area-weighted,
 so every pixel of the collection is equally likely), where the window lies, and the retries when a window
-falls on too much nodata (moved onto its valid pixels, or drawn again). Each process opens files lazily and
+falls on too much nodata (moved onto its valid pixels, or drawn again). A window that cannot be read (a
+truncated or corrupt file) or holds no valid pixel at all (nodata, NaN, infinity) is drawn again from the same
+generator; the file is named in the log once. The draw never depends on what failed before in this process,
+so sample ``i`` is the same on any number of workers and after a resume. Each process opens files lazily and
 keeps a few handles; handles never cross a ``fork`` or a pickle.
 """
 
@@ -19,12 +22,20 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from domains.remote_sensing.raster import RasterInfo, open_dataset, read_window
+from domains.remote_sensing.raster import (
+    READ_ERRORS,
+    RasterInfo,
+    UnreadableRasterError,
+    open_dataset,
+    read_error_text,
+    read_window,
+)
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN = 16  # open datasets kept per worker
+MAX_DRAWS = 1000  # windows drawn for one sample (failed reads included) before it gives up
 
 
 class RasterSampleSource:
@@ -36,8 +47,11 @@ class RasterSampleSource:
         fill: per-band value for invalid pixels, in the same units (the band mean: zero after normalisation).
         window: side of the windows read; rasters smaller than that give their whole extent.
         min_valid: smallest accepted fraction of valid pixels in a window.
-        max_tries: windows drawn before settling for the most valid one seen.
+        max_tries: readable windows drawn before settling for the most valid one seen.
         nodata: extra nodata value (raw units) for files that declare none.
+
+    Raises (from :meth:`sample`):
+        DataError: no readable window with a valid pixel in ``MAX_DRAWS`` draws (the broken files named).
     """
 
     def __init__(
@@ -59,7 +73,8 @@ class RasterSampleSource:
         self.max_tries = max_tries
         self.nodata = nodata
         self.weights = torch.tensor([float(i.width * i.height) for i in self.infos], dtype=torch.float64)
-        self.broken: set[str] = set()
+        self.broken: set[str] = set()  # files with a failed read, named once in the log
+        self._unopenable: set[int] = set()  # every draw of a file GDAL cannot open fails: skip the read
         self.sparse_windows = 0  # samples that settled for fewer valid pixels than min_valid
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._pid = os.getpid()
@@ -105,29 +120,44 @@ class RasterSampleSource:
         return Window(col, row, win.width, win.height)
 
     def _read(self, generator: torch.Generator) -> tuple[float, int, Window, np.ndarray, np.ndarray]:
-        """Draw windows until one has ``min_valid`` valid pixels; else the best of ``max_tries`` reads."""
+        """Draw windows until one has ``min_valid`` valid pixels; else the best of ``max_tries`` reads.
+
+        Unreadable windows and windows without a single valid pixel do not count as tries: another window is
+        drawn, up to ``MAX_DRAWS`` in all.
+        """
         best = None
         f, win = -1, None
-        for _ in range(self.max_tries):
-            if not self.weights.sum() > 0:
-                break
+        tries = 0
+        for _ in range(MAX_DRAWS):
             if win is None:
                 f, win = self._draw(generator)
-            try:
-                image, valid = read_window(self._dataset(f), self.infos[f].bands, win, self.nodata)
-            except (DataError, rasterio.errors.RasterioError) as e:
-                self._mark_broken(f, e)
+            pixels = self._read_window(f, win)
+            if pixels is None:
                 win = None
                 continue
+            image, valid = pixels
             frac = float(valid.mean())
-            if best is None or frac > best[0]:
-                best = (frac, f, win, image, valid)
-            if frac >= self.min_valid:
+            if frac > 0:
+                tries += 1
+                if best is None or frac > best[0]:
+                    best = (frac, f, win, image, valid)
+            if best is not None and (best[0] >= self.min_valid or tries >= self.max_tries):
                 break
             win = self._recentre(f, win, valid) if frac > 0 else None
         if best is None:
-            raise DataError(f"no raster could be read (broken: {', '.join(sorted(self.broken))})")
+            broken = f" (unreadable: {', '.join(sorted(self.broken))})" if self.broken else ""
+            raise DataError(f"no readable window with a valid pixel in {MAX_DRAWS} draws{broken}")
         return best
+
+    def _read_window(self, f: int, win: Window) -> tuple[np.ndarray, np.ndarray] | None:
+        """The window's pixels and valid mask, or None when the file fails to open or to read it."""
+        if f in self._unopenable:
+            return None
+        try:
+            return read_window(self._dataset(f), self.infos[f].bands, win, self.nodata)
+        except READ_ERRORS as e:
+            self._note_broken(f, e)
+            return None
 
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
         frac, f, win, image, valid = self._read(generator)
@@ -153,13 +183,14 @@ class RasterSampleSource:
             "bounds": (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)),  # left, bottom, right, top
         }
 
-    def _mark_broken(self, f: int, error: Exception) -> None:
-        """A file that fails mid-run is named once and never drawn again."""
+    def _note_broken(self, f: int, error: Exception) -> None:
+        """Name a failing file once (per process)."""
         path = self.infos[f].path
+        if isinstance(error, UnreadableRasterError):
+            self._unopenable.add(f)
         if path not in self.broken:
             self.broken.add(path)
-            log.warning("skipping unreadable raster (%d so far): %s: %s", len(self.broken), path, error)
-        self.weights[f] = 0.0
-        handle = self._handles.pop(f, None)
-        if handle is not None:
-            handle.close()
+            log.warning(
+                "skipping unreadable windows of %s (%d file(s) so far; another window is drawn): %s",
+                path, len(self.broken), read_error_text(error),
+            )  # fmt: skip

@@ -2,18 +2,21 @@
 
 Statistics are computed once for the data (never per tile, so tiles agree; shared/reference/remote_sensing.md)
 in the units the model sees before normalisation (pixel values divided by the ``scale`` option), with
-invalid pixels excluded. Mean and standard deviation are exact for the windows read (Chan et al.'s pairwise
-update in float64); the 2nd/98th percentiles come from a bounded random subsample of valid pixels, exact when
-all valid pixels fit in it.
+invalid pixels (nodata, masked, NaN or infinite) excluded. Mean and standard deviation are exact for the
+windows read (Chan et al.'s pairwise update in float64); the 2nd/98th percentiles come from a bounded random
+subsample of valid pixels, exact when all valid pixels fit in it.
+
+A file that fails mid-read (a truncated GeoTIFF opens, then a block cannot be decoded) or has no valid pixel
+in the windows read is skipped, named with its reason, and contributes nothing; the others go on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -22,10 +25,15 @@ import numpy as np
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from domains.remote_sensing.raster import RasterInfo, open_raster, read_window
+from domains.remote_sensing.raster import READ_ERRORS, RasterInfo, open_raster, read_error_text, read_pixels
 from foundation.errors import DataError
+from foundation.outputs import write_verified
+
+log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
+UNREADABLE = "unreadable"  # kinds of skipped files: a read failed ...
+EMPTY = "empty"  # ... or no valid pixel in the windows read
 
 
 @dataclass
@@ -39,16 +47,19 @@ class BandStats:
     p2: list[float]
     p98: list[float]
     pixels: int  # valid pixels used for mean/std
-    files: int
+    files: int  # files that contributed
     windows: int
+    nonfinite: float = 0.0  # fraction of the pixels read that held NaN or infinite values (left out)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason", "kind"}
 
     def save(self, path: str | Path) -> Path:
-        """Write JSON atomically (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": STATS_VERSION, **asdict(self)}, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        """Write JSON atomically and read it back before it replaces ``path``.
+
+        Raises:
+            OutputError: the file cannot be written (the message names it and the reason, e.g. no space).
+        """
+        text = json.dumps({"version": STATS_VERSION, **asdict(self)}, indent=2) + "\n"
+        return write_verified(Path(path), lambda tmp: tmp.write_text(text), BandStats.load)
 
     @classmethod
     def load(cls, path: str | Path) -> BandStats:
@@ -110,12 +121,64 @@ class _Moments:
         self.m2 = np.zeros(channels)
 
     def add(self, x: np.ndarray) -> None:
-        nx, mx = len(x), x.mean(axis=0)
-        delta = mx - self.mean
-        total = self.n + nx
-        self.mean = self.mean + delta * nx / total
-        self.m2 = self.m2 + ((x - mx) ** 2).sum(axis=0) + delta**2 * self.n * nx / total
+        other = _Moments(x.shape[1])
+        other.n, other.mean = len(x), x.mean(axis=0)
+        other.m2 = ((x - other.mean) ** 2).sum(axis=0)
+        self.merge(other)
+
+    def merge(self, other: _Moments) -> None:
+        if other.n == 0:
+            return
+        delta = other.mean - self.mean
+        total = self.n + other.n
+        self.mean = self.mean + delta * other.n / total
+        self.m2 = self.m2 + other.m2 + delta**2 * self.n * other.n / total
         self.n = total
+
+
+@dataclass
+class _FileStats:
+    """What the windows of one file gave; merged into the total only once the file was read to the end."""
+
+    moments: _Moments
+    subsample: list[np.ndarray] = field(default_factory=list)
+    pixels_read: int = 0
+    nonfinite: int = 0
+
+
+def _file_stats(
+    info: RasterInfo,
+    windows: Sequence[Window],
+    scale: float,
+    nodata: float | None,
+    keep: int,
+    rng: np.random.Generator,
+    bar: tqdm,
+) -> _FileStats:
+    """Moments and a pixel subsample of the valid pixels of ``windows`` of one file.
+
+    Raises:
+        DataError, RasterioError: the file cannot be opened or a window cannot be read.
+    """
+    acc = _FileStats(_Moments(info.channels))
+    with open_raster(info.path) as ds:
+        for win in windows:
+            pixels = read_pixels(ds, info.bands, win, nodata)
+            x = pixels.values[pixels.valid].astype(np.float64) / scale  # (valid pixels, channels)
+            acc.pixels_read += pixels.valid.size
+            acc.nonfinite += int(pixels.nonfinite.sum())
+            bar.update(1)
+            if len(x):
+                acc.moments.add(x)
+                acc.subsample.append(
+                    (x[rng.permutation(len(x))[:keep]] if len(x) > keep else x).astype(np.float32)
+                )
+    return acc
+
+
+def _skip(skipped: list[dict[str, str]], path: str, reason: str, kind: str) -> None:
+    log.warning("skipping %s: %s", path, reason)
+    skipped.append({"file": path, "reason": reason, "kind": kind})
 
 
 def compute_band_stats(
@@ -142,40 +205,58 @@ def compute_band_stats(
         max_windows: read at most this many windows (random, seeded); None reads everything.
         max_pixels: size of the pixel subsample kept for percentiles.
 
+    Returns:
+        The statistics; ``skipped`` names the files left out (a read failed, or no valid pixel was read).
+
     Raises:
-        DataError: no valid pixel in the windows read.
+        DataError: no file gave a valid pixel (each one named with its reason).
     """
     plan = plan_windows(infos, window, max_windows, seed)
-    acc = _Moments(infos[0].channels)
+    total = _Moments(infos[0].channels)
     keep = max(1, math.ceil(max_pixels / len(plan)))
     subsample: list[np.ndarray] = []
     rng = np.random.default_rng(seed + 1)
+    skipped: list[dict[str, str]] = []
+    used, pixels_read, nonfinite = 0, 0, 0
     with tqdm(total=len(plan), desc="band statistics", unit="window", disable=not progress) as bar:
         for f, group in groupby(plan, key=itemgetter(0)):
-            with open_raster(infos[f].path) as ds:
-                for _, win in group:
-                    image, valid = read_window(ds, infos[f].bands, win, nodata)
-                    x = image[valid].astype(np.float64) / scales[f]  # (valid pixels, channels)
-                    bar.update(1)
-                    if len(x):
-                        acc.add(x)
-                        subsample.append(
-                            (x[rng.permutation(len(x))[:keep]] if len(x) > keep else x).astype(np.float32)
-                        )
-    n, mean, m2 = acc.n, acc.mean, acc.m2
-    if n == 0:
-        names = sorted({infos[f].path for f, _ in plan})
-        raise DataError(f"no valid (non-nodata) pixel in the windows read from {', '.join(names[:5])}")
+            info, windows = infos[f], [w for _, w in group]
+            try:
+                part = _file_stats(info, windows, scales[f], nodata, keep, rng, bar)
+            except READ_ERRORS as e:
+                _skip(skipped, info.path, f"read error: {read_error_text(e)}", UNREADABLE)
+                continue
+            pixels_read += part.pixels_read
+            nonfinite += part.nonfinite
+            if part.nonfinite:
+                log.warning(
+                    "%s: %.1f%% of the pixels read are NaN or infinite; left out, like nodata",
+                    info.path, 100 * part.nonfinite / part.pixels_read,
+                )  # fmt: skip
+            if part.moments.n == 0:
+                what = "NaN or infinite" if part.nonfinite == part.pixels_read else "nodata, NaN or infinite"
+                _skip(
+                    skipped, info.path, f"every pixel of the {len(windows)} window(s) read is {what}", EMPTY
+                )
+                continue
+            total.merge(part.moments)
+            subsample.extend(part.subsample)
+            used += 1
+    if total.n == 0:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:5])
+        raise DataError(f"no valid (non-nodata) pixel in the windows read ({reasons})")
     pixels = np.concatenate(subsample)
     p2, p98 = np.percentile(pixels, [2, 98], axis=0)
     return BandStats(
         bands=list(bands) if bands else None,
         scale=scale_option,
-        mean=mean.tolist(),
-        std=np.sqrt(m2 / n).tolist(),
+        mean=total.mean.tolist(),
+        std=np.sqrt(total.m2 / total.n).tolist(),
         p2=p2.tolist(),
         p98=p98.tolist(),
-        pixels=int(n),
-        files=len({f for f, _ in plan}),
+        pixels=int(total.n),
+        files=used,
         windows=len(plan),
+        nonfinite=round(nonfinite / max(pixels_read, 1), 6),
+        skipped=skipped,
     )

@@ -24,7 +24,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from domains.remote_sensing.raster import RasterInfo, inspect_raster, list_rasters, open_raster, read_window
+from domains.remote_sensing.raster import RasterInfo, inspect_raster, list_rasters, open_raster, read_pixels
 from foundation.data.seeding import generator_for
 from foundation.errors import ConfigError, DataError
 
@@ -172,12 +172,23 @@ class Normalization:
         window: Window | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``C x H x W`` normalised float32 (invalid pixels 0, the mean) and the ``H x W`` valid mask."""
-        pixels, valid = read_window(ds, bands, window, self.nodata)
+        x, valid, _ = self.read_chunk(ds, bands, scale, window)
+        return x, valid
+
+    def read_chunk(
+        self,
+        ds: rasterio.io.DatasetReader,
+        bands: Sequence[int],
+        scale: float,
+        window: Window | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`read`, plus the ``H x W`` mask of pixels invalid because a value is NaN or infinite."""
+        pixels = read_pixels(ds, bands, window, self.nodata)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
-        x = (pixels / np.float32(scale) - mean) / std
-        x[~valid] = 0.0
-        return np.ascontiguousarray(x.transpose(2, 0, 1)), valid
+        x = (pixels.values / np.float32(scale) - mean) / std
+        x[~pixels.valid] = 0.0
+        return np.ascontiguousarray(x.transpose(2, 0, 1)), pixels.valid, pixels.nonfinite
 
 
 def inspect_images(pairs: Sequence[Pair], bands: Sequence[int] | None) -> list[RasterInfo]:

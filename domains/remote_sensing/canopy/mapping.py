@@ -6,14 +6,23 @@ blended without seams (:mod:`.tiling`), written row strip by row strip to a temp
 a validated COG (:mod:`.cog`) under the final name only at the end. Memory is bounded by the tile rows in
 flight, not by the scene. Under ``torchrun`` (or ``--nproc N``) scenes are shared out by rank.
 
-A batch skips a scene it cannot map (unreadable, wrong band count, all nodata, a read error mid-scene, an
-existing output without ``--overwrite``), names it and the reason in its JSON summary, and exits 1.
+NaN and infinite pixel values are missing data, like nodata: fed to the network as the mean, NaN in the map;
+their fraction is logged and reported per scene (``nonfinite_fraction``).
+
+A batch skips a scene it cannot map (unreadable, wrong band count, every pixel nodata or non-finite, a read
+error mid-scene, a full disk, an existing file that is not a map of ours, or a map of ours by another model
+without ``--overwrite``), names it and the reason in its JSON line, and goes on. A map this model already made
+of the same scene counts as done (``"status": "exists"``). Exit status (:func:`foundation.batch.exit_status`):
+0 every scene done, 2 some skipped, 1 none done. ``--out`` is checked before any work: never an input (nor a
+folder holding one, nor a link to one), never a file where a folder is needed; it is created only once the
+checkpoint has loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +38,9 @@ import numpy as np
 import torch
 
 from domains.remote_sensing.commands import OUT_SUFFIX
-from foundation.errors import ConfigError, DataError, FoundationError
+from foundation.batch import exit_status
+from foundation.errors import ConfigError, DataError, FoundationError, OutputError
+from foundation.outputs import check_not_input, check_writable, output_error, temporary_name
 
 if TYPE_CHECKING:  # rasterio is imported only when a scene is mapped
     from domains.remote_sensing.canopy.data import Normalization
@@ -68,13 +79,16 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
 
         return spawn_local(args.nproc, sys.argv[1:])
     scenes = list_scenes(args.scenes)
-    outputs = output_paths(scenes, Path(args.out))
+    out = Path(args.out)
+    outputs = output_paths(scenes, out, protected=[Path(args.checkpoint)])
     from domains.remote_sensing.canopy.model import load_canopy_model
 
     dist_info = init_distributed(args.device)
     try:
         net, meta = load_canopy_model(args.checkpoint)
+        make_output_folder(outputs[0].parent)  # only now: a bad checkpoint leaves nothing behind
         net = net.to(dist_info.device)
+        meta = {**meta, "fingerprint": model_fingerprint(net, meta)}
         tile = int(args.tile or meta.get("tile_size") or 256)
         opts = MapOptions(
             tile=tile,
@@ -99,17 +113,16 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
 
 
 def report(results: list[dict[str, Any]], is_main: bool, checkpoint: str) -> int:
-    """Print the per-scene JSON lines (main rank) and turn them into the exit status."""
-    skipped = [r for r in results if r["status"] != "done"]
+    """Print the per-scene JSON lines (main rank); the exit status: 0 all done, 2 some skipped, 1 none."""
+    skipped = [r for r in results if r["status"] == "skipped"]
+    done = len(results) - len(skipped)
     if is_main:
         for r in results:
             print(json.dumps(r))
-        done = len(results) - len(skipped)
-        log.info("%d map(s) written, %d scene(s) skipped (model %s)", done, len(skipped), checkpoint)
-    if skipped and len(skipped) == len(results):
-        reasons = "; ".join(r["reason"] for r in skipped[:5])
-        raise DataError(f"no scene could be mapped: {reasons}")
-    return 1 if skipped else 0
+        log.info("%d map(s) done, %d scene(s) skipped (model %s)", done, len(skipped), checkpoint)
+        if skipped and not done:
+            log.error("no scene could be mapped: %s", "; ".join(r["reason"] for r in skipped[:5]))
+    return exit_status(done, len(skipped))
 
 
 def list_scenes(items: Sequence[str]) -> list[Path]:
@@ -122,28 +135,66 @@ def list_scenes(items: Sequence[str]) -> list[Path]:
     return scenes
 
 
-def output_paths(scenes: list[Path], out: Path) -> list[Path]:
-    """``--out x.tif`` for one scene, else ``OUT/<stem>_chm.tif`` (stems must then be unique).
+def output_paths(scenes: list[Path], out: Path, protected: Sequence[Path] = ()) -> list[Path]:
+    """``--out x.tif`` for one scene, else ``OUT/<stem>_chm.tif`` (stems must then be unique). Nothing is
+    created; every check that needs no model is made here, before any work.
 
     Raises:
         ConfigError: a .tif for several scenes, or two scenes that would write the same file.
+        OutputError: an output (or its quicklook, or the folder) that is, holds or links to a scene or a
+            ``protected`` path (the checkpoint); a file where a folder is needed; a folder we cannot write in.
     """
-    if out.suffix.lower() in (".tif", ".tiff"):
-        if len(scenes) != 1:
-            raise ConfigError(
-                f"--out {str(out)!r} is a file but {len(scenes)} scenes were given; give a folder"
-            )
-        if not out.parent.is_dir():
-            raise ConfigError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-        return [out]
+    check_not_input(out, scenes)
+    if out.suffix.lower() in (".tif", ".tiff") and not out.is_dir():
+        paths = [_single_output(scenes, out)]
+    else:
+        paths = _folder_outputs(scenes, out)
+    for p in paths:
+        check_not_input(p, [*scenes, *protected])
+        check_not_input(p.with_suffix(".png"), [*scenes, *protected], flag="the quicklook")
+    folder = paths[0].parent
+    check_writable(folder)
+    return paths
+
+
+def _single_output(scenes: list[Path], out: Path) -> Path:
+    if len(scenes) != 1:
+        raise ConfigError(f"--out {str(out)!r} is a file but {len(scenes)} scenes were given; give a folder")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    return out
+
+
+def _folder_outputs(scenes: list[Path], out: Path) -> list[Path]:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {str(out)!r} exists and is not a folder; give a folder for the maps")
     paths = [out / f"{s.stem}{OUT_SUFFIX}" for s in scenes]
     seen: dict[Path, Path] = {}
     for s, p in zip(scenes, paths, strict=True):
         if p in seen:
             raise ConfigError(f"{seen[p]} and {s} would both write {p}; rename one or map them separately")
         seen[p] = s
-    out.mkdir(parents=True, exist_ok=True)
     return paths
+
+
+def make_output_folder(folder: Path) -> None:
+    """Create the folder the maps go to (with its parents), once the model is known to load.
+
+    Raises:
+        OutputError: it cannot be created (e.g. a read-only parent), naming it and the reason.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, folder, "--out: cannot create the folder") from e
+
+
+def model_fingerprint(net: torch.nn.Module, meta: dict[str, Any]) -> str:
+    """What makes the map: the weights and the checkpoint's reading of the data (bands, scale, statistics)."""
+    from foundation.models.fingerprint import weights_fingerprint
+
+    reading = json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}, sort_keys=True, default=str)
+    return hashlib.sha256(f"{weights_fingerprint(net)}\0{reading}".encode()).hexdigest()[:16]
 
 
 def check_tile(net: torch.nn.Module, opts: MapOptions) -> None:
@@ -169,7 +220,10 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     """Map ``src`` to the COG ``dst`` (and ``dst.png`` with ``quicklook``); returns a summary.
 
     Raises:
-        DataError: the scene cannot be read or mapped (the message names the file); ``dst`` is untouched.
+        DataError: the scene cannot be read or mapped (the message names the file), or ``dst`` is a map of
+            ours by another model or of another scene and ``overwrite`` is off; ``dst`` is untouched.
+        OutputError: ``dst`` or its quicklook exists and is not ours (never replaced), or cannot be written
+            (a full disk: "no space left on device"); no temporary file is left.
         ConfigError: bad options.
     """
     import rasterio
@@ -177,18 +231,20 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     from domains.remote_sensing.canopy import cog
     from domains.remote_sensing.canopy.tiling import TileGrid, blend_tiles
 
-    if dst.exists() and not opts.overwrite:
-        raise DataError(f"{dst} exists; pass --overwrite to replace it")
+    fingerprint = meta.get("fingerprint") or model_fingerprint(net, meta)
     png = dst.with_suffix(".png")
-    if opts.quicklook and png.exists() and not opts.overwrite:
-        raise DataError(f"{png} exists; pass --overwrite to replace it")
+    max_height = float(meta.get("max_height") or 96.0)
+    if existing_map(dst, src, fingerprint, opts.overwrite):
+        return _existing(dst, src, png, opts, max_height)
+    if opts.quicklook:
+        check_quicklook(png, opts.overwrite)
     t0 = time.perf_counter()
-    part = cog.temp_name(dst, "part")
+    part = temporary_name(dst.with_name(f"{dst.stem}.part{dst.suffix}"))  # the COG's own is another name
     env = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB}
     try:
         with rasterio.Env(**env), open_scene(src, meta, opts) as scene:
             grid = TileGrid(scene.ds.height, scene.ds.width, opts.tile, opts.overlap)
-            tags = {"model": "canopy-height", "source": src.name, "units": "m"}
+            tags = {"model": cog.MAP_KIND, "source": src.name, "units": "m", "fingerprint": fingerprint}
             with (
                 cog.strip_writer(
                     part,
@@ -197,28 +253,29 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
                     crs=scene.ds.crs,
                     transform=scene.ds.transform,
                     tags=tags,
-                ) as writer,
+                    name=dst,
+                ) as write_rows,
                 _progress(len(grid), src.name, opts.quiet) as bar,
             ):
-                valid_px = blend_tiles(
+                counts = blend_tiles(
                     net,
                     scene.read,
                     grid,
-                    lambda r0, rows: writer.write(rows[None], window=_rows(r0, rows, grid.width)),
+                    write_rows,
                     batch_size=opts.batch_size,
                     device=opts.device,
                     precision=opts.precision,
                     chunk_width=opts.chunk_width,
                     progress=bar.update,
                 )
-            if valid_px == 0:
-                raise DataError(f"{src}: every pixel is nodata; nothing to map")
+            check_mapped(src, counts.valid, counts.nonfinite, grid.height * grid.width)
             cog.write_cog(part, dst, overwrite=opts.overwrite)
             if opts.quicklook:
-                cog.write_quicklook(dst, png, max_height=float(meta.get("max_height") or 96.0))
+                cog.write_quicklook(dst, png, max_height=max_height)
     finally:
         part.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
+    pixels = grid.height * grid.width
     summary = {
         "scene": str(src),
         "status": "done",
@@ -226,9 +283,10 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
         "height": grid.height,
         "width": grid.width,
         "tiles": len(grid),
-        "valid_fraction": round(valid_px / (grid.height * grid.width), 4),
+        "valid_fraction": round(counts.valid / pixels, 4),
+        "nonfinite_fraction": round(counts.nonfinite / pixels, 4),
         "seconds": round(seconds, 2),
-        "mpx_s": round(grid.height * grid.width / 1e6 / max(seconds, 1e-9), 3),
+        "mpx_s": round(pixels / 1e6 / max(seconds, 1e-9), 3),
     }
     if scene.resampled:
         summary["resampled_gsd_m"] = scene.gsd
@@ -238,10 +296,81 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     return summary
 
 
-def _rows(r0: int, rows: np.ndarray, width: int):
-    from rasterio.windows import Window
+def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True when ``dst`` already is this model's map of ``src`` and ``overwrite`` is off (nothing to do);
+    False when ``dst`` may be written (absent, or a map of ours and ``overwrite``).
 
-    return Window(0, r0, width, rows.shape[0])
+    Raises:
+        OutputError: ``dst`` exists and is not a map of ours: never replaced, even with ``overwrite``.
+        DataError: a map of ours of another scene or by another model, and ``overwrite`` is off.
+    """
+    from domains.remote_sensing.canopy.cog import map_tags
+
+    if not dst.exists():
+        return False
+    tags = map_tags(dst)
+    if tags is None:
+        raise OutputError(
+            f"{dst} exists and is not a canopy-height map written by foundation; it was left alone "
+            "(move it or choose another --out)"
+        )
+    if overwrite:
+        return False
+    if tags.get("source") == src.name and tags.get("fingerprint") == fingerprint:
+        return True
+    made_by = "this model" if tags.get("fingerprint") == fingerprint else "another model"
+    raise DataError(
+        f"{dst} exists (a map of {tags.get('source')!r} by {made_by}); pass --overwrite to replace it"
+    )
+
+
+def check_quicklook(png: Path, overwrite: bool) -> None:
+    """Raises: OutputError for a PNG that is not a quicklook of ours; DataError for one of ours without
+    ``overwrite``."""
+    from domains.remote_sensing.canopy.cog import is_our_quicklook
+
+    if not png.exists():
+        return
+    if not is_our_quicklook(png):
+        raise OutputError(
+            f"{png} exists and is not a quicklook written by foundation; it was left alone "
+            "(move it, choose another --out, or drop --quicklook)"
+        )
+    if not overwrite:
+        raise DataError(f"{png} exists; pass --overwrite to replace it")
+
+
+def _existing(dst: Path, src: Path, png: Path, opts: MapOptions, max_height: float) -> dict:
+    """The summary of a scene already mapped by this model; a missing quicklook asked for is written."""
+    from domains.remote_sensing.canopy.cog import write_quicklook
+
+    summary = {"scene": str(src), "status": "exists", "out": str(dst)}
+    if opts.quicklook:
+        if png.exists():
+            check_quicklook(png, overwrite=True)
+        else:
+            write_quicklook(dst, png, max_height=max_height)
+        summary["quicklook"] = str(png)
+    log.info("%s: %s is already its map by this model", src, dst)
+    return summary
+
+
+def check_mapped(src: Path, valid: int, nonfinite: int, pixels: int) -> None:
+    """Log the share of NaN/infinite pixels (mapped as missing); refuse a scene with nothing to map.
+
+    Raises:
+        DataError: every pixel is nodata, NaN or infinite (an all-NaN map is never reported as done).
+    """
+    if nonfinite:
+        log.warning(
+            "%s: %.1f%% of the pixels are NaN or infinite; treated as nodata (NaN in the map)",
+            src, 100 * nonfinite / pixels,
+        )  # fmt: skip
+    if valid == 0:
+        if nonfinite == pixels:
+            raise DataError(f"{src}: every pixel is NaN or infinite; nothing to map")
+        also = " or NaN/infinite" if nonfinite else ""
+        raise DataError(f"{src}: every pixel is nodata{also}; nothing to map")
 
 
 @contextlib.contextmanager
@@ -265,14 +394,19 @@ class Scene:
     gsd: float | None
     resampled: bool
 
-    def read(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normalised pixels, the valid mask and the mask of NaN/infinite pixels of a window."""
         from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
+        from domains.remote_sensing.raster import read_error_text
+
         try:
-            return self.norm.read(self.ds, self.bands, self.scale, Window(c0, r0, c1 - c0, r1 - r0))
+            return self.norm.read_chunk(self.ds, self.bands, self.scale, Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as e:
-            raise DataError(f"{self.path}: read error in rows {r0}-{r1}, columns {c0}-{c1}: {e}") from e
+            raise DataError(
+                f"{self.path}: read error in rows {r0}-{r1}, columns {c0}-{c1}: {read_error_text(e)}"
+            ) from e
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scal
 from foundation.config import Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
+from foundation.outputs import check_not_input, write_verified
 from foundation.tasks.base import TaskParts
 from foundation.train.distributed import resolve_device
 
@@ -310,25 +311,33 @@ class CanopyHeightTask:
         parser.add_argument("--out", help="also write the metrics JSON to this file (atomically)")
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
-        """Metrics of a fine-tuned model over image/label pairs; broken pairs are skipped and reported."""
+        """Metrics of a fine-tuned model over image/label pairs; broken pairs are skipped and reported.
+
+        The result holds ``done`` (pairs scored) and ``skipped`` (the others, with reasons), from which the
+        CLI derives the batch exit status (0 all scored, 2 some skipped); none scored is a ``DataError``.
+        """
+        pairs = _pairs(args.images, args.labels)
+        if args.out:
+            inputs = [Path(args.checkpoint), *(p.image for p in pairs), *(p.label for p in pairs)]
+            check_not_input(Path(args.out), inputs)
         net, meta = load_canopy_model(args.checkpoint)
         device = resolve_device(getattr(args, "device", "auto"))
         net.to(device)
         tile = args.tile or int(meta["tile_size"])
         overlap = tile // 4 if args.overlap is None else args.overlap
-        pairs = _pairs(args.images, args.labels)
         with torch.inference_mode():
             result, skipped = evaluate_pairs(
                 net, pairs, meta, device, tile=tile, overlap=overlap, batch_size=args.batch_size,
                 resampling=args.resampling, label_nodata=args.label_nodata,
                 progress=not getattr(args, "quiet", False), skip_broken=True,
             )  # fmt: skip
-        result = {"checkpoint": str(args.checkpoint), **result, "skipped": skipped}
-        if skipped and len(skipped) == len(pairs):
+        done = len(pairs) - len(skipped)
+        result = {"checkpoint": str(args.checkpoint), **result, "done": done, "skipped": skipped}
+        if not done:
             raise DataError(f"no image could be evaluated (first: {skipped[0]['reason']})")
         if args.out:
             _write_json(Path(args.out), result)
-        if skipped:  # the CLI prints the metrics of the rest and exits 1
+        if skipped:  # the CLI prints the metrics of the rest; the exit status says some were skipped
             log.warning(
                 "%d of %d image(s) skipped (first: %s); the metrics are over the others",
                 len(skipped), len(pairs), skipped[0]["reason"],
@@ -337,6 +346,6 @@ class CanopyHeightTask:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    """Atomically, read back before the rename. Raises: OutputError naming ``path`` and the reason."""
+    text = json.dumps(data, indent=2) + "\n"
+    write_verified(path, lambda tmp: tmp.write_text(text), lambda tmp: json.loads(tmp.read_text()))

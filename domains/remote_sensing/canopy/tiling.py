@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,11 +33,27 @@ from foundation.errors import ConfigError
 from foundation.train.distributed import resolve_device
 
 # read(row0, row1, col0, col1) -> (C x h x w float32 normalised, invalid pixels already 0; h x w bool valid)
-ReadFn = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
+# or the same plus an h x w bool mask of the pixels invalid because a value is NaN or infinite (counted).
+ReadFn = Callable[[int, int, int, int], tuple[np.ndarray, ...]]
 # on_rows(row0, rows h x W float32 with NaN where invalid)
 RowsFn = Callable[[int, np.ndarray], None]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class Chunk(NamedTuple):
+    """What a ``ReadFn`` gives for one window."""
+
+    image: np.ndarray
+    valid: np.ndarray
+    nonfinite: np.ndarray | None = None
+
+
+class PixelCounts(NamedTuple):
+    """Pixels of the map with an input to predict from, and pixels left out for NaN/infinite input."""
+
+    valid: int
+    nonfinite: int
 
 
 def axis_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -219,17 +236,23 @@ class _RowAccumulator:
         self.base = 0  # first row held
         self.sums = np.zeros((0, grid.width), dtype=np.float32)
         self.valid = np.zeros((0, grid.width), dtype=bool)
+        self.nonfinite = np.zeros((0, grid.width), dtype=bool)
         self.valid_pixels = 0
+        self.nonfinite_pixels = 0
 
     def ensure(self, end_row: int) -> None:
         extra = end_row - self.base - len(self.sums)
         if extra > 0:
             self.sums = np.concatenate([self.sums, np.zeros((extra, self.grid.width), np.float32)])
             self.valid = np.concatenate([self.valid, np.zeros((extra, self.grid.width), bool)])
+            self.nonfinite = np.concatenate([self.nonfinite, np.zeros((extra, self.grid.width), bool)])
 
-    def add_valid(self, y0: int, x0: int, valid: np.ndarray) -> None:
+    def add_valid(self, y0: int, x0: int, valid: np.ndarray, nonfinite: np.ndarray | None) -> None:
         h, w = valid.shape
-        self.valid[y0 - self.base : y0 - self.base + h, x0 : x0 + w] |= valid
+        rows, cols = slice(y0 - self.base, y0 - self.base + h), slice(x0, x0 + w)
+        self.valid[rows, cols] |= valid
+        if nonfinite is not None:
+            self.nonfinite[rows, cols] |= nonfinite
 
     def add(self, y0: int, x0: int, weighted: np.ndarray) -> None:
         h, w = weighted.shape
@@ -244,8 +267,10 @@ class _RowAccumulator:
         valid = self.valid[:n]
         rows[~valid] = np.nan
         self.valid_pixels += int(valid.sum())
+        self.nonfinite_pixels += int(self.nonfinite[:n].sum())
         self.on_rows(self.base, rows)
         self.sums, self.valid = self.sums[n:].copy(), self.valid[n:].copy()
+        self.nonfinite = self.nonfinite[n:].copy()
         self.base = end_row
 
 
@@ -260,8 +285,9 @@ def blend_tiles(
     precision: str = "fp32",
     chunk_width: int = 2048,
     progress: Callable[[int], object] | None = None,
-) -> int:
-    """Predict every tile of ``grid``, blend, and emit finished rows in order; returns the valid pixel count.
+) -> PixelCounts:
+    """Predict every tile of ``grid``, blend, and emit finished rows in order; returns the pixels predicted
+    and those left out for NaN/infinite input (when ``read`` reports them).
 
     Args:
         net: has ``predict_height(B x C x t x t) -> B x 1 x t x t``; eval mode, on ``device``.
@@ -317,10 +343,11 @@ def blend_tiles(
         while len(inflight) > depth:
             blend_oldest()
 
-    for (k, j0, j1), (image, valid) in _prefetched(read, grid, plan):
+    for (k, j0, j1), chunk in _prefetched(read, grid, plan):
+        image, valid, nonfinite = Chunk(*chunk)
         y0, c0 = grid.ys[k], grid.xs[j0]
         acc.ensure(y0 + grid.tile_h)
-        acc.add_valid(y0, c0, valid)
+        acc.add_valid(y0, c0, valid, nonfinite)
         for j in range(j0, j1):
             a = grid.xs[j] - c0
             if not valid[:, a : a + grid.tile_w].any():
@@ -333,7 +360,7 @@ def blend_tiles(
         launch()
     while inflight:
         blend_oldest()
-    return acc.valid_pixels
+    return PixelCounts(acc.valid_pixels, acc.nonfinite_pixels)
 
 
 def predict_image(

@@ -11,58 +11,14 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from canopy_testdata import ConstantNet, FirstBand, meta_for, no_temp_files, opts, write_checkpoint
 from rs_testdata import random_bands, write_raster
 
 from domains.remote_sensing.canopy.cog import validate_cog
-from domains.remote_sensing.canopy.mapping import MapOptions, map_scene, map_scene_safely
+from domains.remote_sensing.canopy.mapping import map_scene, map_scene_safely
+from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
-from foundation.errors import DataError
-
-TILE = 32
-
-
-class _Backbone:
-    patch_size = 16
-
-
-class ConstantNet(torch.nn.Module):
-    backbone = _Backbone()
-
-    def predict_height(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.full((x.shape[0], 1, *x.shape[2:]), 12.25)
-
-
-class FirstBand(torch.nn.Module):
-    """Returns the normalised first band, so the map shows exactly what the network was fed."""
-
-    backbone = _Backbone()
-
-    def predict_height(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :1].clone()
-
-
-def meta_for(channels: int, **kw) -> dict:
-    meta = {
-        "head": {"mode": "regression", "features": 8},
-        "bands": None,
-        "scale": "auto",
-        "mean": [0.2] * channels,
-        "std": [0.1] * channels,
-        "in_chans": channels,
-        "tile_size": TILE,
-        "gsd": None,
-        "max_height": 50.0,
-    }
-    meta.update(kw)
-    return meta
-
-
-def opts(**kw) -> MapOptions:
-    return MapOptions(**{"tile": TILE, "overlap": 8, "batch_size": 4, "device": "cpu", "quiet": True, **kw})
-
-
-def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.iterdir() if p.name.startswith(".")]
+from foundation.errors import DataError, OutputError
 
 
 @pytest.mark.parametrize(
@@ -148,15 +104,24 @@ def test_bad_scenes_name_the_file_and_leave_nothing_behind(tmp_path: Path) -> No
     assert list(out.iterdir()) == []  # no half-written COG, no temporary file
 
 
-def test_existing_output_is_kept_without_overwrite(tmp_path: Path) -> None:
+def test_overwrite_replaces_only_our_own_maps(tmp_path: Path) -> None:
     src = write_raster(tmp_path / "s.tif", random_bands(4, 40, 40, "uint16"))
     dst = tmp_path / "chm.tif"
     dst.write_bytes(b"precious")
-    with pytest.raises(DataError, match="--overwrite"):
-        map_scene(ConstantNet(), meta_for(4), src, dst, opts())
-    assert dst.read_bytes() == b"precious"
-    map_scene(ConstantNet(), meta_for(4), src, dst, opts(overwrite=True))
-    assert validate_cog(dst)[0]
+    for overwrite in (False, True):  # a file we did not write is never replaced
+        with pytest.raises(OutputError, match="not a canopy-height map written by foundation"):
+            map_scene(ConstantNet(), meta_for(4), src, dst, opts(overwrite=overwrite))
+        assert dst.read_bytes() == b"precious" and no_temp_files(tmp_path)
+    dst.unlink()
+    assert map_scene(ConstantNet(), meta_for(4), src, dst, opts())["status"] == "done"
+    before = dst.stat().st_mtime_ns
+    assert map_scene(ConstantNet(), meta_for(4), src, dst, opts())["status"] == "exists"  # done already
+    other_model = meta_for(4, mean=[0.3] * 4)
+    with pytest.raises(DataError, match="by another model.*--overwrite"):
+        map_scene(ConstantNet(), other_model, src, dst, opts())
+    assert dst.stat().st_mtime_ns == before
+    assert map_scene(ConstantNet(), other_model, src, dst, opts(overwrite=True))["status"] == "done"
+    assert validate_cog(dst)[0] and dst.stat().st_mtime_ns != before
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -188,25 +153,7 @@ def test_resolution_far_from_training_warns_and_resample_uses_the_training_grid(
 # -- the command end to end, with a real checkpoint ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from domains.remote_sensing.canopy.model import build_canopy_net
-    from foundation.models.vit import build_vit
-    from foundation.tasks.checkpoint import save_task_model
-
-    torch.manual_seed(0)
-    backbone_args = {"arch": "vit_tiny", "in_chans": 4, "img_size": TILE, "patch_size": 16}
-    head = {"mode": "regression", "features": 8}
-    net = build_canopy_net(build_vit(**backbone_args), head)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_task_model(
-        path,
-        task="canopy-height",
-        task_meta=meta_for(4, head=head, gsd=10.0),
-        backbone_args=backbone_args,
-        net=net,
-        config={},
-        step=0,
-    )
-    return path
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
 def _json_lines(text: str) -> list[dict]:
@@ -223,7 +170,7 @@ def test_cli_maps_several_scenes_skips_bad_ones_and_never_overwrites(
     bad = write_raster(tmp_path / "in" / "c.tif", random_bands(2, 33, 33, "uint16"))
     out = tmp_path / "maps"
     argv = ["canopy-height", str(a), str(b), str(bad), "--checkpoint", str(checkpoint), "--out", str(out)]
-    assert main([*argv, "--quicklook", "--quiet", "--batch-size", "3"]) == 1  # one scene skipped
+    assert main([*argv, "--quicklook", "--quiet", "--batch-size", "3"]) == EXIT_SOME_SKIPPED
     results = {Path(r["scene"]).name: r for r in _json_lines(capsys.readouterr().out)}
     assert results["a.tif"]["status"] == "done" and results["b.tif"]["status"] == "done"
     assert results["c.tif"]["status"] == "skipped" and "c.tif" in results["c.tif"]["reason"]
@@ -235,10 +182,11 @@ def test_cli_maps_several_scenes_skips_bad_ones_and_never_overwrites(
         assert np.isfinite(heights).all() and (heights >= 0).all()
     assert sorted(p.name for p in out.iterdir()) == ["a_chm.png", "a_chm.tif", "b_chm.png", "b_chm.tif"]
     before = os.path.getmtime(out / "a_chm.tif")
-    assert main([*argv[:2], *argv[4:], "--quiet"]) == 2  # the only scene exists: nothing done
-    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv[:2], *argv[4:], "--quiet"]) == EXIT_DONE  # already mapped by this model: done
+    assert _json_lines(capsys.readouterr().out)[0]["status"] == "exists"
     assert os.path.getmtime(out / "a_chm.tif") == before
-    assert main([*argv[:2], *argv[4:], "--quiet", "--overwrite"]) == 0
+    assert main([*argv[:2], *argv[4:], "--quiet", "--overwrite"]) == EXIT_DONE
+    assert _json_lines(capsys.readouterr().out)[0]["status"] == "done"
 
 
 def test_cli_refuses_a_file_out_for_several_scenes(tmp_path: Path, checkpoint: Path, capsys) -> None:
@@ -252,7 +200,7 @@ def test_cli_refuses_a_file_out_for_several_scenes(tmp_path: Path, checkpoint: P
         "--out",
         str(tmp_path / "x.tif"),
     ]
-    assert main(argv) == 2
+    assert main(argv) == EXIT_NOTHING_DONE
     assert "give a folder" in capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ from affine import Affine
 from rs_testdata import write_raster
 
 from domains.remote_sensing.canopy.model import load_canopy_model
+from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 
 RECIPE = """\
@@ -141,7 +142,7 @@ def test_binned_head_with_a_frozen_backbone_trains(data, tmp_path, single_thread
 
 
 def test_band_count_that_does_not_fit_the_backbone_is_named(data, tmp_path, capsys):
-    assert _finetune(data, tmp_path / "run", "--bands", "1,2,3") == 2
+    assert _finetune(data, tmp_path / "run", "--bands", "1,2,3") == EXIT_NOTHING_DONE
     err = capsys.readouterr().err
     assert "t0.tif: gives 3 bands but the random-init backbone (set model.in_chans) takes 4" in err
     assert not (tmp_path / "run" / "model.pt").exists()
@@ -158,7 +159,7 @@ def test_a_label_off_its_image_stops_finetune_naming_both(data, tmp_path, capsys
     argv = ["finetune", "canopy-height", "--random-init", "--config", str(data / "recipe.yaml")]
     argv += ["--out", str(tmp_path / "run"), "--images", str(tmp_path / "images")]
     argv += ["--labels", str(tmp_path / "labels")]
-    assert main(argv) == 2
+    assert main(argv) == EXIT_NOTHING_DONE
     err = capsys.readouterr().err
     assert "labels/a.tif: does not overlap its image" in err and "images/a.tif" in err
 
@@ -172,9 +173,10 @@ def test_evaluate_skips_a_broken_pair_reports_it_and_fails(trained, data, tmp_pa
     write_raster(tmp_path / "labels" / "bad.tif", np.ones((1, 8, 8), np.float32), crs="EPSG:32634")
     argv = ["evaluate", "canopy-height", "--checkpoint", str(trained), "--quiet"]
     argv += ["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
-    assert main(argv) == 1  # the others' metrics are printed, the exit status says one was skipped
+    assert main(argv) == EXIT_SOME_SKIPPED  # the others' metrics are printed; one pair was skipped
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pixels"] == 64 * 58 and len(result["skipped"]) == 1
+    assert result["done"] == result["images"] == 1
     assert "bad.tif" in result["skipped"][0]["reason"]
 
 
@@ -182,7 +184,7 @@ def test_evaluate_refuses_images_with_another_band_count(trained, data, tmp_path
     write_raster(tmp_path / "images" / "v0.tif", np.ones((3, 32, 32), np.float32))
     argv = ["evaluate", "canopy-height", "--checkpoint", str(trained), "--quiet"]
     argv += ["--images", str(tmp_path / "images"), "--labels", str(data / "val" / "labels")]
-    assert main(argv) == 2
+    assert main(argv) == EXIT_NOTHING_DONE
     assert "v0.tif: gives 3 bands but the model takes 4" in capsys.readouterr().err
 
 
@@ -206,5 +208,6 @@ def test_a_pretrained_backbone_brings_its_statistics(data, tmp_path, capsys, sin
     assert meta["mean"] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and meta["std"] == [0.5] * 4
     assert net.backbone.reg_token is not None
 
-    assert main([*argv, "--backbone", str(_export(tmp_path, 3)), "--out", str(tmp_path / "run3")]) == 2
+    argv += ["--backbone", str(_export(tmp_path, 3)), "--out", str(tmp_path / "run3")]
+    assert main(argv) == EXIT_NOTHING_DONE
     assert "t0.tif: gives 4 bands but the backbone takes 3" in capsys.readouterr().err

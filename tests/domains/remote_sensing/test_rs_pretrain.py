@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from rs_testdata import random_bands, write_raster
 
+from foundation.batch import EXIT_NOTHING_DONE
 from foundation.cli import main
 from foundation.train.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -85,7 +86,7 @@ def test_pretrain_bad_data_exits_with_the_file_named(tmp_path: Path, capsys) -> 
                 *QUICK,
             ]
         )
-        == 2
+        == EXIT_NOTHING_DONE
     )
     assert f"{data / 'b.tif'}: gives 3 bands" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing half-made left behind

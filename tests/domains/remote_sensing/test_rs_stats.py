@@ -12,6 +12,7 @@ from rs_testdata import WriteRaster, random_bands, write_raster
 
 from domains.remote_sensing.raster import scan_rasters, value_scale
 from domains.remote_sensing.stats import BandStats, compute_band_stats, grid_windows, plan_windows
+from foundation.batch import EXIT_NOTHING_DONE
 from foundation.cli import main
 from foundation.errors import DataError
 
@@ -82,7 +83,7 @@ def test_window_budget_is_bounded_and_seeded(raster: WriteRaster, tmp_path: Path
 def test_no_valid_pixel(tmp_path: Path) -> None:
     path = write_raster(tmp_path / "empty.tif", np.zeros((2, 10, 10), np.uint16), nodata=0)
     with pytest.raises(
-        DataError, match=re.escape(f"no valid (non-nodata) pixel in the windows read from {path}")
+        DataError, match=re.escape(f"no valid (non-nodata) pixel in the windows read ({path}: ")
     ):
         stats_of(path)
 
@@ -106,8 +107,15 @@ def test_stats_command(raster: WriteRaster, tmp_path: Path, capsys) -> None:
     out = tmp_path / "stats.json"
     assert main(["stats", str(path), "--bands", "4,3,2", "--window", "16", "--out", str(out), "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary == {"stats": str(out), "bands": 3, "files": 1, "pixels": 50 * 60}
+    assert summary == {
+        "stats": str(out),
+        "bands": 3,
+        "files": 1,
+        "pixels": 50 * 60,
+        "nonfinite_fraction": 0.0,
+        "skipped": [],
+    }
     stats = BandStats.load(out)
     assert stats.bands == [4, 3, 2] and stats.scale == "auto" and len(stats.p98) == 3
-    assert main(["stats", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["stats", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.json")]) == EXIT_NOTHING_DONE
     assert "does not exist" in capsys.readouterr().err
