@@ -19,7 +19,6 @@ from domains.medical.volume import BACKGROUND, load_volume
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
-MAX_TRIES = 16  # broken volumes replaced by other random picks before giving up
 
 
 def random_crop(array: torch.Tensor, size: int, generator: torch.Generator, fill: float = BACKGROUND):
@@ -41,37 +40,51 @@ def random_crop(array: torch.Tensor, size: int, generator: torch.Generator, fill
 
 
 class VolumeSampleSource:
-    """``sample(i, g)``: a random volume, a random ``size^3`` crop of it: ``{"image": C x D x H x W}``."""
+    """``sample(i, g)``: a random volume, a random ``size^3`` crop of it: ``{"image": C x D x H x W}``.
+
+    A volume that cannot be used (unreadable, every voxel NaN) is named in a warning once and not read again;
+    another is drawn in its place, so training goes on with the others. Only when none is usable does a
+    :class:`DataError` stop it.
+    """
 
     def __init__(self, volumes: list[Path], opts: VolumeOptions, size: int) -> None:
         self.volumes, self.opts, self.size = list(volumes), opts, size
         self._cache: OrderedDict[int, Any] = OrderedDict()
+        self._unusable: dict[int, DataError] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # workers start with an empty cache, not the parent's
         return {**self.__dict__, "_cache": OrderedDict()}
 
     def _load(self, i: int):
+        if i in self._unusable:
+            return self._unusable[i]
         if i in self._cache:
             self._cache.move_to_end(i)
-        else:
-            try:
-                self._cache[i] = load_volume(self.volumes[i], self.opts)
-            except DataError as e:
-                log.warning("medical: skipping %s", e)
-                self._cache[i] = e  # remembered, so it is not read again
-            while len(self._cache) > self.opts.cache:
-                self._cache.popitem(last=False)
-        return self._cache[i]
+            return self._cache[i]
+        try:
+            volume = load_volume(self.volumes[i], self.opts)
+        except DataError as e:
+            log.warning("medical: skipping %s", e)
+            self._unusable[i] = e  # remembered, so it is neither read nor drawn again
+            return e
+        self._cache[i] = volume
+        while len(self._cache) > self.opts.cache:
+            self._cache.popitem(last=False)
+        return volume
 
     def random_volume(self, generator: torch.Generator):
-        """A random readable volume; broken ones are replaced by other random picks, up to ``MAX_TRIES``."""
-        errors = []
-        for _ in range(MAX_TRIES):
+        """A random usable volume: an unusable pick is set aside (once) and drawn again. The draws do not
+        depend on what this worker has already found unusable, so a resumed run draws the same volumes.
+
+        Raises:
+            DataError: no volume is usable, each named with its reason.
+        """
+        while len(self._unusable) < len(self.volumes):
             volume = self._load(int(torch.randint(0, len(self.volumes), (1,), generator=generator)))
             if not isinstance(volume, DataError):
                 return volume
-            errors.append(volume)
-        raise DataError(f"{MAX_TRIES} random volumes in a row could not be read; last: {errors[-1]}")
+        reasons = "; ".join(str(e) for e in self._unusable.values())
+        raise DataError(f"none of the {len(self.volumes)} volume(s) can be trained on: {reasons}")
 
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
         volume = self.random_volume(generator)

@@ -2,12 +2,15 @@
 modality's intensity preset.
 
 Arrays are channel-first ``C x X x Y x Z`` in RAS+ voxel order, as MONAI keeps them after
-``Orientation("RAS")``, so a model trained here sees the same layout as a MONAI pipeline.
+``Orientation("RAS")``, so a model trained here sees the same layout as a MONAI pipeline. NaN and infinite voxels
+are missing data: left out of the intensity statistics, set to background, reported; a volume with nothing else
+is refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from domains.medical.dicom import is_dicom_file, read_dicom_series
 from domains.medical.options import VolumeOptions
 from foundation.errors import DataError
 
+log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 BACKGROUND = 0.0  # value of air / outside the body after either intensity preset
 
@@ -29,6 +33,7 @@ BACKGROUND = 0.0  # value of air / outside the body after either intensity prese
 class Volume:
     array: torch.Tensor  # C x X x Y x Z float32
     affine: np.ndarray  # voxel -> RAS world, mm
+    nonfinite_fraction: float = 0.0  # share of the values that were NaN or infinite (now background)
 
     @property
     def spacing(self) -> np.ndarray:
@@ -141,23 +146,36 @@ def resample(array: torch.Tensor, affine: np.ndarray, spacing) -> tuple[torch.Te
     return out[0], affine @ grid
 
 
-def intensity_preset(array: torch.Tensor, opts: VolumeOptions) -> torch.Tensor:
-    """CT: HU window to [0, 1]. MR: 0.5th..99.5th percentile of each channel to [0, 1], clipped."""
+def intensity_preset(
+    array: torch.Tensor, opts: VolumeOptions, missing: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CT: HU window to [0, 1]. MR: 0.5th..99.5th percentile of each channel to [0, 1], clipped. ``missing``
+    voxels (a boolean mask like ``array``) are left out of the percentiles and set to background."""
     if opts.modality == "ct":
         low, high = opts.window
-        return ((array.clamp(low, high) - low) / (high - low)).float()
-    out = torch.empty_like(array)
-    for c in range(array.shape[0]):
-        low, high = np.percentile(array[c].numpy(), (0.5, 99.5))  # torch.quantile caps the input size
-        out[c] = ((array[c] - low) / max(high - low, 1e-6)).clamp(0, 1)
+        out = ((array.clamp(low, high) - low) / (high - low)).float()
+    else:
+        out = torch.empty_like(array)
+        for c in range(array.shape[0]):
+            values = array[c] if missing is None else array[c][~missing[c]]
+            if values.numel() == 0:  # a channel with no data at all
+                out[c] = BACKGROUND
+                continue
+            low, high = np.percentile(values.numpy(), (0.5, 99.5))  # torch.quantile caps the input size
+            out[c] = ((array[c] - low) / max(high - low, 1e-6)).clamp(0, 1)
+    if missing is not None:
+        out[missing] = BACKGROUND
     return out
 
 
 def load_volume(path: str | Path, opts: VolumeOptions) -> Volume:
-    """Read, reorient to RAS, resample to ``opts.spacing`` and apply the intensity preset.
+    """Read, reorient to RAS, resample to ``opts.spacing`` and apply the intensity preset. NaN and infinite
+    voxels are missing data: left out of the intensity statistics and set to background; their share is
+    ``Volume.nonfinite_fraction`` (and a warning).
 
     Raises:
-        DataError: the file or folder is not a usable volume; the message names it.
+        DataError: the file or folder is not a usable volume, or every voxel is NaN or infinite; the message
+            names it.
     """
     path = Path(path)
     img = read_image(path)
@@ -168,10 +186,34 @@ def load_volume(path: str | Path, opts: VolumeOptions) -> Volume:
     except Exception as e:
         raise DataError(f"{path}: cannot read the voxel data ({e})") from e
     data = data.reshape(*data.shape[:3], -1)  # channels last: 3D -> 1, 5D (x, y, z, 1, c) -> c
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data, nan=float(np.nanmin(data)) if np.isfinite(data).any() else 0.0)
-    array = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0)))
+    missing = ~np.isfinite(data)
+    fraction = float(missing.mean()) if missing.any() else 0.0
+    if fraction == 1.0:
+        raise DataError(f"{path}: every voxel is NaN or infinite (no data); nothing to train on")
+    array = _channels_first(np.where(missing, _background_intensity(data, missing, opts), data))
     affine = canonical.affine
+    mask = _channels_first(missing.astype(np.float32)) if fraction else None
     if opts.spacing is not None:
-        array, affine = resample(array, affine, opts.spacing)
-    return Volume(intensity_preset(array, opts), affine)
+        array, new_affine = resample(array, affine, opts.spacing)
+        mask = None if mask is None else resample(mask, affine, opts.spacing)[0]
+        affine = new_affine
+    if fraction:
+        log.warning(
+            "%s: %.1f%% of the voxel values are NaN or infinite; treated as missing (background)",
+            path, 100 * fraction,
+        )  # fmt: skip
+    holes = None if mask is None else mask >= 0.5
+    return Volume(intensity_preset(array, opts, holes), affine, fraction)
+
+
+def _channels_first(data: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32))
+
+
+def _background_intensity(data: np.ndarray, missing: np.ndarray, opts: VolumeOptions) -> np.ndarray:
+    """Per channel, the intensity missing voxels are given before resampling (neutral at the borders of a
+    hole): the bottom of the CT window, or the channel's smallest finite value for MR."""
+    if opts.modality == "ct":
+        return np.full(data.shape[-1], opts.window[0], np.float32)
+    present = np.where(missing, np.inf, data).reshape(-1, data.shape[-1]).min(axis=0)
+    return np.where(np.isfinite(present), present, 0.0).astype(np.float32)

@@ -8,7 +8,9 @@ dict, ``torch.load(..., weights_only=True)``) and ``docs/README.md``. ``network_
 network class, so the bundle needs this package installed (``required_packages_version`` says so).
 
 The bundle is assembled in a temporary folder, checked (the network the configs describe loads ``model.pt``
-strictly) and then renamed into place, so ``--out`` is never a half-written bundle.
+strictly) and then renamed into place, so ``--out`` is never a half-written bundle. It carries the marker of our
+outputs (``.foundation.json``), and ``--overwrite`` replaces only such a bundle, file by file, never a folder
+of anything else.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from domains.medical.segmentation.bundle_configs import (
     TASK,
@@ -28,9 +30,15 @@ from domains.medical.segmentation.bundle_configs import (
     readme,
     train_config,
 )
+from domains.medical.segmentation.segment import checkpoint_paths
 from foundation.errors import CheckpointError, ConfigError, DataError
+from foundation.outputs import building_dir, check_output_dir, check_writable
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
+BUNDLE_KIND = "monai-bundle"  # the kind in the bundle's .foundation.json (foundation.outputs)
 
 LICENSE_TEXT = """\
 Copyright {copyright}
@@ -67,7 +75,11 @@ def add_export_bundle_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="bundle folder to create (its parent must exist)")
     p.add_argument("--task", help=f"the checkpoint's task (default: read from it); only {TASK!r} is exported")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a bundle written by export-bundle before (never any other folder)",
+    )
     p.add_argument("--version", default="0.1.0", help="bundle version (metadata.json)")
     p.add_argument("--authors", default="foundation export-bundle", help="metadata.json authors")
     p.add_argument(
@@ -108,13 +120,18 @@ def export_bundle(
 ) -> Path:
     """Write the bundle folder ``out`` from a fine-tuned organ-segmentation checkpoint.
 
-    Raises:
-        ConfigError: ``task`` is not an exportable task, or ``out`` exists without ``overwrite``.
-        CheckpointError: unreadable checkpoint, another task than ``task``, or weights that do not fit.
-        DataError: the parent of ``out`` or the ``license_file`` is missing.
-    """
-    import torch
+    ``out`` is checked before anything is read: it must be new, empty, or a bundle written here before
+    (replaced only with ``overwrite``, and only when it holds nothing but its own files); never the
+    checkpoint, nor a folder holding it. The bundle is built in a temporary folder next to ``out`` and moved
+    into place once its network loads its weights.
 
+    Raises:
+        ConfigError: ``task`` is not an exportable task.
+        OutputError: ``out`` may not be written (see :func:`foundation.outputs.check_output_dir`), or the disk
+            is full or read-only.
+        CheckpointError: unreadable checkpoint, another task than ``task``, or weights that do not fit.
+        DataError: the ``license_file`` is missing.
+    """
     from domains.medical.segmentation.model import build_segmentation_net
     from foundation.models.vit import build_vit
     from foundation.tasks.checkpoint import load_net_weights, load_task_checkpoint
@@ -122,10 +139,9 @@ def export_bundle(
     if task is not None and task != TASK:
         raise ConfigError(f"--task {task!r}: export-bundle writes {TASK!r} models only")
     out = Path(out)
-    if not out.parent.is_dir():
-        raise DataError(f"the parent folder of --out {str(out)!r} does not exist")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    inputs = checkpoint_paths(checkpoint) + ([license_file] if license_file is not None else [])
+    check_output_dir(out, BUNDLE_KIND, overwrite=overwrite, inputs=inputs)
+    check_writable(out.parent, "--out")
     if license_file is not None and not license_file.is_file():
         raise DataError(f"--license {str(license_file)!r} is not a file")
     ckpt = load_task_checkpoint(checkpoint)  # read once: its own task name is the default
@@ -133,47 +149,36 @@ def export_bundle(
         raise CheckpointError(f"{ckpt.source} is a {ckpt.task!r} model; export-bundle needs a {TASK!r} model")
     meta, backbone_args = ckpt.task_meta, dict(ckpt.backbone_args)
     net = load_net_weights(build_segmentation_net(build_vit(**backbone_args), meta["head"]), ckpt)
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for sub in ("configs", "models", "docs"):
-            (tmp / sub).mkdir(parents=True)
-        torch.save(
-            {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-            tmp / "models" / "model.pt",
-        )
-        net_def = network_def(backbone_args, meta["head"])
-        source = f"{ckpt.source} (step {ckpt.step})"
-        files = {
-            "configs/metadata.json": bundle_metadata(meta, version, authors, copyright, source),
-            "configs/inference.json": inference_config(meta, net_def),
-            "configs/train.json": train_config(meta, net_def),
-        }
-        for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=4) + "\n")
-        license_text = license_file.read_text() if license_file else LICENSE_TEXT.format(copyright=copyright)
-        (tmp / "LICENSE").write_text(license_text)
-        (tmp / "docs" / "README.md").write_text(readme(meta, backbone_args, source, version))
+    license_text = license_file.read_text() if license_file else LICENSE_TEXT.format(copyright=copyright)
+    source = f"{ckpt.source} (step {ckpt.step})"
+    net_def = network_def(backbone_args, meta["head"])
+    texts = {
+        "configs/metadata.json": _json(bundle_metadata(meta, version, authors, copyright, source)),
+        "configs/inference.json": _json(inference_config(meta, net_def)),
+        "configs/train.json": _json(train_config(meta, net_def)),
+        "LICENSE": license_text,
+        "docs/README.md": readme(meta, backbone_args, source, version),
+    }
+    with building_dir(out, BUNDLE_KIND, overwrite=overwrite) as tmp:
+        _write_bundle(tmp, net, texts)
         check_bundle(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (``--overwrite``) is moved aside first, removed last."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _json(content: dict) -> str:
+    return json.dumps(content, indent=4) + "\n"
+
+
+def _write_bundle(root: Path, net: torch.nn.Module, texts: dict[str, str]) -> None:
+    """``models/model.pt`` (a plain state dict) and the text files ``texts`` (relative path: content)."""
+    import torch
+
+    (root / "models").mkdir()
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    torch.save(state, root / "models" / "model.pt")
+    for name, text in texts.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
 
 
 def check_bundle(root: Path) -> None:

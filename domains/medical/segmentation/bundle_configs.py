@@ -6,12 +6,16 @@ preprocessing spec) and ``docs/README.md``. :mod:`domains.medical.segmentation.b
 from __future__ import annotations
 
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 TASK = "organ-segmentation"
 SCHEMA = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 )
+# The same schema shipped with this package, so `monai.bundle verify_metadata --filepath META_SCHEMA` needs no
+# network (MONAI downloads SCHEMA only when the file at --filepath does not exist).
+META_SCHEMA = Path(__file__).with_name("schema") / SCHEMA.rsplit("/", 1)[-1]
 # Where the bundle configs find their run-time helpers (volume_list, training_pairs).
 _THIS = "domains.medical.segmentation.bundle"
 # The folder above the --config_file given to `python -m monai.bundle run`, else the working directory, so the
@@ -90,8 +94,9 @@ def bundle_metadata(
         "monai_version": v.get("monai", ""),
         "pytorch_version": v.get("torch", "").split("+")[0],
         "numpy_version": v.get("numpy", ""),
+        # no "optional_packages_version": MONAI >= 1.4 renames it to required_packages_version when it reads
+        # the file, and an empty one would then replace the list below
         "required_packages_version": packages,
-        "optional_packages_version": {},
         "name": f"foundation {modality} organ segmentation",
         "task": f"Segmentation of {organs} in {modality} volumes",
         "description": (
@@ -383,4 +388,7 @@ python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt
 ## Checks
 `python -m monai.bundle verify_net_in_out --net_id network_def --meta_file configs/metadata.json --config_file configs/inference.json`
 checks the ROI-sized input and the {len(classes)}-channel output.
+`python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath SCHEMA` checks the metadata
+offline against the schema shipped with `foundation` (SCHEMA: the path printed by
+`python -c "from domains.medical.segmentation.bundle_configs import META_SCHEMA; print(META_SCHEMA)"`).
 """

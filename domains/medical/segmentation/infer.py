@@ -17,6 +17,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from domains.medical.segmentation.transforms import normalise_intensity
 from domains.medical.volume import is_nifti, read_image
 from foundation.errors import ConfigError, DataError
 
@@ -243,38 +245,157 @@ class Segmenter:
         return labels.to("cpu", torch.int16 if self.num_classes > 256 else torch.uint8)
 
     # -- a whole volume -----------------------------------------------------------------------------------------
-    def load(self, path: Path) -> tuple[torch.Tensor, np.ndarray, nib.Nifti1Image]:
-        """Read and check ``path``, then preprocess it: ``(image C x D x H x W, its affine, the input image)``.
+    def load(self, path: Path) -> Preprocessed:
+        """Read and check ``path``, then preprocess it as in training. NaN and infinite voxels are missing data:
+        left out of the intensity statistics and given the background value (see :func:`normalise_intensity`).
 
         Raises:
-            DataError: see :func:`input_grid`; also a file MONAI cannot read or preprocess.
+            DataError: see :func:`input_grid`; every voxel NaN or infinite; a file MONAI cannot read or
+                preprocess.
         """
         path = Path(path)
         img = input_grid(path, self.in_chans)
-        with tempfile.TemporaryDirectory(prefix="foundation-segment-") as tmp:
-            source = path
-            if path.is_dir():  # a DICOM series, read by our reader (patient order, HU); MONAI reads the NIfTI
-                source = Path(tmp) / "series.nii"
-                nib.save(img, source)
-            try:
-                data = self.preprocess({"image": str(source)})
-            except Exception as e:  # MONAI wraps reader and transform errors in RuntimeError
-                raise DataError(f"{path}: cannot be read or preprocessed ({_root_cause(e)})") from e
-        image = data["image"]
-        affine = np.asarray(torch.as_tensor(image.affine).cpu(), dtype=np.float64)
-        return torch.as_tensor(image), affine, img
+        if path.is_file() and stored_finite(img):  # MONAI reads the file itself, as a bundle does
+            return self._preprocessed(self._run(self.preprocess, {"image": str(path)}, path), img, None)
+        voxels = read_voxels(img, path)
+        missing = ~np.isfinite(voxels)
+        if missing.all():
+            raise DataError(f"{path}: every voxel is NaN or infinite (no data); nothing to segment")
+        if not missing.any():
+            missing = None
+        if missing is None and path.is_file():
+            data = self._run(self.preprocess, {"image": str(path)}, path)
+        else:
+            with tempfile.TemporaryDirectory(prefix="foundation-segment-") as tmp:
+                data = self._preprocess_voxels(voxels, missing, img, Path(tmp), path)
+        return self._preprocessed(data, img, missing)
 
-    def segment(self, path: str | Path) -> nib.Nifti1Image:
-        """The label map of ``path`` on exactly its voxel grid (same shape and affine, qform/sform codes kept).
+    def _preprocessed(
+        self, data: dict[str, Any], img: nib.Nifti1Image, missing: np.ndarray | None
+    ) -> Preprocessed:
+        """MONAI's output as :class:`Preprocessed`; with missing voxels, the intensity preset that skips them."""
+        pixels = data["image"].as_tensor()
+        if missing is not None:
+            pixels = normalise_intensity(pixels, data["missing"].as_tensor() > 0.5, self.meta)
+        affine = np.asarray(torch.as_tensor(data["image"].affine).cpu(), dtype=np.float64)
+        if missing is None:
+            return Preprocessed(pixels, affine, img, None, 0.0)
+        on_grid = missing if missing.ndim == 3 else missing.any(axis=3)
+        return Preprocessed(pixels, affine, img, on_grid, float(missing.mean()))
+
+    def _preprocess_voxels(
+        self, voxels: np.ndarray, missing: np.ndarray | None, img: nib.Nifti1Image, tmp: Path, path: Path
+    ) -> dict[str, Any]:
+        """Preprocess voxels held in memory (a DICOM series, a volume with missing voxels) through temporary
+        NIfTI files: the voxels, missing ones filled with a background value, and the mask of missing ones
+        (resampled by nearest neighbour, like a label map)."""
+        from domains.medical.segmentation.transforms import preprocessing
+
+        source = tmp / "image.nii"
+        filled = voxels if missing is None else fill_missing(voxels, missing, self.meta)
+        nib.save(nib.Nifti1Image(filled, img.affine, _header_of(img)), source)
+        if missing is None:
+            return self._run(self.preprocess, {"image": str(source)}, path)
+        mask = tmp / "missing.nii"
+        nib.save(nib.Nifti1Image(missing.astype(np.uint8), img.affine, _header_of(img)), mask)
+        spatial = preprocessing(self.meta, keys=("image",), label_key="missing", intensity=False)
+        return self._run(spatial, {"image": str(source), "missing": str(mask)}, path)
+
+    @staticmethod
+    def _run(transform, item: dict[str, str], path: Path) -> dict[str, Any]:
+        try:
+            return transform(item)
+        except Exception as e:  # MONAI wraps reader and transform errors in RuntimeError
+            raise DataError(f"{path}: cannot be read or preprocessed ({_root_cause(e)})") from e
+
+    def run(self, path: str | Path) -> Segmentation:
+        """The label map of ``path`` on exactly its voxel grid (same shape and affine, qform/sform codes kept),
+        missing (NaN or infinite) voxels labelled background, and what the batch reports about it.
 
         Raises:
             DataError: the input is not a usable volume (see :meth:`load`).
         """
-        image, affine, img = self.load(Path(path))
-        labels = self.predict(image)
+        pre = self.load(Path(path))
+        labels = self.predict(pre.image)
         dtype = label_dtype(self.num_classes)
-        out = nearest_to_grid(labels, affine, img.affine, img.shape[:3], dtype)
-        return label_image(out, img)
+        out = nearest_to_grid(labels, pre.affine, pre.grid.affine, pre.grid.shape[:3], dtype)
+        present = out.size
+        if pre.missing is not None:
+            out[pre.missing] = 0
+            present -= int(pre.missing.sum())
+        return Segmentation(
+            image=label_image(out, pre.grid),
+            nonfinite_fraction=pre.nonfinite_fraction,
+            foreground_fraction=float(np.count_nonzero(out)) / max(present, 1),
+            has_signal=bool((pre.image > 0).any()),
+        )
+
+    def segment(self, path: str | Path) -> nib.Nifti1Image:
+        """The label map of ``path`` (see :meth:`run`)."""
+        return self.run(path).image
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """A volume as the network sees it, and the input grid its labels go back to."""
+
+    image: torch.Tensor  # C x D x H x W, preprocessed
+    affine: np.ndarray  # voxel -> world of ``image``
+    grid: nib.Nifti1Image  # the input
+    missing: np.ndarray | None  # X x Y x Z on the input grid: NaN or infinite in some channel; None if none
+    nonfinite_fraction: float  # share of the input's values that were NaN or infinite
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A label map and the facts ``foundation segment`` reports with it."""
+
+    image: nib.Nifti1Image
+    nonfinite_fraction: float  # share of input values that were NaN or infinite (labelled background)
+    foreground_fraction: float  # labelled voxels among those that were not missing
+    has_signal: bool  # some preprocessed voxel is above background: an all-background map is then suspect
+
+
+def stored_finite(img: nib.Nifti1Image) -> bool:
+    """True when ``img``'s voxels cannot be NaN or infinite: integers on disk with a finite scaling."""
+    if np.dtype(img.get_data_dtype()).kind not in "iub":
+        return False
+    scaling = [getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)]
+    return all(s is None or np.isfinite(s) for s in scaling)
+
+
+def read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """The voxel values as float32 (``X x Y x Z`` or ``X x Y x Z x C``). Raises: DataError naming ``path``."""
+    try:
+        return np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as e:  # nibabel raises several types for truncated or corrupt data
+        raise DataError(f"{path}: cannot read the voxel data ({e})") from e
+
+
+def fill_missing(voxels: np.ndarray, missing: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """``voxels`` with the missing ones set to a background intensity: the bottom of the CT window, or the
+    smallest finite value of the channel for MR (both 0 after the preset, and neutral for resampling)."""
+    filled = np.where(missing, 0.0, voxels).astype(np.float32)
+    channels = filled.reshape(*filled.shape[:3], -1)
+    holes = missing.reshape(channels.shape)
+    for c in range(channels.shape[-1]):
+        present = channels[..., c][~holes[..., c]]
+        if meta.get("modality", "ct") == "ct":
+            background = float(meta["window"][0])
+        else:
+            background = float(present.min()) if present.size else 0.0
+        channels[..., c][holes[..., c]] = background
+    return channels.reshape(filled.shape)
+
+
+def _header_of(img: nib.Nifti1Image) -> nib.Nifti1Header | None:
+    header = getattr(img, "header", None)
+    if not isinstance(header, nib.Nifti1Header):
+        return None
+    header = header.copy()
+    header.set_data_dtype(np.float32)
+    header.set_slope_inter(None, None)  # the values are already scaled
+    return header
 
 
 def label_image(labels: np.ndarray, like: nib.Nifti1Image) -> nib.Nifti1Image:

@@ -1,17 +1,20 @@
 """``foundation segment``: NIfTI label maps of volumes (NIfTI files, DICOM series folders, or folders of them).
 
 Each input ``NAME.nii.gz`` (or DICOM folder ``NAME``) gives ``OUT/NAME_seg.nii.gz`` on exactly the input's voxel
-grid (:mod:`domains.medical.segmentation.infer`). Files are written under a temporary name and renamed once
-complete; existing outputs are kept unless ``--overwrite``, so a rerun finishes an interrupted batch.
-Under torchrun (or ``--nproc N``) volume ``i`` goes to rank ``i % world_size``. A broken input (not a volume,
-unreadable, a DICOM folder mixing series or missing slices, a 4D image where 3D is expected) is skipped with
-its reason; the others finish. ``OUT/summary.json`` (``summary_rank{r}.json`` per rank) lists what happened, and
-if anything was skipped a :class:`DataError` follows, so the command exits non-zero.
+grid (:mod:`domains.medical.segmentation.infer`). Files are written under a temporary name, re-opened and checked,
+then renamed; existing outputs are kept unless ``--overwrite`` (and a file of that name that we did not write is
+never replaced), so a rerun finishes an interrupted batch. Under torchrun (or ``--nproc N``) volume ``i`` goes to
+rank ``i % world_size``. A broken input (not a volume, unreadable, every voxel NaN, a DICOM folder mixing series
+or missing slices, a 4D image where 3D is expected) or a label map that cannot be written (full disk) is skipped
+with its reason; the others finish. NaN and infinite voxels are missing data: labelled background, their share
+reported. ``OUT/summary.json`` (``summary_rank{r}.json`` per rank) lists what happened; the exit status is
+:func:`foundation.batch.exit_status` (0 all done, 2 some skipped, 1 none done).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,16 +22,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from foundation.errors import ConfigError, DataError
+from foundation.batch import exit_status
+from foundation.errors import CheckpointError, ConfigError, DataError, OutputError
+from foundation.outputs import check_not_input, check_writable, output_error, write_verified
 
 log = logging.getLogger(__name__)
 SUFFIX = "_seg.nii.gz"
+LABEL_DESCRIPTION = b"foundation segment"  # the start of the NIfTI descrip of every label map written here
 DESCRIPTION = """\
 Each input NAME.nii.gz (or DICOM series folder NAME) gives OUT/NAME_seg.nii.gz with exactly the input's shape and
 affine: preprocessing as in training (RAS, spacing, intensity preset), Gaussian sliding window, argmax, then
-nearest-neighbour back onto the input grid. Outputs are written atomically; existing ones are kept unless
---overwrite, so a rerun finishes an interrupted batch. Broken inputs are skipped and listed in OUT/summary.json
-(summary_rank{r}.json under torchrun), and the command then exits with status 2.
+nearest-neighbour back onto the input grid. Outputs are written atomically and read back before they are
+renamed into place; existing ones are kept unless --overwrite, so a rerun finishes an interrupted batch. NaN and
+infinite voxels are missing data: left out of the intensity normalisation and labelled background (their share
+is in the summary). Broken inputs (and volumes entirely NaN) are skipped and listed in OUT/summary.json
+(summary_rank{r}.json under torchrun). Exit status: 0 every volume done, 2 some skipped, 1 none done.
 """
 EPILOG = """\
 examples:
@@ -54,7 +62,9 @@ def add_segment_parser(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint", required=True, help="organ-segmentation model: run folder, model.pt or checkpoint"
     )
     p.add_argument("--out", required=True, help="output folder (created; its parent must exist)")
-    p.add_argument("--overwrite", action="store_true", help="redo volumes whose output exists already")
+    p.add_argument(
+        "--overwrite", action="store_true", help="redo volumes whose label map (written by segment) exists"
+    )
     p.add_argument("--overlap", type=float, help="sliding-window overlap; default: the checkpoint's (0.5)")
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass; default: the checkpoint's")
     p.add_argument(
@@ -125,18 +135,66 @@ def _check_names(volumes: list[Path]) -> list[str]:
     return names
 
 
-def write_atomic(img, path: Path) -> None:
-    """``nib.save`` to a hidden temporary name in the same folder, fsync, rename: never a half-written file."""
+def is_our_label_map(path: Path) -> bool:
+    """``path`` is a label map ``foundation segment`` wrote (its NIfTI description says so)."""
     import nibabel as nib
 
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
     try:
-        nib.save(img, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return bytes(nib.load(path).header["descrip"]).startswith(LABEL_DESCRIPTION)
+    except Exception:  # not a NIfTI file, unreadable: not ours
+        return False
+
+
+def write_label_map(img, path: Path) -> None:
+    """Write ``img`` to ``path`` through a temporary name, re-open it and check shape, affine, dtype and every
+    voxel before the rename.
+
+    Raises:
+        OutputError: naming ``path`` and the reason ("no space left on device" for a full disk); no temporary
+            file is left behind and an older ``path`` is untouched.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    labels = np.asarray(img.dataobj)
+
+    def verify(tmp: Path) -> None:
+        back = nib.load(tmp)
+        same = back.shape == img.shape and back.get_data_dtype() == labels.dtype
+        if not (same and np.allclose(back.affine, img.affine, atol=1e-5)):
+            raise OutputError(f"{path}: the file written does not read back with the label map's grid")
+        if not np.array_equal(np.asarray(back.dataobj), labels):
+            raise OutputError(f"{path}: the file written does not read back with the labels written")
+
+    write_verified(path, lambda tmp: nib.save(img, tmp), verify)
+
+
+def check_out(out_dir: Path, inputs: list[str], checkpoint: str) -> None:
+    """Refuse, before any work, an ``--out`` that is a file, an input or the checkpoint, holds one of them, or
+    cannot be written.
+
+    Raises:
+        OutputError: naming ``--out`` and the problem.
+    """
+    check_not_input(out_dir, [Path(i) for i in inputs] + checkpoint_paths(checkpoint))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(
+            f"--out {str(out_dir)!r} exists and is not a folder; give a folder for the label maps"
+        )
+    if not out_dir.exists() and not out_dir.parent.is_dir():
+        raise OutputError(f"the parent folder of --out {str(out_dir)!r} does not exist; create it first")
+    check_writable(out_dir if out_dir.exists() else out_dir.parent, "--out")
+
+
+def checkpoint_paths(checkpoint: str | Path) -> list[Path]:
+    """``checkpoint`` and the file it resolves to (a run folder's model), which ``--out`` must not hold either;
+    a checkpoint that does not resolve is reported when it is loaded."""
+    from foundation.tasks.checkpoint import resolve_task_checkpoint
+
+    paths = [Path(checkpoint)]
+    with contextlib.suppress(CheckpointError):
+        paths.append(resolve_task_checkpoint(checkpoint))
+    return paths
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -144,21 +202,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from foundation.cli import spawn_local
 
         return spawn_local(args.nproc, sys.argv[1:])
-    result, skipped = segment_volumes(args)
+    result, status = segment_volumes(args)
     if result is not None:
         print(json.dumps(result))
-    if skipped:
-        raise DataError(
-            f"{len(skipped)} input(s) skipped (see {args.out}/summary*.json); first: {skipped[0]['reason']}"
-        )
-    return 0
+    return status
 
 
-def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
-    """Segment every input (this rank's share under torchrun): ``(summary or None off rank 0, skipped inputs of
-    all ranks)``; a broken input is skipped, not raised.
+def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
+    """Segment every input (this rank's share under torchrun): ``(summary or None off rank 0, exit status)``;
+    a broken input is skipped, not raised. The exit status is :func:`foundation.batch.exit_status` over all
+    ranks: 0 every volume written or already there, 2 some skipped, 1 none done.
 
     Raises:
+        OutputError: ``--out`` is a file, an input, not writable, or ``summary.json`` cannot be written.
         DataError: no volume at all in the inputs.
         ConfigError / CheckpointError: bad flags, two inputs with one output name, or an unusable checkpoint.
     """
@@ -168,16 +224,15 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, li
     from foundation.train.distributed import all_gather_objects, destroy_distributed, init_distributed
 
     out_dir = Path(args.out)
-    if not out_dir.parent.exists():
-        raise DataError(f"the parent folder of --out {str(out_dir)!r} does not exist")
+    check_out(out_dir, list(args.inputs), args.checkpoint)
     volumes, bad = list_inputs(list(args.inputs))
     volumes = [v for v in volumes if not v.is_relative_to(out_dir.resolve())]  # never our own outputs
     names = _check_names(volumes)
     if not volumes:
         raise DataError("no volumes to segment: " + "; ".join(b["reason"] for b in bad))
-    out_dir.mkdir(exist_ok=True)
 
     dist = init_distributed(args.device)
+    summary_error: OutputError | None = None
     try:
         segmenter = Segmenter.from_checkpoint(
             args.checkpoint,
@@ -187,6 +242,7 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, li
             precision=args.precision,
             stitch=args.stitch,
         )
+        _make_folder(out_dir)  # only now: a bad checkpoint leaves nothing behind
         written: list[dict[str, Any]] = []
         existing: list[dict[str, str]] = []
         skipped = [dict(b) for b in bad] if dist.is_main else []
@@ -194,48 +250,87 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, li
         bar = tqdm(mine, desc=f"segment (rank {dist.rank})", unit="volume", disable=args.quiet)
         for i in bar:
             path, out = volumes[i], out_dir / names[i]
+            if out.exists() and not is_our_label_map(out):
+                reason = f"{out} exists and is not a label map of foundation segment; it was left alone"
+                log.warning("skipping %s: %s", path, reason)
+                skipped.append({"input": str(path), "reason": reason})
+                continue
             if out.exists() and not args.overwrite:
                 existing.append({"input": str(path), "out": str(out)})
                 continue
             try:
-                img = segmenter.segment(path)
-                write_atomic(img, out)
-            except DataError as e:
+                written.append(_segment_one(segmenter, path, out))
+            except (DataError, OutputError) as e:
                 log.warning("skipping %s", e)
                 skipped.append({"input": str(path), "reason": str(e)})
-                continue
-            written.append({"input": str(path), "out": str(out), "shape": list(img.shape)})
         summary_path = out_dir / (f"summary_rank{dist.rank}.json" if dist.world_size > 1 else "summary.json")
-        _write_json(
-            summary_path,
-            {
-                "rank": dist.rank,
-                "world_size": dist.world_size,
-                "written": written,
-                "existing": existing,
-                "skipped": skipped,
-            },
-        )
+        summary = {"rank": dist.rank, "world_size": dist.world_size, "written": written, "existing": existing}
+        try:
+            _write_json(summary_path, {**summary, "skipped": skipped})
+        except OutputError as e:  # raised after the ranks have met, so none waits for this one forever
+            summary_error = e
         parts = all_gather_objects((written, existing, skipped))
     finally:
         destroy_distributed()
+    if summary_error is not None:
+        raise summary_error
     all_written = [w for p in parts for w in p[0]]
     all_existing = [w for p in parts for w in p[1]]
     all_skipped = [s for p in parts for s in p[2]]
+    done = len(all_written) + len(all_existing)
     result = {
         "out": str(out_dir),
+        "done": done,
         "written": len(all_written),
         "existing": len(all_existing),
         "skipped": len(all_skipped),
         "outputs": [w["out"] for w in all_written],
+        "volumes": all_written,
         "skipped_inputs": all_skipped,
     }
     if dist.is_main:
         log.info("%d label map(s) written to %s, %d skipped", len(all_written), out_dir, len(all_skipped))
-    return result if dist.is_main else None, all_skipped
+        if all_skipped:
+            log.warning(
+                "%d input(s) skipped (see %s/summary*.json); first: %s",
+                len(all_skipped), out_dir, all_skipped[0]["reason"],
+            )  # fmt: skip
+    return (result if dist.is_main else None), exit_status(done, len(all_skipped))
+
+
+def _segment_one(segmenter, path: Path, out: Path) -> dict[str, Any]:
+    """Segment ``path`` into ``out``; the summary entry, with warnings for missing voxels and for an
+    all-background map of a volume that is not all background."""
+    seg = segmenter.run(path)
+    write_label_map(seg.image, out)
+    entry = {
+        "input": str(path),
+        "out": str(out),
+        "shape": list(seg.image.shape),
+        "nonfinite_fraction": round(seg.nonfinite_fraction, 6),
+        "foreground_fraction": round(seg.foreground_fraction, 6),
+    }
+    if seg.nonfinite_fraction > 0:
+        log.warning(
+            "%s: %.1f%% of the voxels are NaN or infinite; treated as missing and labelled background",
+            path, 100 * seg.nonfinite_fraction,
+        )  # fmt: skip
+    if seg.foreground_fraction == 0 and seg.has_signal:
+        log.warning(
+            "%s: the label map is all background although the volume is not; check the model and that the "
+            "volume is what it was trained on (modality, intensities)",
+            path,
+        )
+    return entry
+
+
+def _make_folder(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as e:
+        raise output_error(e, out_dir, "cannot create the folder") from e
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2)
+    write_verified(path, lambda tmp: tmp.write_text(text), lambda tmp: json.loads(tmp.read_text()))

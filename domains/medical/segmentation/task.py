@@ -154,6 +154,8 @@ class DiceEvaluator:
             except Exception as err:  # MONAI wraps reader errors in RuntimeError
                 raise DataError(f"{entry['image']}: cannot preprocess this image/label pair ({err})") from err
             check_label_values(out["label"], self.meta["num_classes"], entry["label"])
+            if not torch.isfinite(out["image"]).all():  # a Dice of NaN inputs would score garbage
+                raise DataError(f"{entry['image']}: NaN or infinite voxels; this pair cannot be scored")
         except DataError as err:
             log.warning("organ segmentation: skipping %s", err)
             self.skipped.append(entry["image"])
@@ -295,7 +297,9 @@ class OrganSegmentationTask:
         )
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
-        """Per-organ Dice of a fine-tuned model on a datalist split: ``{"dice/<organ>": ..., "dice_mean": ...}``.
+        """Per-organ Dice of a fine-tuned model on a datalist split: ``{"dice/<organ>": ..., "dice_mean": ...}``,
+        ``done`` (pairs scored) and ``skipped`` (the images of pairs that could not be), which give the exit status
+        (:func:`foundation.batch.exit_status`).
 
         Raises:
             CheckpointError: not an organ-segmentation model. DataError: bad datalist.
@@ -317,9 +321,10 @@ class OrganSegmentationTask:
         evaluator = DiceEvaluator(entries, meta, keep=False, quiet=getattr(args, "quiet", False))
         with torch.no_grad():
             scores = evaluator(net, device)
-        result = {**scores, "split": args.split, "volumes": len(entries) - len(evaluator.skipped)}
+        scored = len(entries) - len(evaluator.skipped)
+        result = {**scores, "split": args.split, "volumes": scored, "done": scored}
         result["checkpoint"] = str(ckpt.source)
-        result["skipped"] = evaluator.skipped  # non-empty: the CLI prints the rest's scores and exits 1
+        result["skipped"] = evaluator.skipped  # non-empty: the CLI prints the rest's scores and exits 2
         if evaluator.skipped:
             log.warning("%d image/label pair(s) skipped: %s", len(evaluator.skipped), evaluator.skipped)
         return result

@@ -7,7 +7,9 @@ segment``); :func:`preprocessing_config` writes it as MONAI bundle config entrie
 
 The steps match the medical domain's reader (``domains/medical/volume.py``): channel first, RAS orientation,
 resampling to ``spacing`` (bilinear for images, nearest for labels), then the intensity preset: CT clips the HU
-``window`` and scales it to [0, 1]; MR maps each channel's 0.5/99.5 percentiles to [0, 1], clipped.
+``window`` and scales it to [0, 1]; MR maps each channel's 0.5/99.5 percentiles to [0, 1], clipped. A volume with
+NaN or infinite voxels (missing data) stops before the preset and gets :func:`normalise_intensity`, which leaves
+them out of the statistics and makes them background.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+import torch
 
 # MONAI's LoadImage probes an optional GPU DICOM decoder on every call and warns when it is absent (it falls
 # back to pydicom, which is what we want): one line per volume of noise for every user without it.
@@ -26,9 +31,14 @@ RAS_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
 
 
 def preprocessing_spec(
-    meta: dict[str, Any], keys: Sequence[str] = ("image",), label_key: str | None = None
+    meta: dict[str, Any],
+    keys: Sequence[str] = ("image",),
+    label_key: str | None = None,
+    *,
+    intensity: bool = True,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """``[(monai.transforms name, JSON-able kwargs), ...]`` for the image ``keys`` (and an optional label map).
+    """``[(monai.transforms name, JSON-able kwargs), ...]`` for the image ``keys`` (and an optional label map);
+    ``intensity=False`` stops before the intensity preset (see :func:`normalise_intensity`).
 
     Raises:
         ValueError: ``meta["modality"]`` is neither ``ct`` nor ``mr``.
@@ -46,6 +56,10 @@ def preprocessing_spec(
             ("Spacingd", {"keys": every, "pixdim": [float(s) for s in meta["spacing"]], "mode": modes})
         )
     modality = meta.get("modality", "ct")
+    if modality not in ("ct", "mr"):
+        raise ValueError(f"modality {modality!r} is not one of ['ct', 'mr']")
+    if not intensity:
+        return spec
     if modality == "ct":
         low, high = (float(v) for v in meta["window"])
         spec.append(
@@ -70,18 +84,44 @@ def preprocessing_spec(
                 },
             )
         )
-    else:
-        raise ValueError(f"modality {modality!r} is not one of ['ct', 'mr']")
     return spec
 
 
-def preprocessing(meta: dict[str, Any], keys: Sequence[str] = ("image",), label_key: str | None = None):
+def preprocessing(
+    meta: dict[str, Any],
+    keys: Sequence[str] = ("image",),
+    label_key: str | None = None,
+    *,
+    intensity: bool = True,
+):
     """The preprocessing as a ``monai.transforms.Compose`` of dictionary transforms (paths in, arrays out)."""
     import monai.transforms as mt
 
-    return mt.Compose(
-        [getattr(mt, name)(**kwargs) for name, kwargs in preprocessing_spec(meta, keys, label_key)]
-    )
+    spec = preprocessing_spec(meta, keys, label_key, intensity=intensity)
+    return mt.Compose([getattr(mt, name)(**kwargs) for name, kwargs in spec])
+
+
+def normalise_intensity(image: torch.Tensor, missing: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """The intensity preset of ``meta`` on a ``C x D x H x W`` image with ``missing`` voxels (a boolean mask of
+    the same shape: NaN or infinite in the input). Missing voxels are left out of the statistics (the MR
+    percentiles) and set to 0, the background after either preset; the other voxels get exactly what the
+    MONAI transforms of :func:`preprocessing_spec` give them."""
+    import monai.transforms as mt
+
+    image = torch.as_tensor(image).float()
+    missing = torch.as_tensor(missing).bool().expand_as(image)
+    out = torch.zeros_like(image)
+    for c in range(image.shape[0]):
+        valid = ~missing[c]
+        if not valid.any():
+            continue
+        if meta.get("modality", "ct") == "ct":
+            low, high = (float(v) for v in meta["window"])
+        else:
+            low, high = (float(v) for v in np.percentile(image[c][valid].numpy(), MR_PERCENTILES))
+        scale = mt.ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        out[c] = torch.where(valid, torch.as_tensor(scale(image[c])).float(), 0.0)
+    return out
 
 
 def preprocessing_config(

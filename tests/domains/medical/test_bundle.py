@@ -15,7 +15,9 @@ import torch
 from med_testdata import lps_affine, oblique_affine, write_nifti
 from test_segment import LABELS, make_checkpoint
 
+from domains.medical.segmentation.bundle_configs import META_SCHEMA
 from foundation.cli import main
+from foundation.outputs import MARKER
 from foundation.tasks.checkpoint import save_task_model
 
 # MONAI's meta schema (metadata.json) and its tensor format specifiers; verify_metadata would download the schema
@@ -26,7 +28,6 @@ METADATA_FIELDS = (
     "pytorch_version",
     "numpy_version",
     "required_packages_version",
-    "optional_packages_version",
     "task",
     "description",
     "authors",
@@ -77,9 +78,12 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bundle_files_and_metadata(bundle):
-    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()) == sorted(FILES)
+    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()) == sorted(
+        (*FILES, MARKER)
+    )
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert [f for f in METADATA_FIELDS if f not in meta] == []
+    assert "optional_packages_version" not in meta  # MONAI >= 1.4 would let an empty one replace the list
     assert meta["required_packages_version"]["foundation"]
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
@@ -115,15 +119,15 @@ def test_refuses_another_task_and_an_existing_bundle(tmp_path, bundle, capsys):
         config={},
         step=0,
     )
-    assert main(["export-bundle", "--checkpoint", str(other), "--out", str(tmp_path / "b")]) == 2
+    assert main(["export-bundle", "--checkpoint", str(other), "--out", str(tmp_path / "b")]) == 1
     assert "is a 'canopy-height' model" in capsys.readouterr().err
     ckpt = str(bundle.parent / "run")
     assert (
         main(["export-bundle", "--task", "canopy-height", "--checkpoint", ckpt, "--out", str(tmp_path / "b")])
-        == 2
+        == 1
     )
     assert "writes 'organ-segmentation' models only" in capsys.readouterr().err
-    assert main(["export-bundle", "--checkpoint", ckpt, "--out", str(bundle)]) == 2
+    assert main(["export-bundle", "--checkpoint", ckpt, "--out", str(bundle)]) == 1
     assert "pass --overwrite" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
@@ -209,3 +213,132 @@ def test_monai_bundle_verify_run_and_train(tmp_path, bundle):
     original = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert tuned.keys() == original.keys()
     assert any(not torch.equal(tuned[k], original[k]) for k in original)  # it trained
+
+
+# -- metadata as MONAI reads it ----------------------------------------------------------------------------------
+def test_package_versions_survive_monai_reading_the_metadata(bundle, tmp_path):
+    """MONAI >= 1.4 renames optional_packages_version to required_packages_version as it reads a bundle's
+    metadata: an empty optional one would wipe the list. Ours has none, so the versions are all still there."""
+    import monai
+    from monai.bundle import ConfigParser
+
+    path = bundle / "configs" / "metadata.json"
+    written = json.loads(path.read_text())
+    parser = ConfigParser()
+    parser.read_meta(str(path))
+    meta = parser.get("_meta_")
+    assert meta["required_packages_version"] == written["required_packages_version"]
+    assert {"foundation", "timm", "nibabel"} <= set(meta["required_packages_version"])
+    assert meta["monai_version"] == monai.__version__
+    assert meta["pytorch_version"] == torch.__version__.split("+")[0]
+    assert meta["numpy_version"] == np.__version__
+
+    wiped = tmp_path / "metadata.json"  # what the old metadata.json did to the list
+    wiped.write_text(json.dumps({**written, "optional_packages_version": {}}))
+    old = ConfigParser()
+    old.read_meta(str(wiped))
+    assert old.get("_meta_")["required_packages_version"] == {}
+
+
+def test_verify_metadata_runs_offline_against_the_shipped_schema(bundle, tmp_path):
+    from monai.bundle import verify_metadata
+
+    schema = META_SCHEMA.read_bytes()
+    meta_file = bundle / "configs" / "metadata.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file)]
+    done = subprocess.run([*cmd, "--filepath", str(META_SCHEMA)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "metadata is verified with no error" in done.stdout + done.stderr
+    assert META_SCHEMA.read_bytes() == schema  # read, never downloaded over
+
+    incomplete = tmp_path / "metadata.json"  # the schema is not a formality: a missing field fails
+    meta = json.loads(meta_file.read_text())
+    del meta["network_data_format"]["outputs"]["pred"]["spatial_shape"]
+    incomplete.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="spatial_shape"):
+        verify_metadata(meta_file=str(incomplete), filepath=str(META_SCHEMA))
+
+
+# -- what export-bundle may write over ---------------------------------------------------------------------------
+def export(checkpoint: Path, out: Path, *extra: str) -> int:
+    return main(["export-bundle", "--checkpoint", str(checkpoint), "--out", str(out), "--quiet", *extra])
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith((".tmp-", ".old-")))
+
+
+def test_overwrite_replaces_only_a_bundle_of_ours_holding_only_its_files(bundle, tmp_path, capsys):
+    ckpt = bundle.parent / "run"
+    theirs = tmp_path / "theirs"
+    (theirs / "configs").mkdir(parents=True)
+    (theirs / "configs" / "metadata.json").write_text("{}")
+    (theirs / "notes.txt").write_text("my notes")
+    before = snapshot(theirs)
+    assert export(ckpt, theirs, "--overwrite") == 1
+    assert "a folder of other files" in error_line(capsys) and snapshot(theirs) == before
+
+    ours = tmp_path / "ours"
+    assert export(ckpt, ours) == 0
+    (ours / "docs" / "my_results.csv").write_text("dice\n0.9\n")
+    before = snapshot(ours)
+    assert export(ckpt, ours, "--overwrite") == 1
+    assert "holds files that are not ours (docs/my_results.csv)" in error_line(capsys)
+    assert snapshot(ours) == before
+
+    (ours / "docs" / "my_results.csv").unlink()
+    (ours / "models" / "model.pt").write_bytes(b"stale")
+    assert export(ckpt, ours, "--overwrite") == 0
+    state = torch.load(ours / "models" / "model.pt", weights_only=True)  # the stale file was replaced
+    assert state.keys() == torch.load(bundle / "models" / "model.pt", weights_only=True).keys()
+    assert leftovers(tmp_path) == []
+
+
+def test_out_that_is_or_holds_the_checkpoint_or_a_file_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt = make_checkpoint(run)
+    before = snapshot(tmp_path)
+    for out in (run, ckpt, tmp_path):
+        assert export(run, out, "--overwrite") == 1
+        assert "is (or holds) the input" in error_line(capsys)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert export(ckpt, notes, "--overwrite") == 1
+    assert "exists and is not a folder" in error_line(capsys)
+    assert snapshot(tmp_path) == {**before, "notes.txt": b"mine"}
+
+
+def test_bad_checkpoint_leaves_no_folder_behind(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert export(bad, tmp_path / "bundle") == 1
+    assert "model.pt" in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_full_or_read_only_disk_is_one_clear_error(bundle, small_disk, capsys):
+    ckpt = bundle.parent / "run"
+    full = small_disk(512)  # far less than the weights
+    assert export(ckpt, full / "bundle") == 1
+    line = error_line(capsys)
+    assert str(full / "bundle") in line and "no space left on device" in line
+    assert list(full.iterdir()) == []
+
+    read_only = small_disk(4096)
+    if subprocess.run(["mount", "-o", "remount,ro", str(read_only)], capture_output=True).returncode != 0:
+        pytest.skip("cannot remount a tmpfs read-only here")
+    assert export(ckpt, read_only / "bundle") == 1
+    assert "read-only file system" in error_line(capsys)

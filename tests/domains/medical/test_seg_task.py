@@ -15,6 +15,7 @@ import torch
 from domains.medical.segmentation.datalist import sample_datalist
 from domains.medical.segmentation.model import load_segmentation_model
 from domains.medical.segmentation.task import OrganSegmentationTask
+from foundation.batch import EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.config import load_config
 from foundation.errors import ConfigError
@@ -135,14 +136,14 @@ def test_resume_is_exact(tmp_path, single_thread):
 
 def test_setup_errors_name_the_problem(tmp_path, capsys):
     recipe = _recipe(tmp_path, roi=24, steps=1, every=1)
-    assert _finetune(recipe, tmp_path / "run") == 2
+    assert _finetune(recipe, tmp_path / "run") == 1
     assert (
         "roi_size=[24, 24, 24] must be multiples of the backbone's patch size 16" in capsys.readouterr().err
     )
     recipe = _recipe(tmp_path, steps=1, every=1)
-    assert _finetune(recipe, tmp_path / "run", "model.in_chans=2") == 2
+    assert _finetune(recipe, tmp_path / "run", "model.in_chans=2") == 1
     assert "backbone takes 2 channel(s) but the images of" in capsys.readouterr().err
-    assert _finetune(recipe, tmp_path / "run", "task.options.roi=32") == 2
+    assert _finetune(recipe, tmp_path / "run", "task.options.roi=32") == 1
     assert "task.options.roi is not an option of organ-segmentation" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="overlap"):
         from domains.medical.segmentation.task import SegmentationOptions
@@ -152,7 +153,7 @@ def test_setup_errors_name_the_problem(tmp_path, capsys):
         SegmentationOptions.from_config({"norm_name": "group"})
 
 
-def test_evaluate_skips_a_broken_volume_scores_the_rest_and_fails(trained, tmp_path, capsys):
+def test_evaluate_skips_broken_and_nan_volumes_scores_the_rest(trained, tmp_path, capsys):
     run, _ = trained
     source = json.loads(sample_datalist().read_text())
     folder = sample_datalist().parent
@@ -163,13 +164,16 @@ def test_evaluate_skips_a_broken_volume_scores_the_rest_and_fails(trained, tmp_p
     nib.save(nib.Nifti1Image(np.asarray(labels.dataobj), labels.affine), broken["label"])
     with open(broken["image"], "r+b") as f:  # the header is intact, the voxel data is cut short
         f.truncate(Path(broken["image"]).stat().st_size // 2)
+    nan = {"image": str(tmp_path / "nan.nii.gz"), "label": good[0]["label"]}
+    nib.save(nib.Nifti1Image(np.full(hu.shape, np.nan, np.float32), hu.affine), nan["image"])
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": good, "validation": [good[1], broken]}))
+    datalist.write_text(json.dumps({"training": good, "validation": [good[1], broken, nan]}))
     capsys.readouterr()
     argv = ["evaluate", "organ-segmentation", "--checkpoint", str(run), "--data", str(datalist), "--quiet"]
-    assert main(argv) == 1  # the other pair's scores are printed, the exit status says one was skipped
+    assert main(argv) == EXIT_SOME_SKIPPED  # the other pair's scores are printed, the exit status says so
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["volumes"] == 1 and result["skipped"] == [broken["image"]] and "dice_mean" in result
+    assert result["done"] == 1 and result["skipped"] == [broken["image"], nan["image"]]
+    assert "dice_mean" in result
 
 
 def test_dice_on_volumes_smaller_than_the_roi(tmp_path):

@@ -14,6 +14,7 @@ from torch import nn
 
 from domains.medical.segmentation.infer import Segmenter, nearest_to_grid
 from domains.medical.segmentation.segment import list_inputs, output_name
+from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.errors import DataError
 
@@ -169,12 +170,12 @@ def test_output_names_and_clashes(tmp_path, capsys):
     for sub in ("a", "b"):
         write_nifti(tmp_path / sub / "ct.nii.gz", np.zeros((4, 4, 4), np.int16), np.eye(4))
     args = [str(tmp_path), "--checkpoint", "x", "--out", str(tmp_path / "out")]
-    assert main(["segment", *args]) == 2  # refused before the checkpoint is even read
+    assert main(["segment", *args]) == EXIT_NOTHING_DONE  # refused before the checkpoint is even read
     assert "would both be written as ct_seg.nii.gz" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_batch_skips_and_reports_bad_inputs(tmp_path, checkpoint, capsys):
+def test_batch_skips_and_reports_bad_inputs(tmp_path, checkpoint, capsys, caplog):
     """Good volumes (NIfTI, DICOM series) are written; a corrupt file, a 4D file, a DICOM folder with a missing
     slice or mixed series, and a text file are skipped by name; exit 2; no temporary files; a rerun keeps them."""
     data = tmp_path / "data"
@@ -204,8 +205,8 @@ def test_batch_skips_and_reports_bad_inputs(tmp_path, checkpoint, capsys):
             "--quiet",
         ]
     )
-    assert code == 2
-    assert "5 input(s) skipped" in capsys.readouterr().err
+    assert code == EXIT_SOME_SKIPPED
+    assert "5 input(s) skipped" in caplog.text
     summary = json.loads((out / "summary.json").read_text())
     skipped = {Path(s["input"]).name: s["reason"] for s in summary["skipped"]}
     assert set(skipped) == {"broken.nii.gz", "four_d.nii.gz", "series_gap", "series_mixed", "notes.txt"}
@@ -228,7 +229,7 @@ def test_batch_skips_and_reports_bad_inputs(tmp_path, checkpoint, capsys):
         ["segment", str(data / "good.nii.gz"), "--checkpoint", str(checkpoint), "--out", str(out), "--quiet"]
     )
     result = json.loads(capsys.readouterr().out)
-    assert code == 0 and result["existing"] == 1 and result["written"] == 0
+    assert code == EXIT_DONE and result["existing"] == 1 and result["written"] == 0 and result["done"] == 1
 
 
 def test_list_inputs_reports_a_folder_with_nothing(tmp_path):
