@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,30 @@ def failure_reason(exc: BaseException, path: Path) -> str:
 def output_error(exc: BaseException, path: Path, what: str = "cannot write") -> OutputError:
     """One :class:`OutputError` naming ``path`` and the reason (raise it ``from exc``)."""
     return OutputError(f"{path}: {what} ({failure_reason(exc, path)})")
+
+
+def check_writable(folder: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a folder in which no file can be created (read-only, no permission, full): the
+    nearest existing folder at or above ``folder`` is probed with a hidden file, removed at once."""
+    folder = Path(folder)
+    existing = next((d for d in (folder, *folder.parents) if d.exists()), folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
+    except OSError as e:
+        raise output_error(e, existing, f"{flag}: cannot write here") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a temporary or lock of a dead one is stale)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, someone else's
+        return True
+    return True
 
 
 # -- single files ----------------------------------------------------------------------------------------------
@@ -251,7 +276,10 @@ def building_dir(out: Path, kind: str, *, overwrite: bool, **info: Any) -> Itera
     """Build the output folder ``out`` in a temporary folder; on success mark it and move it into place
     (:func:`publish_dir`); on failure remove the temporary and raise an :class:`OutputError` naming ``out``.
     Call :func:`check_output_dir` first (before any expensive work)."""
-    tmp = new_temporary_dir(out)
+    try:
+        tmp = new_temporary_dir(out)
+    except OSError as e:  # a read-only or full parent: nothing was made
+        raise output_error(e, out) from e
     try:
         yield tmp
         write_marker(tmp, kind, **info)

@@ -72,9 +72,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({e}); delete it to resume from an earlier one"
-        ) from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from e
 
 
 def rng_state() -> dict[str, Any]:

@@ -422,7 +422,10 @@ def run_training(
     out = Path(out)
     check_run_folder(out)
     latest = ckpt.latest_checkpoint(out)
-    state = ckpt.load_checkpoint(latest) if latest is not None else None
+    try:
+        state = ckpt.load_checkpoint(latest) if latest is not None else None
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; move it away to resume from an earlier one") from e
     refuse_other_run(out, identity, state, latest)
     # Denormal floats (tiny gradients early in training) take a slow path on x86 CPUs: a ViT-B MAE step ran
     # 10x slower. Flushing them to zero changes nothing visible in the numbers.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import FoundationError
+from foundation.outputs import pid_running
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +35,11 @@ def _process_start(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, someone else's
-        return True
-    return True
-
-
 def _holder_is_gone(holder: dict[str, Any]) -> bool:
     if holder.get("host") != socket.gethostname():
         return False  # cannot tell from here: refuse rather than guess
     pid = int(holder.get("pid", -1))
-    if pid <= 0 or not _alive(pid):
+    if pid <= 0 or not pid_running(pid):
         return True
     start = _process_start(pid)
     return start is not None and holder.get("process_start") not in (None, start)

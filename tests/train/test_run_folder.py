@@ -117,7 +117,16 @@ def test_a_full_disk_at_checkpoint_time_is_named_and_leaves_nothing(
 
     disk = small_disk(2048)  # the config fits, a checkpoint (~100 MB) does not
     out = disk / "run"
-    argv = ["pretrain", "--config", str(tiny_recipe), "--data", str(image_folder), "--out", str(out), "--quiet"]
+    argv = [
+        "pretrain",
+        "--config",
+        str(tiny_recipe),
+        "--data",
+        str(image_folder),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main([*argv, *QUICK]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step_00000002.pt: cannot write (no space left on device)" in err[0], err
