@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from foundation.config import load_config
 from foundation.errors import CheckpointError, ConfigError, DataError, OutputError
 from foundation.eval.features import POOLINGS, _pool
 from foundation.models.fingerprint import weights_fingerprint
-from foundation.outputs import write_verified
+from foundation.outputs import pid_running, write_verified
 from foundation.train.distributed import barrier, destroy_distributed, init_distributed
 
 log = logging.getLogger(__name__)
@@ -178,22 +177,12 @@ def check_backbone(meta: dict[str, Any]) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def _left_by_a_killed_run(file: Path, names: set[str]) -> bool:
     """``.tmp-<pid>-<name>`` of a process that is gone, or ``<name>.partial`` (an earlier version's)."""
     if file.name.endswith(".partial"):
         return file.name.removesuffix(".partial") in names
     pid, _, name = file.name.removeprefix(".tmp-").partition("-")
-    return file.name.startswith(".tmp-") and pid.isdigit() and name in names and not _pid_alive(int(pid))
+    return file.name.startswith(".tmp-") and pid.isdigit() and name in names and not pid_running(int(pid))
 
 
 def remove_stale_temporaries(out_dir: Path, names: set[str]) -> None:
