@@ -197,6 +197,7 @@ def test_out_that_is_an_existing_file_is_refused_and_kept(command, things, capsy
 
 READ_ONLY_OUT = {
     "pretrain": lambda t, r: ["pretrain", "--out", str(r / "run"), "train.steps=1"],
+    "finetune": lambda t, r: ["finetune", "canopy-height", "--random-init", "--out", str(r / "run")],
     "export": lambda t, r: ["export", str(t["rgb"]), "--out", str(r / "exp")],
     "embed": lambda t, r: ["embed", "--data", str(r), "--backbone", str(t["rgb"]), "--out", str(r / "f.h5")],
     "pathology-qc": lambda t, r: ["pathology-qc", str(t["inputs"] / "slide.tif"), "--out", str(r / "qc")],

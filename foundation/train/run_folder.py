@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import CheckpointError, OutputError
-from foundation.outputs import read_marker, write_marker
+from foundation.outputs import check_writable, read_marker, write_marker
 from foundation.train import checkpoint as ckpt
 
 RUN_KIND = "run"
@@ -37,6 +37,7 @@ def check_run_folder(out: Path) -> None:
     if not out.exists():
         if not out.parent.is_dir():
             raise OutputError(f"the parent folder of --out {str(out)!r} does not exist; create it first")
+        check_writable(out.parent)
         return
     if not any(out.iterdir()):
         return
