@@ -74,7 +74,7 @@ def _check_pos_layout(state: dict[str, torch.Tensor], model: ViT, source: str) -
         has_prefix_pos = prefix > 0 and n == grid_n + prefix
     else:
         has_prefix_pos = prefix > 0 and _grid_side(n - prefix, 2) is not None and _grid_side(n, 2) is None
-    if has_prefix_pos == (not model.no_embed_class):
+    if has_prefix_pos == (not model.no_embed_class and model.num_prefix_tokens > 0):
         return
     if has_prefix_pos:
         what, fix = "holds positions for its CLS/register tokens (no_embed_class=False)", "false"
