@@ -312,6 +312,8 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
             "tile_size": int(options.tile_size),
             "mpp": float(options.mpp),
             "min_tissue": float(options.min_tissue),
+            # the statistics the tiles were normalised with (the backbone's, else the domain's)
+            "normalization": json.dumps({"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}),
         }
         processed: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
