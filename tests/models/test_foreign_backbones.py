@@ -239,3 +239,32 @@ def test_bare_file_without_architecture(tmp_path: Path) -> None:
     save_file(timm_model("test_vit", {}).state_dict(), str(path))
     with pytest.raises(CheckpointError, match=r"w.safetensors: a bare weights file does not say its architecture; give it as timm:NAME:"):
         load_backbone(path)
+
+
+# -- every variant pretrains (DINOv2 + iBOT masks, MAE visible tokens) -------------------------------------
+@pytest.mark.parametrize("variant", ["class_pos_regs", "no_class_token_avg", "swiglu_packed_dinov2", "map_pool_patch16"])
+def test_foreign_variant_pretrains_with_dinov2_and_mae(tmp_path: Path, variant: str) -> None:
+    from foundation.config import SSLConfig
+    from foundation.ssl.dinov2 import DINOv2
+    from foundation.ssl.mae import MAE
+
+    name, args = VARIANTS[variant]
+    save_for_hf(timm_model(name, args), str(tmp_path), model_args=args, safe_serialization=True)
+    img = args["img_size"]
+    for method, objective in (("dinov2", DINOv2), ("mae", MAE)):
+        backbone = build_backbone(ModelConfig(pretrained=str(tmp_path)), channels=3, spatial_dims=2)
+        cfg = SSLConfig(method=method, head_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16, decoder_dim=32,
+                        decoder_depth=1, decoder_heads=2)  # fmt: skip
+        model = objective(backbone, cfg, total_steps=4)
+        n = (img // backbone.patch_size) ** 2
+        masks = torch.zeros(4, n, dtype=torch.bool)
+        masks[:, : n // 2] = True
+        x = images((img, img), seed=2).repeat(2, 1, 1, 1)
+        batch = {"global_crops": x, "masks": masks} if method == "dinov2" else {"image": x}
+        if method == "mae":
+            batch["mask_seed"] = torch.arange(4)
+        losses = model(batch, 0)
+        total = sum(v for k, v in losses.items() if k == "loss" or k.endswith("_loss"))
+        assert torch.isfinite(total)
+        total.backward()
+        assert backbone.blocks[0].attn.qkv.weight.grad is not None
