@@ -87,7 +87,9 @@ def main() -> None:
     tiles = [b.float().div(255).sub(0.5).div(0.5) for b in preloaded_batches(data, 0.5, 224, a.batch_size)]
     n_tiles = sum(len(b) for b in tiles)
 
-    times: dict[str, list[float]] = {k: [] for k in ("timm_images", "embed_images", "timm_tiles", "embed_tiles")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("timm_images", "embed_images", "timm_tiles", "embed_tiles")
+    }
     timm_seconds(model, image_batches[:1])  # warm-up
     for k in range(a.repeats):  # interleaved, so machine noise hits both sides alike
         times["timm_images"].append(timm_seconds(model, image_batches))

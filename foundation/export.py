@@ -89,7 +89,9 @@ def _load_exact(model: ViT, state: dict[str, torch.Tensor], source: BackboneSour
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"{source.given}: weights are from another architecture than its config: {e}") from e
+        raise CheckpointError(
+            f"{source.given}: weights are from another architecture than its config: {e}"
+        ) from e
     if [k for k in result.missing_keys if k != "mask_token"] or result.unexpected_keys:
         raise CheckpointError(f"{source.given}: weights do not match its config ({result})")
 

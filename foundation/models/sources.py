@@ -57,7 +57,11 @@ def _timm_pretrained_cfg(name: str) -> dict[str, Any]:
     cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
     if cfg is None:
         return {}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items() if k in ("mean", "std", "input_size")}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in cfg.to_dict().items()
+        if k in ("mean", "std", "input_size")
+    }
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -106,7 +110,9 @@ def _from_file(path: Path, given: str) -> BackboneSource:
             prefix = obj["export_prefix"]
             state = {k[len(prefix) :]: v for k, v in obj["model"].items() if k.startswith(prefix)}
             extra = {"step": obj.get("step"), **obj.get("normalization", {})}
-            return BackboneSource(given, "checkpoint", dict(obj["backbone_args"]), None, state=state, extra=extra)
+            return BackboneSource(
+                given, "checkpoint", dict(obj["backbone_args"]), None, state=state, extra=extra
+            )
     state = read_state_dict(path)
     name = _meta_dinov2(state)
     if name is None:
@@ -152,7 +158,9 @@ def parse_source(spec: str | Path) -> BackboneSource:
     if given.startswith(TIMM_PREFIX):
         return _timm_spec(given)
     if given.startswith(_HUB_PREFIXES):
-        raise CheckpointError(f"{given!r} is a hub name; {_how_to_give(given.split(':', 1)[1].split('/')[-1])}")
+        raise CheckpointError(
+            f"{given!r} is a hub name; {_how_to_give(given.split(':', 1)[1].split('/')[-1])}"
+        )
     path = Path(given)
     if not path.exists():
         hint = f"; {_how_to_give(given)}" if timm.is_model(given.split(".")[0]) else ""
@@ -170,4 +178,6 @@ def parse_source(spec: str | Path) -> BackboneSource:
         return _from_file(latest, given)
     if any((path / name).is_file() for name in WEIGHT_FILES):
         raise CheckpointError(f"{path}: holds weights but no config.json; give it as timm:NAME:{path}")
-    raise CheckpointError(f"{path} holds neither an export or model folder (config.json + weights) nor checkpoints")
+    raise CheckpointError(
+        f"{path} holds neither an export or model folder (config.json + weights) nor checkpoints"
+    )

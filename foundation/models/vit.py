@@ -105,7 +105,9 @@ class ViT(VisionTransformer):
         except (TypeError, AssertionError, ValueError) as e:
             raise ConfigError(f"timm architecture {name!r} refuses model_args {args}: {e}") from e
         if type(model) is not VisionTransformer:
-            raise ConfigError(f"timm architecture {name!r} is a {type(model).__name__}, not a VisionTransformer")
+            raise ConfigError(
+                f"timm architecture {name!r} is a {type(model).__name__}, not a VisionTransformer"
+            )
         model.__class__ = cls
         model._extend(name, args, spatial_dims, init_weights)
         return model

@@ -58,7 +58,9 @@ def _strip(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tenso
         out[key] = value
     heads = sorted(k for k in out if k.startswith(_HEAD))
     if heads:
-        log.warning("%s: classifier head dropped (%s); the backbone's features are used", source, ", ".join(heads))
+        log.warning(
+            "%s: classifier head dropped (%s); the backbone's features are used", source, ", ".join(heads)
+        )
     return {k: v for k, v in out.items() if not k.startswith(_HEAD)}
 
 
@@ -124,7 +126,11 @@ def adapt_state_dict(
     if w is not None and w.shape[1] != model.in_chans:
         log.warning(
             "%s: patch embedding expanded from %d to %d input channels (mean of the filters x %d/%d)",
-            source, w.shape[1], model.in_chans, w.shape[1], model.in_chans,
+            source,
+            w.shape[1],
+            model.in_chans,
+            w.shape[1],
+            model.in_chans,
         )
         state["patch_embed.proj.weight"] = expand_patch_embed(w, model.in_chans)
     return state
@@ -157,6 +163,8 @@ def load_backbone_weights(model: ViT, path: str | Path, state: dict[str, torch.T
             f"{source}: weights do not match model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
     if "reg_token" in result.missing_keys:
-        log.warning("%s: has no register tokens; the model's %d start untrained", source, model.num_reg_tokens)
+        log.warning(
+            "%s: has no register tokens; the model's %d start untrained", source, model.num_reg_tokens
+        )
     n = sum(math.prod(v.shape) for v in state.values())
     log.info("loaded %s parameters from %s", f"{n:,}", source)

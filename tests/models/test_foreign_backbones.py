@@ -30,9 +30,15 @@ TINY = dict(embed_dim=64, depth=2, num_heads=2)
 # name -> (timm architecture, JSON model_args): one tiny config per VisionTransformer variant
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "class_pos": ("test_vit", dict(TINY, img_size=32, patch_size=8, no_embed_class=False)),
-    "no_embed_class_regs": ("test_vit", dict(TINY, img_size=32, patch_size=8, no_embed_class=True, reg_tokens=4)),
+    "no_embed_class_regs": (
+        "test_vit",
+        dict(TINY, img_size=32, patch_size=8, no_embed_class=True, reg_tokens=4),
+    ),
     "class_pos_regs": ("test_vit", dict(TINY, img_size=32, patch_size=8, reg_tokens=2)),
-    "no_class_token_avg": ("test_vit", dict(TINY, img_size=32, patch_size=8, class_token=False, global_pool="avg")),
+    "no_class_token_avg": (
+        "test_vit",
+        dict(TINY, img_size=32, patch_size=8, class_token=False, global_pool="avg"),
+    ),
     "token_fc_norm_avg": ("test_vit", dict(TINY, img_size=32, patch_size=8, global_pool="avg", fc_norm=True)),
     "qk_norm_layerscale": (
         "test_vit",
@@ -84,7 +90,9 @@ def test_hf_folder_gives_timm_features(tmp_path: Path, variant: str, layout: str
     name, args = VARIANTS[variant]
     theirs = timm_model(name, args, num_classes=5)  # a classifier head: dropped, said once
     save_for_hf(theirs, str(tmp_path), model_args=args, safe_serialization=layout == "model.safetensors")
-    assert (tmp_path / layout).is_file() and "model_args" in json.loads((tmp_path / "config.json").read_text())
+    assert (tmp_path / layout).is_file() and "model_args" in json.loads(
+        (tmp_path / "config.json").read_text()
+    )
     with caplog.at_level(logging.WARNING):
         ours, meta = load_backbone(tmp_path)
     assert sum("classifier head dropped" in r.message for r in caplog.records) == 1
@@ -118,7 +126,11 @@ def to_meta_dinov2(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state["mask_token"] = torch.randn(1, state["cls_token"].shape[-1], generator=gen)
     depth = len(model.blocks)  # chunked blocks, as Meta's block_chunks=2 writes them
     return {
-        (f"blocks.{int(k.split('.')[1]) // (depth // 2)}.{k[len('blocks.'):]}" if k.startswith("blocks.") else k): v
+        (
+            f"blocks.{int(k.split('.')[1]) // (depth // 2)}.{k[len('blocks.') :]}"
+            if k.startswith("blocks.")
+            else k
+        ): v
         for k, v in state.items()
     }
 
@@ -146,7 +158,9 @@ def test_meta_dinov2_full_size_detected(tmp_path: Path) -> None:
     assert meta["kind"] == "meta-dinov2" and meta["backbone_args"]["img_size"] == 518
     x = images((56, 42))
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval().forward_features(x), theirs.forward_features(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            ours.eval().forward_features(x), theirs.forward_features(x), rtol=0, atol=1e-5
+        )
 
 
 def test_model_pretrained_folder_with_more_channels(tmp_path: Path, caplog) -> None:
@@ -168,7 +182,9 @@ def test_export_of_foreign_backbone_loads_in_timm(tmp_path: Path, variant: str) 
     theirs = timm_model(name, args)
     save_for_hf(theirs, str(tmp_path / "hf"), model_args=args, safe_serialization=True)
     ours, meta = load_backbone(tmp_path / "hf")
-    out = export_backbone(ours, meta["backbone_args"], tmp_path / "export", mean=meta["mean"], std=meta["std"])
+    out = export_backbone(
+        ours, meta["backbone_args"], tmp_path / "export", mean=meta["mean"], std=meta["std"]
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == name
     again = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -185,7 +201,9 @@ def hf_folder(tmp_path: Path, variant: str = "class_pos") -> Path:
 
 def test_folder_without_weights(tmp_path: Path) -> None:
     (hf_folder(tmp_path) / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=rf"{tmp_path}: holds no weights \(model.safetensors or pytorch_model.bin\)"):
+    with pytest.raises(
+        CheckpointError, match=rf"{tmp_path}: holds no weights \(model.safetensors or pytorch_model.bin\)"
+    ):
         load_backbone(tmp_path)
 
 
@@ -194,7 +212,9 @@ def test_weights_of_another_shape_named(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["model_args"]["embed_dim"] = 32
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: .*another architecture.*: file \(64,\) vs model \(32,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: .*another architecture.*: file \(64,\) vs model \(32,\)"
+    ):
         load_backbone(folder)
 
 
@@ -203,7 +223,10 @@ def test_unknown_architecture_lists_close_names(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["architecture"] = "vit_smal_patch14_dinov2"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"config.json.*'vit_smal_patch14_dinov2'.*close names: vit_small_patch14_dinov2"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"config.json.*'vit_smal_patch14_dinov2'.*close names: vit_small_patch14_dinov2",
+    ):
         load_backbone(folder)
 
 
@@ -220,7 +243,9 @@ def test_pickle_that_is_not_a_state_dict_refused_unrun(tmp_path: Path) -> None:
     path = tmp_path / "pytorch_model.bin"
     torch.save({"weight": torch.zeros(1), "trap": _Payload(marker)}, path)
     marker.unlink(missing_ok=True)
-    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: not a plain state dict.*nothing in it was run"):
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model.bin: not a plain state dict.*nothing in it was run"
+    ):
         load_backbone(f"timm:test_vit:{path}")
     assert not marker.exists()
 
@@ -237,12 +262,17 @@ def test_hub_name_without_file_says_how(tmp_path: Path) -> None:
 def test_bare_file_without_architecture(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     save_file(timm_model("test_vit", {}).state_dict(), str(path))
-    with pytest.raises(CheckpointError, match=r"w.safetensors: a bare weights file does not say its architecture; give it as timm:NAME:"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"w.safetensors: a bare weights file does not say its architecture; give it as timm:NAME:",
+    ):
         load_backbone(path)
 
 
 # -- every variant pretrains (DINOv2 + iBOT masks, MAE visible tokens) -------------------------------------
-@pytest.mark.parametrize("variant", ["class_pos_regs", "no_class_token_avg", "swiglu_packed_dinov2", "map_pool_patch16"])
+@pytest.mark.parametrize(
+    "variant", ["class_pos_regs", "no_class_token_avg", "swiglu_packed_dinov2", "map_pool_patch16"]
+)
 def test_foreign_variant_pretrains_with_dinov2_and_mae(tmp_path: Path, variant: str) -> None:
     from foundation.config import SSLConfig
     from foundation.ssl.dinov2 import DINOv2
