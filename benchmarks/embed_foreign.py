@@ -6,7 +6,7 @@ is given to ``foundation embed --backbone`` for the images domain (a folder of P
 on the same inputs already in memory as float tensors, in the same batches and threads. The ratio (embed
 items/s over timm items/s) says what the whole command costs beyond the model (target >= 0.9 on CPU).
 
-    python benchmarks/embed_foreign.py                       # CPU, 64 images, 1 small slide
+    python benchmarks/embed_foreign.py                       # CPU, 64 images, 1 synthetic slide
     python benchmarks/embed_foreign.py --images 256 --slides 2 --threads 4
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--slides", type=int, default=1)
-    ap.add_argument("--size", type=int, nargs=2, default=(2048, 1536), help="slide width height (level 0)")
+    ap.add_argument("--size", type=int, nargs=2, default=(6144, 4608), help="slide width height (level 0)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
