@@ -72,6 +72,29 @@ class ViT(VisionTransformer):
     timm_args: dict[str, Any]
     patch_size: int
 
+    def __init__(
+        self,
+        *,
+        spatial_dims: int = 2,
+        drop_path_rate: float = 0.0,
+        init_weights: bool = True,
+        timm_name: str = "vit_base_patch16_224",
+        **model_args: Any,
+    ) -> None:
+        """A variant given by its full timm ``VisionTransformer`` kwargs (JSON values), ``VisionTransformer(
+        **model_args)`` itself; ``timm_name`` is the registered entry point an export names. Variants whose
+        layers only an entry point knows (SwiGLU, RmsNorm) are built with :meth:`from_timm`."""
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims={spatial_dims!r} must be 2 or 3")
+        args = {**model_args, "num_classes": 0, "dynamic_img_size": spatial_dims == 2}
+        if spatial_dims == 3:
+            args["no_embed_class"] = True
+        try:
+            super().__init__(**args, drop_path_rate=drop_path_rate, weight_init="" if init_weights else "skip")
+        except (TypeError, AssertionError, ValueError) as e:
+            raise ConfigError(f"VisionTransformer refuses model_args {args}: {e}") from e
+        self._extend(timm_name, args, spatial_dims, init_weights)
+
     @classmethod
     def from_timm(
         cls,
