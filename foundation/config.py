@@ -63,10 +63,16 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     layerscale_init: float | None = 1e-5
     qkv_bias: bool = True
-    pretrained: str | None = None  # local timm/safetensors file or export dir; RGB weights expand to N bands
+    # a recipe above, or timm:NAME (any timm VisionTransformer, its own defaults; patch_size, img_size,
+    # reg_tokens, layerscale_init and qkv_bias then come from model_args or the architecture)
+    model_args: dict[str, Any] = field(default_factory=dict)  # timm VisionTransformer kwargs, JSON values
+    # starting weights: our run/export/checkpoint, a timm/Hugging Face folder, timm:NAME:FILE, a Meta DINOv2
+    # .pth or a bare weights file of model.arch; RGB weights expand to N bands
+    pretrained: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("model.arch", self.arch, _ARCHS)
+        if not self.arch.startswith("timm:"):
+            _check_choice("model.arch", self.arch, _ARCHS)
         _check_range("model.patch_size", self.patch_size, 1, 1024)
         _check_range("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, open_high=True)
         if self.spatial_dims is not None:

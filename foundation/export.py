@@ -16,17 +16,19 @@ import torch
 from safetensors.torch import save_file
 
 from foundation.errors import CheckpointError
-from foundation.models.vit import ARCHS, ViT, build_vit
-from foundation.models.weights import read_state_dict
+from foundation.models.sources import BackboneSource, parse_source
+from foundation.models.state_files import WEIGHT_FILES, read_state_dict
+from foundation.models.vit import ViT, build_vit
+from foundation.models.weights import load_backbone_weights
 from foundation.outputs import building_dir, check_output_dir
 from foundation.train import checkpoint as ckpt
 
-_TIMM_ARCH = "vit_base_patch16_224"  # any registered ViT entry point: model_args override every shape
-
 
 def timm_model_args(backbone: ViT) -> dict[str, Any]:
+    """What ``timm.create_model(backbone.timm_name, **args)`` needs to build this very variant."""
     args = dict(backbone.timm_args)
     args["img_size"] = int(backbone.patch_embed.img_size[0])
+    args["in_chans"] = int(backbone.in_chans)
     return args
 
 
@@ -53,7 +55,7 @@ def export_backbone(
     size = backbone_args["img_size"]
     spatial = (size,) * backbone.spatial_dims
     config = {
-        "architecture": _TIMM_ARCH if backbone.spatial_dims == 2 else "foundation_vit3d",
+        "architecture": backbone.timm_name if backbone.spatial_dims == 2 else "foundation_vit3d",
         "num_features": backbone.embed_dim,
         "pretrained_cfg": {
             "input_size": [backbone.in_chans, *spatial],
@@ -82,94 +84,55 @@ def _verify_export(folder: Path, state: dict[str, torch.Tensor], config: dict[st
         raise CheckpointError(f"{folder / 'config.json'}: read back differs from what was written")
 
 
-def _from_export(path: Path) -> tuple[ViT, dict[str, Any]]:
+def _load_exact(model: ViT, state: dict[str, torch.Tensor], source: BackboneSource) -> None:
+    """Our own exports and checkpoints hold exactly the model's keys (an export leaves out mask_token)."""
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: not a readable export config ({e})") from e
-    args = config.get("foundation", {}).get("backbone_args")
-    if args is None:  # a plain timm export: rebuild from model_args
-        m = config["model_args"]
-        arch = next(
-            (
-                a
-                for a, (d, n, h) in ARCHS.items()
-                if (d, n, h) == (m["embed_dim"], m["depth"], m["num_heads"])
-            ),
-            None,
-        )
-        if arch is None:
-            raise CheckpointError(f"{path}: unsupported architecture {m}")
-        args = dict(
-            arch=arch,
-            in_chans=m.get("in_chans", 3),
-            spatial_dims=2,
-            img_size=m.get("img_size", 224),
-            patch_size=m.get("patch_size", 16),
-            reg_tokens=m.get("reg_tokens", 0),
-            init_values=m.get("init_values"),
-            qkv_bias=m.get("qkv_bias", True),
-        )
-    model = build_vit(**args, init_weights=False)
-    try:
-        result = model.load_state_dict(read_state_dict(path / "model.safetensors"), strict=False)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise CheckpointError(
-            f"{path}: weights are from another architecture than its config.json: {e}"
+            f"{source.given}: weights are from another architecture than its config: {e}"
         ) from e
     if [k for k in result.missing_keys if k != "mask_token"] or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not match its config.json ({result})")
-    meta = {"backbone_args": args, **config.get("pretrained_cfg", {}), "source": str(path)}
-    return model, meta
-
-
-def _from_checkpoint(path: Path) -> tuple[ViT, dict[str, Any]]:
-    state = ckpt.load_checkpoint(path)
-    args = state.get("backbone_args")
-    prefix = state.get("export_prefix")
-    if args is None or prefix is None:
-        raise CheckpointError(f"{path} is not a checkpoint written by `foundation pretrain`")
-    model = build_vit(**args, init_weights=False)
-    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: backbone weights do not load: {e}") from e
-    meta = {
-        "backbone_args": args,
-        **state.get("normalization", {}),
-        "source": str(path),
-        "step": state["step"],
-    }
-    return model, meta
+        raise CheckpointError(f"{source.given}: weights do not match its config ({result})")
 
 
 def resolve_backbone_source(path: str | Path) -> Path:
-    """A run folder (its export, else its latest checkpoint), an export folder, or a checkpoint file."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"--backbone {str(path)!r} does not exist")
-    if path.is_dir():
-        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-            return path
-        if (path / "export" / "config.json").is_file():
-            return path / "export"
-        latest = ckpt.latest_checkpoint(path)
-        if latest is not None:
-            return latest
-        raise CheckpointError(
-            f"{path} holds neither an export (config.json + model.safetensors) nor checkpoints"
-        )
-    return path
+    """The file or folder the weights of a source come from (run folder -> its export or latest checkpoint)."""
+    src = parse_source(path)
+    if src.weights is None:  # a checkpoint: its own file
+        given = Path(src.given)
+        return given if given.is_file() else ckpt.latest_checkpoint(given) or given
+    return src.weights.parent if src.weights.name in WEIGHT_FILES else src.weights
 
 
 def load_backbone(path: str | Path) -> tuple[ViT, dict[str, Any]]:
-    """Load a backbone from a run folder, export folder or checkpoint file, with its metadata
-    (``backbone_args``, ``mean``, ``std``)."""
-    src = resolve_backbone_source(path)
-    if src.is_dir():
-        return _from_export(src)
-    return _from_checkpoint(src)
+    """Load a backbone from any source :mod:`foundation.models.sources` accepts, with its metadata
+    (``backbone_args``, ``mean``/``std`` of the weights where known, ``source``, ``kind``).
+
+    Raises:
+        CheckpointError: see :func:`parse_source`; a bare weights file that names no architecture.
+    """
+    src = parse_source(path)
+    if src.backbone_args is None:
+        raise CheckpointError(
+            f"{src.given}: a bare weights file does not say its architecture; give it as timm:NAME:{src.given} "
+            f"(e.g. timm:vit_small_patch14_dinov2:{src.given}), or a folder with its config.json"
+        )
+    model = build_vit(**src.backbone_args, init_weights=False)
+    state = src.read_state()
+    if src.kind in ("export", "checkpoint"):
+        _load_exact(model, state, src)
+    else:
+        load_backbone_weights(model, src.weights or src.given, state=state)
+    cfg = {k: src.pretrained_cfg[k] for k in ("mean", "std", "input_size") if k in src.pretrained_cfg}
+    meta = {
+        "backbone_args": src.backbone_args,
+        **cfg,
+        **{k: v for k, v in src.extra.items() if v is not None},
+        "source": str(resolve_backbone_source(path)),
+        "kind": src.kind,
+    }
+    return model, meta
 
 
 def random_like(meta: dict[str, Any]) -> ViT:

@@ -122,7 +122,8 @@ def test_load_plain_timm_export(tmp_path: Path) -> None:
     del config["foundation"]  # as written by timm, not by us
     (out / "config.json").write_text(json.dumps(config))
     loaded, meta = load_backbone(out)
-    assert meta["backbone_args"]["arch"] == "vit_tiny" and meta["backbone_args"]["patch_size"] == 8
+    assert meta["backbone_args"]["arch"] == "timm:vit_tiny_patch16_224"  # the architecture config.json names
+    assert meta["backbone_args"]["patch_size"] == 8 and meta["kind"] == "timm-folder"
     x = images(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)

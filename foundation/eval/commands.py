@@ -89,6 +89,11 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        normalization=(  # what _eval_dataset normalised with: the backbone's statistics, else the domain's
+            {"mean": list(meta["mean"]), "std": list(meta["std"])}
+            if meta.get("mean") and meta.get("std")
+            else {"mean": "domain default", "std": "domain default"}
+        ),
     )
 
 

@@ -123,6 +123,7 @@ def embed_dataset(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    normalization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``features`` (N x D float32), ``ids`` (paths) and ``labels`` for ``dataset`` to ``out``.
 
@@ -156,6 +157,7 @@ def embed_dataset(
         "pooling": pooling,
         "img_size": size,
         "classes": list(dataset.classes),
+        "normalization": normalization or {},  # the mean/std the inputs were normalised with
     }
     _check_space(out, n, dim)
     try:
