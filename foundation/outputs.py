@@ -204,6 +204,8 @@ def check_output_dir(
     one of ours that also holds files we did not write. A missing folder needs an existing parent."""
     out = Path(out)
     check_not_input(out, inputs, flag=flag)
+    if out.is_symlink():  # replacing it would replace the link, and what it points to would be emptied
+        raise OutputError(f"{flag} {str(out)!r} is a symbolic link; give the folder it points to")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {str(out)!r} exists and is not a folder")
     if not out.exists():
@@ -235,14 +237,16 @@ def remove_our_output(folder: Path) -> None:
     marker = read_marker(folder)
     if marker is None:
         raise OutputError(f"{folder} is not an output of ours; nothing was removed")
+    ours: set[Path] = set()  # the sub-folders our files made (a user's own empty folder stays)
     for rel in marker.get("files", []):
         target = folder / rel
-        if ".." in Path(rel).parts or not _same_or_inside(target.parent, folder):
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not _same_or_inside(target.parent, folder):
             continue
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
+        ours.update(p for p in target.parents if folder in p.parents)
     (folder / MARKER).unlink(missing_ok=True)
-    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for d in sorted(ours, key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):
             d.rmdir()
     try:
@@ -297,6 +301,8 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool) -> None:
     marked output of ours of the same kind (replaced only with ``overwrite``): it is moved aside first, then
     removed file by file, so a crash in between leaves one of the two whole."""
     tmp, out = Path(tmp), Path(out)
+    if out.is_symlink():
+        raise OutputError(f"{out} is a symbolic link; nothing was replaced")
     marker = read_marker(tmp)
     if marker is None:
         raise OutputError(f"{tmp}: unmarked folder, not published")

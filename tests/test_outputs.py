@@ -128,3 +128,26 @@ def test_marker_is_hidden_and_fingerprint_follows_the_weights(tmp_path):
     assert weights_fingerprint(a) == weights_fingerprint(a.state_dict()) != weights_fingerprint(b)
     b.load_state_dict(a.state_dict())
     assert weights_fingerprint(a) == weights_fingerprint(b)
+
+
+def test_a_symlinked_output_folder_is_refused_and_user_sub_folders_stay(tmp_path):
+    out = _ours(tmp_path / "e1", **{"a.txt": "1"})
+    link = tmp_path / "elink"
+    link.symlink_to(out)
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        check_output_dir(link, "export", overwrite=True)
+    with (
+        pytest.raises(OutputError, match="symbolic link"),
+        building_dir(link, "export", overwrite=True) as tmp,
+    ):
+        (tmp / "a.txt").write_text("2")
+    assert link.is_symlink() and (out / "a.txt").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e1", "elink"]
+    (out / "mynotes").mkdir()  # a user's empty folder inside ours
+    with building_dir(tmp_path / "nested", "export", overwrite=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_text("w")
+    remove_our_output(out)
+    assert (out / "mynotes").is_dir()
+    remove_our_output(tmp_path / "nested")
+    assert not (tmp_path / "nested").exists()

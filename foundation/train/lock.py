@@ -1,10 +1,15 @@
-"""A run folder is locked while a process trains in it: ``RUN/.lock`` holds the holder's pid, host and start
-time. A second process is refused with a message naming the holder; a lock left by a killed process on this
-host (its pid is gone, or now belongs to a process that started later) is detected and taken over."""
+"""A folder is locked while a process writes in it (a run while it trains, a feature file while it is built).
+
+The lock is the kernel's (``flock`` on ``.lock``), so it is atomic and dies with its holder: a SIGKILLed trainer
+leaves no lock that blocks the next one, and two processes that start at once cannot both win. The file also
+holds the holder's pid, host, start time and command, so a refused process can name who is working there.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -15,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import FoundationError
-from foundation.outputs import pid_running
 
 log = logging.getLogger(__name__)
 
@@ -23,95 +27,91 @@ LOCK_FILE = ".lock"
 
 
 class RunLockedError(FoundationError, OSError):
-    """Another live process trains in this run folder."""
+    """Another live process works in this folder."""
 
 
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+class ProcessLock:
+    """``with ProcessLock(path, what): ...`` holds an exclusive lock on ``path`` for the block."""
 
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = Path(path)
+        self.what = what  # how the refusal names the locked thing, e.g. "run folder runs/x"
+        self._fd: int | None = None
 
-def _holder_is_gone(holder: dict[str, Any]) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return False  # cannot tell from here: refuse rather than guess
-    pid = int(holder.get("pid", -1))
-    if pid <= 0 or not pid_running(pid):
-        return True
-    start = _process_start(pid)
-    return start is not None and holder.get("process_start") not in (None, start)
+    def _holder(self) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            holder = json.loads(self.path.read_text() or "{}")
+            return holder if isinstance(holder, dict) else {}
+        return {}
 
+    def _open_locked(self) -> int | None:
+        """An fd holding the lock on the file now at ``path``, or None when a live process holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                    os.close(fd)
+                    raise
+                log.warning("%s: this file system has no locks; nothing stops a second writer", self.path)
+                return fd
+            try:  # the holder before us may have removed the file between our open and flock: retry
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
-class RunLock:
-    """``with RunLock(run_dir): ...`` holds the lock for the block (re-entrant within one process)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self._held = False
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # unreadable: written by a process killed mid-write (we write it atomically, so rare)
-        return holder if isinstance(holder, dict) else {}
-
-    def acquire(self) -> RunLock:
+    def acquire(self) -> ProcessLock:
+        if self._fd is not None:
+            return self
+        fd = self._open_locked()
+        if fd is None:
+            h = self._holder()
+            raise RunLockedError(
+                f"{self.what} is in use: pid {h.get('pid', '?')} on host {h.get('host', '?')} since "
+                f"{h.get('since', '?')} ({h.get('command', '')}); wait for it to finish or choose another --out"
+            )
+        stale = self._holder()
+        if stale.get("pid"):
+            log.warning(
+                "%s: taking over the lock of pid %s on %s, which no longer runs",
+                self.what,
+                stale.get("pid"),
+                stale.get("host", "?"),
+            )
         me = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "process_start": _process_start(os.getpid()),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join(sys.argv),
         }
-        tmp = self.path.with_name(f".lock.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(me))
-        try:
-            for _ in range(3):
-                try:
-                    os.link(tmp, self.path)  # atomic create-with-content: fails when a lock exists
-                    self._held = True
-                    return self
-                except FileExistsError:
-                    holder = self._read()
-                    if holder is None:
-                        continue  # released meanwhile
-                    if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                        self._held = True
-                        return self
-                    if holder and not _holder_is_gone(holder):
-                        raise RunLockedError(
-                            f"{self.path.parent} is in use: pid {holder.get('pid')} on host {holder.get('host')} "
-                            f"trains there since {holder.get('since')} ({holder.get('command', '')!s}). Wait for "
-                            f"it to finish or give another --out; if that process is surely gone, delete {self.path}"
-                        ) from None
-                    log.warning(
-                        "%s: taking over the lock of pid %s on %s, which no longer runs",
-                        self.path.parent,
-                        holder.get("pid", "?"),
-                        holder.get("host", "?"),
-                    )
-                    self.path.unlink(missing_ok=True)
-            raise RunLockedError(f"{self.path}: could not take the lock (another process keeps taking it)")
-        finally:
-            tmp.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd = fd
+        return self
 
     def release(self) -> None:
-        if not self._held:
+        if self._fd is None:
             return
-        holder = self._read()
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        self._held = False
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # while still holding it: a waiting process sees the inode change and retries
+        os.close(self._fd)
+        self._fd = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> ProcessLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+class RunLock(ProcessLock):
+    """The lock of a run folder (``RUN/.lock``) while a process trains there."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(Path(run_dir) / LOCK_FILE, f"run folder {run_dir}")

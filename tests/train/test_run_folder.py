@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -44,29 +45,50 @@ def test_a_folder_of_user_files_is_not_a_run(tiny_recipe, image_folder, tmp_path
     assert _snapshot(mine) == before
 
 
+_HOLD = (
+    "import sys, time; from foundation.train.lock import RunLock\n"
+    "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)\n"
+)
+
+
 def test_a_live_trainer_locks_the_run_out_and_a_dead_ones_lock_is_taken_over(
     tiny_recipe, image_folder, tmp_path, caplog
 ):
     run = _pretrain(tiny_recipe, image_folder, tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], stdout=subprocess.PIPE, text=True)
     try:
-        lock = {
-            "pid": holder.pid,
-            "host": socket.gethostname(),
-            "since": "now",
-            "command": "foundation pretrain",
-        }
-        (run / ".lock").write_text(json.dumps(lock))
+        assert holder.stdout.readline().strip() == "held"
         before = _snapshot(run)
         with pytest.raises(RunLockedError, match=f"in use: pid {holder.pid} on host {socket.gethostname()}"):
             _pretrain(tiny_recipe, image_folder, run, "train.steps=4")
         assert _snapshot(run) == before  # nothing written
     finally:
-        holder.kill()
+        holder.kill()  # SIGKILL: its lock file stays, its kernel lock goes
         holder.wait()
-    _pretrain(tiny_recipe, image_folder, run, "train.steps=4")  # the holder is gone: its lock is stale
+    assert (run / ".lock").is_file()
+    _pretrain(tiny_recipe, image_folder, run, "train.steps=4")
     assert "taking over the lock" in caplog.text
     assert (run / "export" / "model.safetensors").is_file() and not (run / ".lock").exists()
+
+
+def test_two_processes_taking_a_stale_lock_at_once_never_both_win(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 999999, "host": socket.gethostname()}))
+    code = (
+        "import sys, time; from foundation.train.lock import RunLock, RunLockedError\n"
+        "time.sleep(float(sys.argv[2]) - time.time())\n"
+        "try:\n    RunLock(sys.argv[1]).acquire(); print('won', flush=True); time.sleep(1.5)\n"
+        "except RunLockedError:\n    print('refused', flush=True)\n"
+    )
+    for _ in range(5):
+        start = time.time() + 1.0
+        racers = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(tmp_path), str(start)], stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(3)
+        ]
+        results = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
+        assert results == ["refused", "refused", "won"], results
 
 
 def test_the_lock_refuses_a_second_holder_and_releases(tmp_path):
