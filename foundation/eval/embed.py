@@ -18,13 +18,15 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from foundation.batch import exit_status
 from foundation.errors import DataError, OutputError
 from foundation.eval.features import _collate, _pool
 from foundation.models.fingerprint import weights_fingerprint
-from foundation.outputs import output_error
+from foundation.outputs import output_error, temporary_name
+from foundation.train.lock import ProcessLock, RunLockedError
 
 log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
@@ -49,17 +51,29 @@ def _open_partial(path: Path, fingerprint: str, n: int, dim: int, meta: dict[str
         except OSError:
             pass
         log.warning("%s belongs to other inputs or is damaged; starting over", path)
-        path.unlink()
+        path.unlink()  # our own hidden partial file (its name is ours; the lock says no one else writes it)
     f = h5py.File(path, "w")
     f.create_dataset("features", shape=(n, dim), dtype="float32", chunks=(min(n, 256), dim))
     f.create_dataset("ids", shape=(n,), dtype=h5py.string_dtype("utf-8"))
     f.create_dataset("labels", shape=(n,), dtype="int64")
+    f.create_dataset("valid", shape=(n,), dtype="bool")
+    f.attrs["skipped"] = "[]"
     f.attrs["fingerprint"] = fingerprint
     f.attrs["done"] = 0
     f.attrs["complete"] = False
     for key, value in meta.items():
         f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
     return f
+
+
+def _first_readable(dataset: Any) -> dict[str, Any]:
+    """The first item that decodes (its shape sizes the placeholders of those that do not)."""
+    for i in range(len(dataset)):
+        try:
+            return dataset[i]
+        except DataError as e:
+            last = e
+    raise DataError(f"no item of {len(dataset)} could be read (last: {last})")
 
 
 def _existing_is_current(out: Path, fingerprint: str, overwrite: bool) -> int | None:
@@ -100,13 +114,59 @@ def _verify(path: Path, n: int, dim: int, fingerprint: str) -> None:
     with h5py.File(path, "r") as f:
         ok = (
             f["features"].shape == (n, dim)
+            and len(f["ids"]) == len(f["labels"]) == n
             and f.attrs.get("fingerprint") == fingerprint
-            and int(f.attrs["done"]) == n
             and bool(f.attrs["complete"])
         )
         np.asarray(f["features"][-1:])  # the last chunk reads back
     if not ok:
         raise OutputError(f"{path}: the written features do not read back complete")
+
+
+def _finish(partial: Path, final_tmp: Path) -> tuple[int, list[dict[str, str]]]:
+    """The final file from a finished partial one: the rows of the items that decoded (all of them, usually:
+    then the partial file is simply renamed). Returns the row count and the skipped items."""
+    with h5py.File(partial, "r") as f:
+        skipped = json.loads(f.attrs["skipped"])
+        valid = np.asarray(f["valid"][()], dtype=bool)
+        if valid.all():
+            n = len(valid)
+        else:
+            with h5py.File(final_tmp, "w") as g:
+                g.create_dataset("features", data=f["features"][()][valid])
+                g.create_dataset("ids", data=f["ids"][()][valid], dtype=h5py.string_dtype("utf-8"))
+                g.create_dataset("labels", data=f["labels"][()][valid])
+                for key, value in f.attrs.items():
+                    g.attrs[key] = value
+                g.attrs["done"] = n = int(valid.sum())
+    if valid.all():
+        os.replace(partial, final_tmp)
+    else:
+        partial.unlink()
+    return n, skipped
+
+
+class _Tolerant(Dataset):
+    """Items that fail to decode become placeholders marked ``ok=False`` (skipped and named, not fatal)."""
+
+    def __init__(self, dataset: Any, indices: range, shape: tuple[int, ...]) -> None:
+        self.dataset, self.indices, self.shape = dataset, indices, shape
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        index = self.indices[k]
+        try:
+            return {**self.dataset[index], "ok": ""}
+        except DataError as e:
+            files = getattr(getattr(self.dataset, "folder", None), "files", None)
+            name = str(files[index]) if files is not None else str(index)
+            return {"image": torch.zeros(self.shape), "label": -1, "id": name, "ok": str(e) or "unreadable"}
+
+
+def _collate_tolerant(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**_collate(items), "error": [it["ok"] for it in items]}
 
 
 def embed_dataset(
@@ -148,9 +208,11 @@ def embed_dataset(
 
     backbone = backbone.to(device).train(False)
     with torch.inference_mode():
-        probe = _collate([dataset[0]])["image"].to(device)
+        first = _first_readable(dataset)
+        probe_shape = tuple(first["image"].shape)
+        probe = _collate([first])["image"].to(device)
         dim = int(_pool(backbone.forward_dict(probe), pooling).shape[1])
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f".{out.name}.partial")
     meta = {
         "backbone": backbone_name,
         "backbone_weights": weights,
@@ -160,12 +222,16 @@ def embed_dataset(
         "normalization": normalization or {},  # the mean/std the inputs were normalised with
     }
     _check_space(out, n, dim)
+    final_tmp = temporary_name(out)
+    lock = ProcessLock(out.with_name(f".{out.name}.lock"), f"--out {out}")
     try:
+        lock.acquire()
         start = _embed_into(
             partial,
             dataset,
             backbone,
             _open_partial(partial, fingerprint, n, dim, meta),
+            shape=probe_shape,
             pooling=pooling,
             batch_size=batch_size,
             num_workers=num_workers,
@@ -173,16 +239,32 @@ def embed_dataset(
             amp_dtype=amp_dtype,
             progress=progress,
         )
-        _verify(partial, n, dim, fingerprint)
-        os.replace(partial, out)
-    except OutputError:
-        partial.unlink(missing_ok=True)
+        rows, skipped = _finish(partial, final_tmp)
+        if rows == 0:
+            final_tmp.unlink(missing_ok=True)
+            raise DataError(f"no item of {n} could be read (first: {skipped[0]['reason']})")
+        _verify(final_tmp, rows, dim, fingerprint)
+        os.replace(final_tmp, out)
+    except (OutputError, RunLockedError, DataError):
+        final_tmp.unlink(missing_ok=True)
         raise
     except OSError as e:  # HDF5 write errors arrive as OSError; the partial file is of no use
         error = output_error(e, out)
-        partial.unlink(missing_ok=True)
+        for tmp in (partial, final_tmp):
+            tmp.unlink(missing_ok=True)
         raise error from e
-    return {"out": str(out), "n": n, "dim": dim, "resumed_from": start}
+    finally:
+        lock.release()
+    for item in skipped:
+        log.warning("skipped %s: %s", item["id"], item["reason"])
+    return {
+        "out": str(out),
+        "n": rows,
+        "dim": dim,
+        "resumed_from": start,
+        "skipped": skipped,
+        "exit_status": exit_status(rows, len(skipped)),
+    }
 
 
 def _embed_into(
@@ -191,6 +273,7 @@ def _embed_into(
     backbone: torch.nn.Module,
     f: h5py.File,
     *,
+    shape: tuple[int, ...],
     pooling: str,
     batch_size: int,
     num_workers: int,
@@ -204,12 +287,13 @@ def _embed_into(
     if start:
         log.info("resuming %s at item %d of %d", partial, start, n)
     loader = DataLoader(
-        Subset(dataset, range(start, n)),
+        _Tolerant(dataset, range(start, n), shape),
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_collate_tolerant,
         pin_memory=device.type == "cuda",
     )
+    skipped = json.loads(f.attrs["skipped"])
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     done = start
     with f, tqdm(total=n, initial=start, desc="embed", unit="img", disable=not progress) as bar:
@@ -220,6 +304,9 @@ def _embed_into(
             f["features"][done : done + k] = feats.float().cpu().numpy()
             f["ids"][done : done + k] = np.array(batch["id"], dtype=object)
             f["labels"][done : done + k] = batch["label"].numpy()
+            f["valid"][done : done + k] = np.array([not e for e in batch["error"]])
+            skipped += [{"id": i, "reason": e} for i, e in zip(batch["id"], batch["error"], strict=True) if e]
+            f.attrs["skipped"] = json.dumps(skipped)
             done += k
             f.attrs["done"] = done
             f.flush()

@@ -67,9 +67,9 @@ def test_embed_writes_resumable_hdf5(tiny_run, image_folder, tmp_path, capsys):
     assert sorted(set(labels.tolist())) == [0, 1, 2]
     assert all(Path(p).is_file() for p in ids)
 
-    # A run cut short leaves only OUT.partial; the rerun completes just what is missing.
+    # A run cut short leaves only the hidden .OUT.partial; the rerun completes just what is missing.
     out.rename(tmp_path / "full.h5")
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f".{out.name}.partial")
     (tmp_path / "full.h5").rename(partial)
     with h5py.File(partial, "a") as f:
         f.attrs["done"] = 10
@@ -149,3 +149,41 @@ def test_embed_knows_a_retrained_backbone_at_the_same_path(tiny_run, image_folde
         new = f["features"][()]
         assert f.attrs["backbone_weights"] != "" and not (tmp_path / "feats.h5.partial").exists()
     assert not torch.allclose(torch.from_numpy(new), torch.from_numpy(old))
+
+
+def test_embed_skips_and_names_a_broken_image_and_never_touches_a_users_partial(
+    tiny_run, image_folder, tmp_path, capsys
+):
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "imgs"
+    shutil.copytree(image_folder, data)
+    broken = sorted((data).rglob("*.png"))[3]
+    broken.write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "f.h5"
+    (tmp_path / "f.h5.partial").write_text("the user's own file")
+    args = ["embed", "--data", str(data), "--backbone", str(tiny_run), "--out", str(out), "--quiet"]
+    assert main([*args, "--num-workers", "2", "--batch-size", "5"]) == 2
+    result = _json_line(capsys)
+    assert [s["id"] for s in result["skipped"]] == [str(broken)] and result["n"] == 23
+    with h5py.File(out, "r") as f:
+        assert f["features"].shape[0] == 23 and str(broken) not in list(f["ids"].asstr()[()])
+    assert (tmp_path / "f.h5.partial").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "f.h5.partial", "imgs"]
+    hold = (
+        "import sys, time; from foundation.train.lock import ProcessLock\n"
+        "ProcessLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(60)\n"
+    )
+    other = tmp_path / "g.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / ".g.h5.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main([*args[:-3], "--out", str(other), "--quiet"]) == 1
+        assert f"--out {other} is in use: pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
