@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -260,6 +261,10 @@ def remove_our_output(folder: Path) -> None:
 def new_temporary_dir(out: Path) -> Path:
     """A fresh hidden folder next to ``out`` to build it in (removed by :func:`discard_temporary_dir`)."""
     out = Path(out)
+    for left in out.parent.glob(f".tmp-*-{glob.escape(out.name)}"):  # a killed earlier call's, on this host
+        pid = left.name[len(".tmp-") :].split("-", 1)[0]
+        if left.is_dir() and pid.isdigit() and not pid_running(int(pid)) and read_marker(left) is None:
+            discard_temporary_dir(left)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     if tmp.exists():  # our own leftover of this pid: a crashed earlier call
         discard_temporary_dir(tmp)

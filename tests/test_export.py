@@ -152,6 +152,7 @@ def test_interrupted_export_does_not_break_a_new_one(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [".foundation.json", "config.json", "model.safetensors"]
     loaded, _ = load_backbone(out)
     torch.testing.assert_close(loaded.cls_token, model.cls_token)
+    assert not leftover.exists()  # pid 999999 is gone: its temporary folder went with the next export
 
 
 def test_export_replaces_an_older_one_only_when_asked_and_only_ours(tmp_path: Path) -> None:
