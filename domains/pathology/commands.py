@@ -23,7 +23,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="tissue mask and tile grid of each slide as a QC picture (PNG)",
         description="For each slide: detect tissue, plan tiles at --mpp/--tile-size, and write "
         "OUT/<slide>.png (thumbnail, tissue outline in green, kept tiles in blue), and OUT/summary.json "
-        "(also printed as one JSON line). A broken slide is skipped and listed. Exit status: 0 every "
+        "(also printed as one JSON line). A broken slide is skipped and listed, and so is one whose PNG name "
+        "is taken by a file that is not our QC picture (left as it is). Exit status: 0 every "
         "slide done, 2 some skipped, 1 none done.",
     )
     p.add_argument("slides", nargs="+", help="slide files or folders (searched recursively)")

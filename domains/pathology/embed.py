@@ -6,9 +6,10 @@ int64, level-0 top-left corners) and ``features`` (N x D float32) with the tilin
 A slide's features are gathered in memory and its file written in one go, re-opened, checked and renamed
 (``feature_file.py``), so a file under its final name is always whole.
 
-A file is complete for a rerun when it was made with the same backbone WEIGHTS (their fingerprint, not the
-path: a backbone retrained in place is another backbone), pooling, tiling and normalisation; any other file
-of ours under that name is replaced. A file there that is not ours is left alone and its slide skipped.
+A file is complete for a rerun when it was made from the same slide (its resolved path, size and mtime) with
+the same backbone WEIGHTS (their fingerprint, not the path: a backbone retrained in place is another backbone),
+pooling, tiling and normalisation. Another file of ours under that name is replaced only with ``--overwrite``
+(without it the slide is skipped, saying so); a file there that is not ours is left alone and its slide skipped.
 
 A broken slide (unreadable, no resolution, no tissue, a read error part-way) is skipped with its reason; the
 others finish. A full disk stops the job (no later slide could be written either): the slide being written
@@ -121,11 +122,12 @@ class StartedSlide:
     """
 
     def __init__(
-        self, path: Path, slide_mpp: float | None, options: PathologyOptions, batch_size: int,
-        num_workers: int, device: torch.device,
+        self, path: Path, key: dict[str, Any], slide_mpp: float | None, options: PathologyOptions,
+        batch_size: int, num_workers: int, device: torch.device,
     ) -> None:  # fmt: skip
         o = options
         self.path = path
+        self.key = key  # taken before any tile is read: a slide rewritten meanwhile does not look complete
         with open_slide(path, slide_mpp) as slide:
             self.tiling = plan_tiles(
                 slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
@@ -193,6 +195,26 @@ def remove_stale_temporaries(out_dir: Path, names: set[str]) -> None:
             file.unlink(missing_ok=True)
 
 
+def slide_identity(path: Path) -> dict[str, Any]:
+    """Which slide a feature file was made from: its resolved path, size and mtime (a DICOM folder: the total
+    size and latest mtime of its files), so another slide under the same name, or one rewritten, is redone.
+
+    Raises:
+        DataError: the slide cannot be looked at (gone, no permission).
+    """
+    resolved = path.resolve()
+    try:
+        files = [p for p in resolved.iterdir() if p.is_file()] if resolved.is_dir() else [resolved]
+        stats = [f.stat() for f in files]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    return {
+        "slide": str(resolved),
+        "slide_bytes": sum(s.st_size for s in stats),
+        "slide_mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+    }
+
+
 def feature_key(
     backbone: torch.nn.Module, meta: dict[str, Any], options: PathologyOptions, pooling: str
 ) -> dict[str, Any]:
@@ -235,12 +257,22 @@ class SlideEmbedder:
         return mpp_override(path, self.options.slide_mpp, self.table, self.root)
 
     def key_for(self, path: Path) -> dict[str, Any]:
-        """The key of one slide: a resolution given by the user changes its tiles (0: the file's own)."""
-        return {**self.key, "slide_mpp_override": float(self.slide_mpp(path) or 0.0)}
+        """The key of one slide: which slide it is, and a resolution given by the user, which changes its tiles
+        (0: the file's own).
+
+        Raises:
+            DataError: the slide cannot be looked at.
+        """
+        override = float(self.slide_mpp(path) or 0.0)
+        return {**self.key, **slide_identity(path), "slide_mpp_override": override}
 
     def start(self, path: Path) -> StartedSlide | DataError:
+        try:
+            key = self.key_for(path)
+        except DataError as e:
+            return e
         return _start(
-            path, slide_mpp=self.slide_mpp(path), options=self.options, batch_size=self.batch_size,
+            path, key=key, slide_mpp=self.slide_mpp(path), options=self.options, batch_size=self.batch_size,
             num_workers=self.num_workers, device=self.device,
         )  # fmt: skip
 
@@ -286,7 +318,7 @@ class SlideEmbedder:
             started.close()
         tiling = started.tiling
         attrs = {
-            **self.key_for(started.path),
+            **started.key,
             "backbone": self.source,
             "level": int(tiling.level),
             "downsample": started.downsample,
@@ -295,7 +327,6 @@ class SlideEmbedder:
             "read_size": int(tiling.read_size),
             "extent": int(tiling.extent),
             "n_tiles": len(tiling),
-            "slide": str(started.path.resolve()),
             "complete": True,
         }
         write_feature_file(out, tiling.coords, features, attrs)
@@ -322,17 +353,25 @@ class ShardReport:
 
 
 def plan(
-    embedder: SlideEmbedder, work: list[tuple[Path, Path]], report: ShardReport
+    embedder: SlideEmbedder, work: list[tuple[Path, Path]], report: ShardReport, *, overwrite: bool
 ) -> list[tuple[Path, Path]]:
-    """The slides still to embed: not those complete with this key, nor those whose output name is taken by a
-    file that is not ours (it is left alone and the slide skipped)."""
+    """The slides still to embed: not those complete with this key; not those whose output name is taken by a
+    file that is not ours, nor (without ``overwrite``) by one of ours made otherwise: those are left alone and
+    the slide skipped, saying why."""
     todo = []
     for path, out in work:
-        if is_complete(out, embedder.key_for(path)):
+        try:
+            key = embedder.key_for(path)
+        except DataError as e:
+            report.skip(path, str(e))
+            continue
+        if is_complete(out, key):
             report.complete.append({"slide": str(path), "out": str(out)})
         elif out.exists() and not is_ours(out):
             taken = f"{out} exists and is not a feature file of ours; it was left as it is (move it or give "
             report.skip(path, taken + "another --out)")
+        elif out.exists() and not overwrite:
+            report.skip(path, f"{out} was made with other weights, settings or slide; pass --overwrite")
         else:
             todo.append((path, out))
     return todo
@@ -459,7 +498,8 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         source = str(Path(meta["source"]).resolve())
         embedder = SlideEmbedder(backbone, key, args, options, table, dist.device, source)
         report = ShardReport()
-        todo = plan(embedder, [(slides[i], out_dir / names[i]) for i in mine], report)
+        work = [(slides[i], out_dir / names[i]) for i in mine]
+        todo = plan(embedder, work, report, overwrite=bool(getattr(args, "overwrite", False)))
         embed_all(embedder, todo, report, dist.rank)
 
         name = f"summary_rank{dist.rank}.json" if dist.world_size > 1 else "summary.json"

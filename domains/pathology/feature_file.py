@@ -6,9 +6,9 @@ close, ends in a segfault. So HDF5 never writes to disk here: the whole file is 
 where a full disk is an ordinary ``OSError``. The file is then re-opened and checked before it takes its final
 name, so a file under that name is always whole.
 
-Completeness is keyed on what determines the features: the backbone's weights (their fingerprint, not the
-path they were loaded from), pooling, tiling and normalisation. A file made with other weights at the same
-path is stale and is redone.
+Completeness is keyed on what determines the features: the slide (resolved path, size, mtime), the backbone's
+weights (their fingerprint, not the path they were loaded from), pooling, tiling and normalisation. A file of
+ours made otherwise is stale: ``embed`` replaces it only with ``--overwrite``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ whose side covers ``tile_size * mpp`` microns; each keeps its tissue fraction.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ import cv2
 import numpy as np
 
 from domains.pathology.slide import Slide
-from foundation.errors import DataError, OutputError
+from foundation.errors import OutputError
 from foundation.outputs import output_error, write_verified
 
 MASK_MAX_SIDE = 4096  # mask pixels on the longer side, whatever the slide size
+QC_MARK = ("foundation", "pathology-qc")  # PNG text chunk of our QC pictures: only those may be replaced
 
 
 @dataclass(frozen=True)
@@ -153,17 +155,45 @@ def read_tile(slide: Slide, tiling: Tiling, index: int) -> np.ndarray:
     )
 
 
+def is_our_picture(path: Path) -> bool:
+    """``path`` is a PNG carrying our mark (:data:`QC_MARK`), i.e. a QC picture this command wrote."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get(QC_MARK[0]) == QC_MARK[1]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _png_with_mark(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(*QC_MARK)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def write_qc(
     path: str | os.PathLike, slide: Slide, mask: TissueMask, tiling: Tiling, max_size: int = 1024
 ) -> Path:
     """A PNG a person can check at a glance: thumbnail, tissue outline (green), kept tiles (blue), a caption.
 
-    Written to a temporary name, decoded again and renamed, so a partial picture never looks complete.
+    Written to a temporary name, decoded again and renamed, so a partial picture never looks complete. It
+    carries our mark, and only a picture with that mark is ever replaced: a user's file under the name is kept.
 
     Raises:
-        OutputError: the picture cannot be written (no space left, ...); nothing is left behind.
+        OutputError: ``path`` is taken by a file that is not our picture (left as it is), or the picture cannot
+            be written (no space left, ...); nothing is left behind.
     """
     path = Path(path)
+    if path.exists() and not is_our_picture(path):
+        raise OutputError(
+            f"{path} exists and is not a QC picture of ours; it was left as it is (move it or give another --out)"
+        )
     canvas = slide.thumbnail(max_size).copy()
     h, w = canvas.shape[:2]
     f = w / slide.dimensions[0]  # thumbnail pixels per level-0 pixel
@@ -187,18 +217,19 @@ def write_qc(
     )
     bar = np.full((22, w, 3), 255, np.uint8)
     cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
-    picture = cv2.cvtColor(np.vstack([bar, canvas]), cv2.COLOR_RGB2BGR)
-    ok, png = cv2.imencode(".png", picture)
-    if not ok:
-        raise DataError(f"{path}: could not encode the QC picture")
+    picture = np.ascontiguousarray(np.vstack([bar, canvas]))
+    png = _png_with_mark(picture)
 
     def check(tmp: Path) -> None:
-        written = cv2.imread(str(tmp))
-        if written is None or not np.array_equal(written, picture):
+        from PIL import Image
+
+        with Image.open(tmp) as image:
+            same = np.array_equal(np.asarray(image.convert("RGB")), picture)
+        if not (same and is_our_picture(tmp)):
             raise OutputError(f"{path}: the picture written does not read back")
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise output_error(e, path.parent, "cannot create the folder") from e
-    return write_verified(path, lambda tmp: tmp.write_bytes(png.tobytes()), check)
+    return write_verified(path, lambda tmp: tmp.write_bytes(png), check)

@@ -101,8 +101,11 @@ def test_one_hdf5_per_slide_then_resume(
     assert (out / "a.h5").stat().st_mtime_ns == stamp
     assert (out / "b.ome.h5").is_file() and not list(out.glob(".tmp-*"))
 
-    # other settings (pooling) mean the outputs are redone
-    assert _embed(slides, backbone, out, "--pooling", "cls+mean") == 0
+    # other settings (pooling): our outputs are stale, kept and their slides skipped without --overwrite
+    assert _embed(slides, backbone, out, "--pooling", "cls+mean") == EXIT_NOTHING_DONE
+    assert (out / "a.h5").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert _embed(slides, backbone, out, "--pooling", "cls+mean", "--overwrite") == EXIT_DONE
     with h5py.File(out / "a.h5", "r") as f:
         assert f["features"].shape[1] == 384 and f.attrs["pooling"] == "cls+mean"
 

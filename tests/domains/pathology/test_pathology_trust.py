@@ -13,8 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import write_ome, write_svs
+from conftest import tissue_image, write_ome, write_svs
+from PIL import Image
 
+from domains.pathology.embed import slide_identity
+from domains.pathology.tissue import is_our_picture
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.export import export_backbone, load_backbone
@@ -83,7 +86,9 @@ def _hidden(folder: Path) -> list[str]:
 
 
 # -- completeness is keyed on the weights -----------------------------------------------------------------------
-def test_backbone_retrained_at_the_same_path_is_re_embedded(slides: Path, tmp_path: Path, capsys) -> None:
+def test_backbone_retrained_at_the_same_path_is_re_embedded_with_overwrite(
+    slides: Path, tmp_path: Path, capsys
+) -> None:
     path = _export(tmp_path / "backbone", seed=0)
     out = tmp_path / "feats"
     assert _embed(slides, path, out) == EXIT_DONE
@@ -91,7 +96,10 @@ def test_backbone_retrained_at_the_same_path_is_re_embedded(slides: Path, tmp_pa
     capsys.readouterr()
 
     _export(path, seed=1)  # other weights, same path (what retraining in place does)
-    assert _embed(slides, path, out) == EXIT_DONE
+    assert _embed(slides, path, out) == EXIT_NOTHING_DONE  # stale, not "complete"; kept without --overwrite
+    assert "made with other weights, settings or slide; pass --overwrite" in capsys.readouterr().err
+    np.testing.assert_array_equal(old, _features(out / "a.h5"))
+    assert _embed(slides, path, out, "--overwrite") == EXIT_DONE
     result = _last_json(capsys)
     assert (result["processed"], result["complete_before"]) == (2, 0)  # ours, replaced: not "complete before"
     new = _features(out / "a.h5")
@@ -108,6 +116,61 @@ def test_backbone_retrained_at_the_same_path_is_re_embedded(slides: Path, tmp_pa
     shutil.copytree(path, moved)
     assert _embed(slides, moved, out) == EXIT_DONE
     assert _last_json(capsys)["complete_before"] == 2
+
+
+def test_another_slide_under_the_same_name_is_not_complete(
+    slides: Path, backbone: Path, tmp_path: Path, capsys
+) -> None:
+    """``--data slides`` then ``--data slides2`` into one ``--out``: a different ``a.svs`` is not "done"."""
+    out = tmp_path / "feats"
+    assert _embed(slides, backbone, out) == EXIT_DONE
+    other = tmp_path / "slides2"
+    other.mkdir()
+    write_svs(other / "a.svs", image=tissue_image(seed=1))
+    write_svs(other / "c.svs")
+    capsys.readouterr()
+
+    assert _embed(other, backbone, out) == EXIT_SOME_SKIPPED
+    result = _last_json(capsys)
+    assert (result["processed"], result["skipped"], result["complete_before"]) == (1, 1, 0)
+    summary = json.loads((out / "summary.json").read_text())
+    (skipped,) = summary["slides_skipped"]
+    assert Path(skipped["slide"]) == other / "a.svs"
+    assert skipped["reason"].endswith("made with other weights, settings or slide; pass --overwrite")
+    with h5py.File(out / "a.h5", "r") as f:
+        assert f.attrs["slide"] == str((slides / "a.svs").resolve())  # kept: still the first slide's
+
+    assert _embed(other, backbone, out, "--overwrite") == EXIT_DONE
+    assert _last_json(capsys)["processed"] == 1  # a.svs replaced; c.svs complete before
+    with h5py.File(out / "a.h5", "r") as f:
+        assert f.attrs["slide"] == str((other / "a.svs").resolve())
+        assert f.attrs["slide_bytes"] == (other / "a.svs").stat().st_size
+
+
+def test_a_slide_rewritten_in_place_is_not_complete(slides: Path, backbone: Path, tmp_path: Path, capsys):
+    out = tmp_path / "feats"
+    assert _embed(slides, backbone, out) == EXIT_DONE
+    write_svs(slides / "a.svs", image=tissue_image(seed=1))  # same path, another scan
+    capsys.readouterr()
+    assert _embed(slides, backbone, out) == EXIT_SOME_SKIPPED  # a.svs: stale, kept without --overwrite
+    assert _embed(slides, backbone, out, "--overwrite") == EXIT_DONE
+    result = _last_json(capsys)
+    assert (result["processed"], result["complete_before"]) == (1, 1)  # a.svs redone, b.ome.tif kept
+    with h5py.File(out / "a.h5", "r") as f:
+        assert f.attrs["slide_mtime_ns"] == (slides / "a.svs").stat().st_mtime_ns
+
+
+def test_a_dicom_folder_is_known_by_its_path_total_size_and_latest_mtime(tmp_path: Path) -> None:
+    folder = tmp_path / "slide.dicom"
+    folder.mkdir()
+    for name, size, mtime_ns in (("level0.dcm", 300, 5_000), ("level1.dcm", 100, 9_000)):
+        (folder / name).write_bytes(b"x" * size)
+        os.utime(folder / name, ns=(mtime_ns, mtime_ns))
+    assert slide_identity(folder) == {
+        "slide": str(folder.resolve()),
+        "slide_bytes": 400,
+        "slide_mtime_ns": 9_000,
+    }
 
 
 # -- a full disk --------------------------------------------------------------------------------------------------
@@ -274,6 +337,22 @@ def test_qc_on_a_full_disk_is_one_error(slides: Path, small_disk, fill_disk, cap
     assert _qc(out, slides) == EXIT_NOTHING_DONE
     assert _errors(capsys) == [f"error: {out / 'a.svs.png'}: {NO_SPACE}"]
     assert list(out.iterdir()) == []
+
+
+def test_qc_never_replaces_a_png_that_is_not_ours(slides: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "userpics"
+    out.mkdir()
+    mine = out / "a.svs.png"  # the user's picture under the name a QC picture of a.svs would take
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mine)
+    before = mine.read_bytes()
+    for _ in range(2):  # our own picture (b) is replaced on the rerun; the user's never
+        assert _qc(out, slides) == EXIT_SOME_SKIPPED
+        assert mine.read_bytes() == before
+        (failed,) = _last_json(capsys)["failed"]
+        assert Path(failed["slide"]).name == "a.svs"
+        assert failed["error"].startswith(f"{mine} exists and is not a QC picture of ours")
+        assert is_our_picture(out / "b.ome.tif.png") and not is_our_picture(mine)
+    assert _hidden(out) == []
 
 
 def test_qc_refuses_out_that_is_a_file_or_the_slides(slides: Path, tmp_path: Path, capsys) -> None:
