@@ -44,7 +44,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "skipped, 1 none usable.",
     )
     p.add_argument("data", help="a raster, or a folder searched recursively (.tif .tiff .vrt .jp2 .img)")
-    p.add_argument("--out", required=True, help="JSON file to write (atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="JSON file to write (atomically); an existing file is replaced only if it is a statistics "
+        "file written by `foundation stats`, never another file or an input",
+    )
     p.add_argument("--bands", help="1-based bands in order, e.g. 3,2,1 (default: all but alpha)")
     p.add_argument("--scale", default="auto", help="divisor: auto (uint8 255, (u)int16 10000, else 1)")
     p.add_argument("--nodata", type=float, help="nodata value for files that declare none")

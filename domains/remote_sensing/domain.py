@@ -163,15 +163,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     """``foundation stats``: compute, write, print a one-line JSON summary; the batch exit status.
 
     Files that cannot be read, or hold no valid pixel, are skipped and named (``skipped`` in the summary and
-    in the statistics file); 0 every file used, 2 some skipped, 1 nothing usable (a ``DataError``).
+    in the statistics file); 0 every file used, 2 some skipped, 1 nothing usable (a ``DataError``). ``--out``
+    replaces only an earlier statistics file of ours, never another file or an input (checked before work).
     """
     _require_rasterio()
-    from domains.remote_sensing.raster import find_rasters, value_scale
-    from domains.remote_sensing.stats import UNREADABLE, compute_band_stats
+    from domains.remote_sensing.raster import find_rasters, list_rasters, value_scale
+    from domains.remote_sensing.stats import UNREADABLE, check_stats_output, compute_band_stats
     from foundation.batch import exit_status
-    from foundation.outputs import check_not_input
 
-    check_not_input(Path(args.out), [Path(args.data)])
+    inputs = [Path(args.data), *list_rasters(args.data)]
+    check_stats_output(Path(args.out), inputs)
     bands = parse_bands(args.bands, key="--bands")
     scale: str | float = args.scale if args.scale == "auto" else float(args.scale)
     infos, unreadable = find_rasters(args.data, bands)
@@ -187,7 +188,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     stats.skipped = [{**s, "kind": UNREADABLE} for s in unreadable] + stats.skipped
-    out = stats.save(args.out)
+    out = stats.save(args.out, inputs)
     log.info("band statistics of %d raster(s) written to %s", stats.files, out)
     summary = {"stats": str(out), "bands": len(stats.mean), "files": stats.files, "pixels": stats.pixels}
     summary.update(nonfinite_fraction=stats.nonfinite, skipped=stats.skipped)

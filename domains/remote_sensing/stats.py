@@ -25,13 +25,15 @@ import numpy as np
 from rasterio.windows import Window
 from tqdm import tqdm
 
+from domains.remote_sensing.json_outputs import MARKER_KEY, check_json_output, write_json_output
 from domains.remote_sensing.raster import READ_ERRORS, RasterInfo, open_raster, read_error_text, read_pixels
 from foundation.errors import DataError
-from foundation.outputs import write_verified
 
 log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
+STATS_KIND = "band-statistics"  # the marker of our statistics files (the only files `stats --out` replaces)
+STATS_KEYS = ("version", "mean", "std", "p2", "p98", "pixels", "files", "windows")  # ours before the marker
 UNREADABLE = "unreadable"  # kinds of skipped files: a read failed ...
 EMPTY = "empty"  # ... or no valid pixel in the windows read
 
@@ -52,14 +54,16 @@ class BandStats:
     nonfinite: float = 0.0  # fraction of the pixels read that held NaN or infinite values (left out)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason", "kind"}
 
-    def save(self, path: str | Path) -> Path:
-        """Write JSON atomically and read it back before it replaces ``path``.
+    def save(self, path: str | Path, inputs: Sequence[Path] = ()) -> Path:
+        """Write JSON atomically and read it back before it replaces ``path``, which may only be absent or an
+        earlier statistics file of ours (see :func:`check_stats_output`).
 
         Raises:
-            OutputError: the file cannot be written (the message names it and the reason, e.g. no space).
+            OutputError: ``path`` is refused, or cannot be written (the message names it and the reason).
         """
-        text = json.dumps({"version": STATS_VERSION, **asdict(self)}, indent=2) + "\n"
-        return write_verified(Path(path), lambda tmp: tmp.write_text(text), BandStats.load)
+        check_stats_output(Path(path), inputs)  # again: the file may have appeared while we computed
+        data = {"version": STATS_VERSION, **asdict(self)}
+        return write_json_output(Path(path), STATS_KIND, data, BandStats.load)
 
     @classmethod
     def load(cls, path: str | Path) -> BandStats:
@@ -68,6 +72,7 @@ class BandStats:
         try:
             data = json.loads(path.read_text())
             data.pop("version", None)
+            data.pop(MARKER_KEY, None)
             stats = cls(**data)
         except FileNotFoundError as e:
             raise DataError(
@@ -79,6 +84,16 @@ class BandStats:
         if n == 0 or any(len(v) != n for v in (stats.std, stats.p2, stats.p98)):
             raise DataError(f"{path}: mean/std/p2/p98 must have one value per band")
         return stats
+
+
+def check_stats_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an ``out`` that is or would replace one of ``inputs`` (list the files of a folder, not only the
+    folder), or an existing file that is not a statistics file of ours.
+
+    Raises:
+        OutputError: naming ``out`` and why it was left alone.
+    """
+    check_json_output(out, STATS_KIND, inputs, legacy_keys=STATS_KEYS)
 
 
 def grid_windows(width: int, height: int, size: int) -> list[Window]:

@@ -12,7 +12,8 @@ their fraction is logged and reported per scene (``nonfinite_fraction``).
 A batch skips a scene it cannot map (unreadable, wrong band count, every pixel nodata or non-finite, a read
 error mid-scene, a full disk, an existing file that is not a map of ours, or a map of ours by another model
 without ``--overwrite``), names it and the reason in its JSON line, and goes on. A map this model already made
-of the same scene counts as done (``"status": "exists"``). Exit status (:func:`foundation.batch.exit_status`):
+of the same input (its resolved path, size and modification time, kept in the map's tags) counts as done
+(``"status": "exists"``); one of another input under that name is not done and needs ``--overwrite``. Exit status (:func:`foundation.batch.exit_status`):
 0 every scene done, 2 some skipped, 1 none done. ``--out`` is checked before any work: never an input (nor a
 folder holding one, nor a link to one), never a file where a folder is needed; it is created only once the
 checkpoint has loaded.
@@ -78,8 +79,8 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
         from foundation.cli import spawn_local
 
         return spawn_local(args.nproc, sys.argv[1:])
-    scenes = list_scenes(args.scenes)
     out = Path(args.out)
+    scenes = list_scenes(args.scenes, out)
     outputs = output_paths(scenes, out, protected=[Path(args.checkpoint)])
     from domains.remote_sensing.canopy.model import load_canopy_model
 
@@ -125,14 +126,33 @@ def report(results: list[dict[str, Any]], is_main: bool, checkpoint: str) -> int
     return exit_status(done, len(skipped))
 
 
-def list_scenes(items: Sequence[str]) -> list[Path]:
-    """Files as given, folders searched recursively for rasters; a missing path is an error up front."""
+def list_scenes(items: Sequence[str], out: Path | None = None) -> list[Path]:
+    """Files as given, folders searched recursively for rasters; a missing path is an error up front.
+
+    In a folder, our own outputs are not scenes: maps of ours (their tags say so) and anything under ``out``
+    when it lies inside that folder (``canopy-height sc --out sc/maps`` can be run again).
+    """
     from domains.remote_sensing.raster import list_rasters
 
     scenes: list[Path] = []
     for item in items:
-        scenes.extend(list_rasters(item))
+        found = list_rasters(item)
+        if Path(item).is_dir():
+            found = [f for f in found if not _our_output(f, Path(item), out)]
+            if not found:
+                raise DataError(f"data folder {item!r} holds only maps written by canopy-height; no scene")
+        scenes.extend(found)
     return scenes
+
+
+def _our_output(path: Path, folder: Path, out: Path | None) -> bool:
+    """``path`` (found under ``folder``) lies in the ``out`` folder nested inside it, or is a map of ours."""
+    from domains.remote_sensing.canopy.cog import map_tags
+
+    nested_out = out is not None and folder.resolve() in out.resolve().parents
+    if nested_out and out.resolve() in path.resolve().parents:
+        return True
+    return map_tags(path) is not None
 
 
 def output_paths(scenes: list[Path], out: Path, protected: Sequence[Path] = ()) -> list[Path]:
@@ -244,7 +264,7 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     try:
         with rasterio.Env(**env), open_scene(src, meta, opts) as scene:
             grid = TileGrid(scene.ds.height, scene.ds.width, opts.tile, opts.overlap)
-            tags = {"model": cog.MAP_KIND, "source": src.name, "units": "m", "fingerprint": fingerprint}
+            tags = {"model": cog.MAP_KIND, **source_identity(src), "units": "m", "fingerprint": fingerprint}
             with (
                 cog.strip_writer(
                     part,
@@ -302,7 +322,8 @@ def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> boo
 
     Raises:
         OutputError: ``dst`` exists and is not a map of ours: never replaced, even with ``overwrite``.
-        DataError: a map of ours of another scene or by another model, and ``overwrite`` is off.
+        DataError: a map of ours of another input (another path, or this one before it changed: its size
+            or modification time differ) or by another model, and ``overwrite`` is off.
     """
     from domains.remote_sensing.canopy.cog import map_tags
 
@@ -316,12 +337,27 @@ def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> boo
         )
     if overwrite:
         return False
-    if tags.get("source") == src.name and tags.get("fingerprint") == fingerprint:
+    same_input = all(tags.get(k) == v for k, v in source_identity(src).items())
+    if same_input and tags.get("fingerprint") == fingerprint:
         return True
-    made_by = "this model" if tags.get("fingerprint") == fingerprint else "another model"
-    raise DataError(
-        f"{dst} exists (a map of {tags.get('source')!r} by {made_by}); pass --overwrite to replace it"
-    )
+    if not same_input:
+        what = f"exists for another input ({tags.get('source_path') or tags.get('source')!r}"
+        if tags.get("source_path") == str(src.resolve()):
+            what = "exists for this input as it was before it changed (size or modification time"
+        raise DataError(f"{dst} {what}); not done: pass --overwrite to replace it")
+    raise DataError(f"{dst} exists (a map of this input by another model); pass --overwrite to replace it")
+
+
+def source_identity(src: Path) -> dict[str, str]:
+    """The tags that say which input a map is of: its resolved path, size and modification time (a map of
+    another file of the same name, or of this file before it changed, is not this input's map)."""
+    st = src.stat()
+    return {
+        "source": src.name,
+        "source_path": str(src.resolve()),
+        "source_size": str(st.st_size),
+        "source_mtime_ns": str(st.st_mtime_ns),
+    }
 
 
 def check_quicklook(png: Path, overwrite: bool) -> None:

@@ -10,7 +10,6 @@ statistics that differ between training and map making silently ruin the maps
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +35,12 @@ from domains.remote_sensing.canopy.head import HeadOptions
 from domains.remote_sensing.canopy.losses import CanopyLoss, LossOptions
 from domains.remote_sensing.canopy.metrics import CanopyMetrics, scalar_metrics
 from domains.remote_sensing.canopy.model import TASK_NAME, CanopyNet, build_canopy_net, load_canopy_model
+from domains.remote_sensing.json_outputs import check_json_output, write_json_output
 from domains.remote_sensing.options import parse_bands
 from domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scale
 from foundation.config import Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
-from foundation.outputs import check_not_input, write_verified
 from foundation.tasks.base import TaskParts
 from foundation.train.distributed import resolve_device
 
@@ -49,6 +48,8 @@ log = logging.getLogger(__name__)
 
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "remote_sensing" / "canopy_tiny.yaml"
 STATS_WINDOW = 256
+METRICS_KIND = "canopy-height-metrics"  # the marker of our metrics files (the only files --out replaces)
+METRICS_KEYS = ("checkpoint", "done", "skipped", "rmse", "height_bins")  # ours written before the marker
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,11 @@ class CanopyHeightTask:
             "--resampling", choices=sorted(RESAMPLING), default="bilinear", help="labels on another grid"
         )
         parser.add_argument("--label-nodata", type=float, help="label nodata for files that declare none")
-        parser.add_argument("--out", help="also write the metrics JSON to this file (atomically)")
+        parser.add_argument(
+            "--out",
+            help="also write the metrics JSON to this file (atomically); an existing file is replaced only "
+            "if it is a metrics file of this command, never another file or an input",
+        )
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
         """Metrics of a fine-tuned model over image/label pairs; broken pairs are skipped and reported.
@@ -317,9 +322,10 @@ class CanopyHeightTask:
         CLI derives the batch exit status (0 all scored, 2 some skipped); none scored is a ``DataError``.
         """
         pairs = _pairs(args.images, args.labels)
+        folders = [Path(f) for f in (args.images, args.labels) if f]
+        inputs = [Path(args.checkpoint), *folders, *(p.image for p in pairs), *(p.label for p in pairs)]
         if args.out:
-            inputs = [Path(args.checkpoint), *(p.image for p in pairs), *(p.label for p in pairs)]
-            check_not_input(Path(args.out), inputs)
+            check_metrics_output(Path(args.out), inputs)
         net, meta = load_canopy_model(args.checkpoint)
         device = resolve_device(getattr(args, "device", "auto"))
         net.to(device)
@@ -336,7 +342,8 @@ class CanopyHeightTask:
         if not done:
             raise DataError(f"no image could be evaluated (first: {skipped[0]['reason']})")
         if args.out:
-            _write_json(Path(args.out), result)
+            check_metrics_output(Path(args.out), inputs)  # again: it may have appeared while we evaluated
+            write_json_output(Path(args.out), METRICS_KIND, result)
         if skipped:  # the CLI prints the metrics of the rest; the exit status says some were skipped
             log.warning(
                 "%d of %d image(s) skipped (first: %s); the metrics are over the others",
@@ -345,7 +352,10 @@ class CanopyHeightTask:
         return result
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically, read back before the rename. Raises: OutputError naming ``path`` and the reason."""
-    text = json.dumps(data, indent=2) + "\n"
-    write_verified(path, lambda tmp: tmp.write_text(text), lambda tmp: json.loads(tmp.read_text()))
+def check_metrics_output(out: Path, inputs: list[Path]) -> None:
+    """``--out`` may only be new or an earlier metrics file of ours; never an input or another file.
+
+    Raises:
+        OutputError: naming ``out`` and why it was left alone.
+    """
+    check_json_output(out, METRICS_KIND, inputs, legacy_keys=METRICS_KEYS)

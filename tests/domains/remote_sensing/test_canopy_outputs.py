@@ -5,6 +5,7 @@ written, and the exit status follows the batch rule (0 all done, 2 some skipped,
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -239,3 +240,47 @@ def test_an_all_nan_scene_is_skipped_never_an_all_nan_map(tmp_path: Path) -> Non
     assert result["reason"] == f"{src}: every pixel is NaN or infinite; nothing to map"
     assert list(dst.parent.iterdir()) == []
     assert report([result], True, "model.pt") == EXIT_NOTHING_DONE
+
+
+# -- a map is done only for the input it was made of ---------------------------------------------------------
+def _map(scenes: list[Path], checkpoint: Path, out: Path, *flags: str) -> int:
+    return main(
+        ["canopy-height", *map(str, scenes), "--checkpoint", str(checkpoint), "--out", str(out), *flags]
+    )
+
+
+def _results(capsys: pytest.CaptureFixture) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_a_map_of_another_input_of_the_same_name_is_not_done(
+    tmp_path: Path, checkpoint: Path, capsys
+) -> None:
+    a, b = scene(tmp_path / "A" / "scene.tif", seed=1), scene(tmp_path / "B" / "scene.tif", seed=2)
+    maps = tmp_path / "maps"
+    assert _map([a], checkpoint, maps, "--quiet") == 0
+    made = (maps / "scene_chm.tif").read_bytes()
+    assert _results(capsys)[0]["status"] == "done"
+    assert _map([b], checkpoint, maps, "--quiet") == EXIT_NOTHING_DONE
+    [result] = _results(capsys)
+    assert result["status"] == "skipped" and "exists for another input" in result["reason"]
+    assert str(a.resolve()) in result["reason"] and (maps / "scene_chm.tif").read_bytes() == made
+    assert _map([b], checkpoint, maps, "--quiet", "--overwrite") == 0
+    assert _results(capsys)[0]["status"] == "done"
+    assert cog.map_tags(maps / "scene_chm.tif")["source_path"] == str(b.resolve())
+    os.utime(b, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns + 10**9))  # the input changed since
+    assert _map([b], checkpoint, maps, "--quiet") == EXIT_NOTHING_DONE
+    assert "before it changed" in _results(capsys)[0]["reason"]
+
+
+def test_our_maps_under_the_input_folder_are_not_scenes(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    sc = tmp_path / "sc"
+    scene(sc / "one.tif")
+    for _ in range(2):  # the rerun finds its own maps under sc/maps and leaves them out
+        assert _map([sc], checkpoint, sc / "maps", "--quiet") == 0
+    assert [r["status"] for r in _results(capsys)] == ["done", "exists"]
+    foreign = write_raster(sc / "maps" / "theirs.tif", random_bands(4, 24, 24, "uint16"))  # under --out
+    assert _map([sc], checkpoint, sc / "maps", "--quiet") == 0
+    assert [Path(r["scene"]).name for r in _results(capsys)] == ["one.tif"] and foreign.exists()
+    assert _map([sc], checkpoint, tmp_path / "elsewhere", "--quiet") == 0  # maps of ours in sc: tags say so
+    assert sorted(Path(r["scene"]).name for r in _results(capsys)) == ["one.tif", "theirs.tif"]
