@@ -13,6 +13,8 @@ forces this). A CUDA out-of-memory error while stitching on the GPU is retried o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import tempfile
@@ -168,11 +170,30 @@ class Segmenter:
         self.sw_batch_size = int(sw_batch_size or meta.get("sw_batch_size", 1) or 1)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.stitch = stitch
         self.in_chans = int(meta["in_chans"])
         self.num_classes = int(meta["num_classes"])
         self._preprocess = None
+        self._settings_key: dict[str, Any] | None = None
+
+    def settings_key(self) -> dict[str, Any]:
+        """What decides the labels, as JSON: the weights (not the checkpoint's path: a model retrained in place
+        is another model), the task metadata (preprocessing, classes), ROI, overlap and precision. Batch size,
+        stitching and device change speed and memory, not the labels, so they are left out."""
+        from foundation.models.fingerprint import weights_fingerprint
+
+        if self._settings_key is None:
+            meta = json.dumps(self.meta, sort_keys=True, default=str).encode()
+            self._settings_key = {
+                "weights": weights_fingerprint(self.net),
+                "meta": hashlib.sha256(meta).hexdigest()[:16],
+                "roi_size": list(self.roi_size),
+                "overlap": self.overlap,
+                "precision": self.precision,
+            }
+        return self._settings_key
 
     @classmethod
     def from_checkpoint(

@@ -1,13 +1,17 @@
 """``foundation segment``: NIfTI label maps of volumes (NIfTI files, DICOM series folders, or folders of them).
 
-Each input ``NAME.nii.gz`` (or DICOM folder ``NAME``) gives ``OUT/NAME_seg.nii.gz`` on exactly the input's voxel
-grid (:mod:`domains.medical.segmentation.infer`). Files are written under a temporary name, re-opened and checked,
-then renamed; existing outputs are kept unless ``--overwrite`` (and a file of that name that we did not write is
-never replaced), so a rerun finishes an interrupted batch. Under torchrun (or ``--nproc N``) volume ``i`` goes to
-rank ``i % world_size``. A broken input (not a volume, unreadable, every voxel NaN, a DICOM folder mixing series
-or missing slices, a 4D image where 3D is expected) or a label map that cannot be written (full disk) is skipped
-with its reason; the others finish. NaN and infinite voxels are missing data: labelled background, their share
-reported. ``OUT/summary.json`` (``summary_rank{r}.json`` per rank) lists what happened; the exit status is
+Each input ``NAME.nii.gz`` (or DICOM folder ``NAME``) gives ``OUT/NAME_seg.nii.gz`` on exactly the input's
+voxel grid (:mod:`domains.medical.segmentation.infer`). Files are written under a temporary name, re-opened
+and checked, then renamed. Each label map carries its key (a NIfTI1 extension holding JSON: the input's
+resolved path, size and mtime, the model's weights fingerprint and the inference settings): a map whose key
+matches is done, so a rerun finishes an interrupted batch; one of ours with another key (another volume of
+that name, a retrained model) is replaced only with ``--overwrite``, else the volume is skipped; a file of
+that name that we did not write is never replaced. An ``OUT/summary.json`` that is not ours is refused before
+any work. Under torchrun (or ``--nproc N``) volume ``i`` goes to rank ``i % world_size``. A broken input (not
+a volume, unreadable, every voxel NaN, a DICOM folder mixing series or missing slices, a 4D image where 3D is
+expected) or a label map that cannot be written (full disk) is skipped with its reason; the others finish. NaN
+and infinite voxels are missing data: labelled background, their share reported. ``OUT/summary.json``
+(``summary_rank{r}.json`` per rank) lists what happened; the exit status is
 :func:`foundation.batch.exit_status` (0 all done, 2 some skipped, 1 none done).
 """
 
@@ -29,14 +33,21 @@ from foundation.outputs import check_not_input, check_writable, output_error, wr
 log = logging.getLogger(__name__)
 SUFFIX = "_seg.nii.gz"
 LABEL_DESCRIPTION = b"foundation segment"  # the start of the NIfTI descrip of every label map written here
+# A label map's key is JSON in a NIfTI1 extension of code 6 ("comment", free text): other readers skip it.
+KEY_EXTENSION = "comment"
+KEY_FIELD = "foundation_segment_key"
+SUMMARY_KEYS = {"rank", "world_size", "written", "existing", "skipped"}  # exactly those of a summary of ours
 DESCRIPTION = """\
-Each input NAME.nii.gz (or DICOM series folder NAME) gives OUT/NAME_seg.nii.gz with exactly the input's shape and
-affine: preprocessing as in training (RAS, spacing, intensity preset), Gaussian sliding window, argmax, then
-nearest-neighbour back onto the input grid. Outputs are written atomically and read back before they are
-renamed into place; existing ones are kept unless --overwrite, so a rerun finishes an interrupted batch. NaN and
-infinite voxels are missing data: left out of the intensity normalisation and labelled background (their share
-is in the summary). Broken inputs (and volumes entirely NaN) are skipped and listed in OUT/summary.json
-(summary_rank{r}.json under torchrun). Exit status: 0 every volume done, 2 some skipped, 1 none done.
+Each input NAME.nii.gz (or DICOM series folder NAME) gives OUT/NAME_seg.nii.gz with exactly the input's shape
+and affine: preprocessing as in training (RAS, spacing, intensity preset), Gaussian sliding window, argmax,
+then nearest-neighbour back onto the input grid. Outputs are written atomically and read back before they are
+renamed into place. A label map already made from the same input file (path, size, mtime) with the same model
+weights and settings is kept, so a rerun finishes an interrupted batch; one made from another input or model
+is replaced only with --overwrite (else that volume is skipped); files not written by segment (label maps, a
+summary.json) are never replaced. NaN and infinite voxels are missing data: left out of the intensity
+normalisation and labelled background (their share is in the summary). Broken inputs (and volumes entirely
+NaN) are skipped and listed in OUT/summary.json (summary_rank{r}.json under torchrun). Exit status: 0 every
+volume done, 2 some skipped, 1 none done.
 """
 EPILOG = """\
 examples:
@@ -63,7 +74,9 @@ def add_segment_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (created; its parent must exist)")
     p.add_argument(
-        "--overwrite", action="store_true", help="redo volumes whose label map (written by segment) exists"
+        "--overwrite",
+        action="store_true",
+        help="redo volumes whose label map (written by segment) exists, even one from another input or model",
     )
     p.add_argument("--overlap", type=float, help="sliding-window overlap; default: the checkpoint's (0.5)")
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass; default: the checkpoint's")
@@ -145,9 +158,77 @@ def is_our_label_map(path: Path) -> bool:
         return False
 
 
+def input_key(path: Path) -> dict[str, Any]:
+    """What identifies an input: its resolved path, size and mtime (a DICOM folder: its files' total size and
+    newest mtime), so another volume of the same name, or an edited one, is not taken as done.
+
+    Raises:
+        DataError: the input cannot be examined.
+    """
+    path = path.resolve()
+    try:
+        files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+        stats = [f.stat() for f in files] or [path.stat()]
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from e
+    size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
+    return {"path": str(path), "size": size, "mtime_ns": mtime}
+
+
+def volume_key(segmenter, path: Path) -> dict[str, Any]:
+    """The key of the label map of ``path`` made by ``segmenter``: which input, which model and settings."""
+    return {"input": input_key(path), "model": segmenter.settings_key()}
+
+
+def stamp_key(img, key: dict[str, Any]) -> None:
+    """Store ``key`` in ``img``'s header as a NIfTI1 extension (replacing one of ours already there)."""
+    from nibabel.nifti1 import Nifti1Extension
+
+    extensions = img.header.extensions
+    extensions[:] = [e for e in extensions if _key_in(e) is None]
+    extensions.append(Nifti1Extension(KEY_EXTENSION, json.dumps({KEY_FIELD: key}, sort_keys=True).encode()))
+
+
+def _key_in(extension) -> dict[str, Any] | None:
+    try:
+        content = json.loads(extension.get_content())
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return None
+    return content.get(KEY_FIELD) if isinstance(content, dict) else None
+
+
+def _stored_key(header) -> dict[str, Any] | None:
+    return next((k for k in map(_key_in, header.extensions) if k is not None), None)
+
+
+def label_map_key(path: Path) -> dict[str, Any] | None:
+    """The key stored in the label map at ``path``; None if it has none (not ours, unreadable, or written before
+    keys were stored)."""
+    import nibabel as nib
+
+    try:
+        return _stored_key(nib.load(path).header)
+    except Exception:  # not a NIfTI file, unreadable: no key
+        return None
+
+
+def prior_output(out: Path, key: dict[str, Any], overwrite: bool) -> tuple[str, str | None]:
+    """What an existing ``out`` means for its volume: ``("write", None)``, ``("done", None)`` (ours, made from
+    this input with this model and settings) or ``("skip", reason)``."""
+    if not out.exists():
+        return "write", None
+    if not is_our_label_map(out):
+        return "skip", f"{out} exists and is not a label map of foundation segment; it was left alone"
+    if overwrite:
+        return "write", None
+    if label_map_key(out) == key:
+        return "done", None
+    return "skip", f"{out} was made from another input or model; pass --overwrite to replace it"
+
+
 def write_label_map(img, path: Path) -> None:
-    """Write ``img`` to ``path`` through a temporary name, re-open it and check shape, affine, dtype and every
-    voxel before the rename.
+    """Write ``img`` to ``path`` through a temporary name, re-open it and check shape, affine, dtype, every
+    voxel and the stored key before the rename.
 
     Raises:
         OutputError: naming ``path`` and the reason ("no space left on device" for a full disk); no temporary
@@ -157,6 +238,7 @@ def write_label_map(img, path: Path) -> None:
     import numpy as np
 
     labels = np.asarray(img.dataobj)
+    key = _stored_key(img.header)
 
     def verify(tmp: Path) -> None:
         back = nib.load(tmp)
@@ -165,6 +247,8 @@ def write_label_map(img, path: Path) -> None:
             raise OutputError(f"{path}: the file written does not read back with the label map's grid")
         if not np.array_equal(np.asarray(back.dataobj), labels):
             raise OutputError(f"{path}: the file written does not read back with the labels written")
+        if label_map_key(tmp) != key:
+            raise OutputError(f"{path}: the file written does not read back with its key")
 
     write_verified(path, lambda tmp: nib.save(img, tmp), verify)
 
@@ -186,6 +270,32 @@ def check_out(out_dir: Path, inputs: list[str], checkpoint: str) -> None:
     check_writable(out_dir if out_dir.exists() else out_dir.parent, "--out")
 
 
+def summary_names(world_size: int) -> list[str]:
+    return ["summary.json"] if world_size == 1 else [f"summary_rank{r}.json" for r in range(world_size)]
+
+
+def is_our_summary(path: Path) -> bool:
+    """``path`` is a summary ``foundation segment`` wrote: a JSON object with exactly our keys."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == SUMMARY_KEYS
+
+
+def check_summaries(out_dir: Path, world_size: int) -> None:
+    """Refuse, before any work, an ``--out`` whose summary file(s) exist and are not ours: they would be replaced.
+
+    Raises:
+        OutputError: naming the file.
+    """
+    for path in (out_dir / name for name in summary_names(world_size)):
+        if (path.exists() or path.is_symlink()) and not is_our_summary(path):
+            raise OutputError(
+                f"{path} exists and is not a summary of foundation segment; move it or choose another --out"
+            )
+
+
 def checkpoint_paths(checkpoint: str | Path) -> list[Path]:
     """``checkpoint`` and the file it resolves to (a run folder's model), which ``--out`` must not hold either;
     a checkpoint that does not resolve is reported when it is loaded."""
@@ -201,6 +311,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from foundation.cli import spawn_local
 
+        check_out(Path(args.out), list(args.inputs), args.checkpoint)  # one error, not one per worker
+        check_summaries(Path(args.out), args.nproc)
         return spawn_local(args.nproc, sys.argv[1:])
     result, status = segment_volumes(args)
     if result is not None:
@@ -214,7 +326,8 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, in
     ranks: 0 every volume written or already there, 2 some skipped, 1 none done.
 
     Raises:
-        OutputError: ``--out`` is a file, an input, not writable, or ``summary.json`` cannot be written.
+        OutputError: ``--out`` is a file, an input, not writable, holds a ``summary.json`` that is not ours, or
+            ``summary.json`` cannot be written.
         DataError: no volume at all in the inputs.
         ConfigError / CheckpointError: bad flags, two inputs with one output name, or an unusable checkpoint.
     """
@@ -225,6 +338,7 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, in
 
     out_dir = Path(args.out)
     check_out(out_dir, list(args.inputs), args.checkpoint)
+    check_summaries(out_dir, int(os.environ.get("WORLD_SIZE", "1")))
     volumes, bad = list_inputs(list(args.inputs))
     volumes = [v for v in volumes if not v.is_relative_to(out_dir.resolve())]  # never our own outputs
     names = _check_names(volumes)
@@ -250,16 +364,16 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, in
         bar = tqdm(mine, desc=f"segment (rank {dist.rank})", unit="volume", disable=args.quiet)
         for i in bar:
             path, out = volumes[i], out_dir / names[i]
-            if out.exists() and not is_our_label_map(out):
-                reason = f"{out} exists and is not a label map of foundation segment; it was left alone"
-                log.warning("skipping %s: %s", path, reason)
-                skipped.append({"input": str(path), "reason": reason})
-                continue
-            if out.exists() and not args.overwrite:
-                existing.append({"input": str(path), "out": str(out)})
-                continue
             try:
-                written.append(_segment_one(segmenter, path, out))
+                key = volume_key(segmenter, path)
+                action, reason = prior_output(out, key, args.overwrite)
+                if action == "skip":
+                    log.warning("skipping %s: %s", path, reason)
+                    skipped.append({"input": str(path), "reason": reason})
+                elif action == "done":
+                    existing.append({"input": str(path), "out": str(out)})
+                else:
+                    written.append(_segment_one(segmenter, path, out, key))
             except (DataError, OutputError) as e:
                 log.warning("skipping %s", e)
                 skipped.append({"input": str(path), "reason": str(e)})
@@ -298,10 +412,11 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, in
     return (result if dist.is_main else None), exit_status(done, len(all_skipped))
 
 
-def _segment_one(segmenter, path: Path, out: Path) -> dict[str, Any]:
-    """Segment ``path`` into ``out``; the summary entry, with warnings for missing voxels and for an
-    all-background map of a volume that is not all background."""
+def _segment_one(segmenter, path: Path, out: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """Segment ``path`` into ``out`` stamped with ``key``; the summary entry, with warnings for missing voxels and
+    for an all-background map of a volume that is not all background."""
     seg = segmenter.run(path)
+    stamp_key(seg.image, key)
     write_label_map(seg.image, out)
     entry = {
         "input": str(path),

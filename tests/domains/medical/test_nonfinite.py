@@ -17,7 +17,7 @@ from test_segment import Threshold, cube_volume, make_checkpoint, task_meta
 
 from domains.medical.options import VolumeOptions
 from domains.medical.segmentation.infer import Segmenter
-from domains.medical.segmentation.segment import _segment_one
+from domains.medical.segmentation.segment import _segment_one, volume_key
 from domains.medical.segmentation.transforms import MR_PERCENTILES, normalise_intensity
 from domains.medical.source import VolumeSampleSource
 from domains.medical.volume import BACKGROUND, load_volume
@@ -181,10 +181,10 @@ def test_an_all_background_map_of_a_volume_with_signal_is_reported(tmp_path, cap
     tissue = write_nifti(tmp_path / "tissue.nii.gz", np.zeros(SHAPE, np.int16), np.eye(4))
     air = write_nifti(tmp_path / "air.nii.gz", np.full(SHAPE, -1000, np.int16), np.eye(4))
     with caplog.at_level(logging.WARNING):
-        entry = _segment_one(segmenter, tissue, tmp_path / "tissue_seg.nii.gz")
+        entry = _segment_one(segmenter, tissue, tmp_path / "tissue_seg.nii.gz", volume_key(segmenter, tissue))
     assert entry["foreground_fraction"] == 0.0
     assert "tissue.nii.gz: the label map is all background although the volume is not" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        entry = _segment_one(segmenter, air, tmp_path / "air_seg.nii.gz")
+        entry = _segment_one(segmenter, air, tmp_path / "air_seg.nii.gz", volume_key(segmenter, air))
     assert entry["foreground_fraction"] == 0.0 and "all background" not in caplog.text
