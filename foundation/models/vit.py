@@ -90,7 +90,9 @@ class ViT(VisionTransformer):
         if spatial_dims == 3:
             args["no_embed_class"] = True
         try:
-            super().__init__(**args, drop_path_rate=drop_path_rate, weight_init="" if init_weights else "skip")
+            super().__init__(
+                **args, drop_path_rate=drop_path_rate, weight_init="" if init_weights else "skip"
+            )
         except (TypeError, AssertionError, ValueError) as e:
             raise ConfigError(f"VisionTransformer refuses model_args {args}: {e}") from e
         self._extend(timm_name, args, spatial_dims, init_weights)

@@ -156,7 +156,9 @@ def test_timm_pos_embed_with_class_position_kept_not_dropped(tmp_path: Path, reg
     load_backbone_weights(ours, path)
     x = images(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(ours.forward_features(x), timm_model.forward_features(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            ours.forward_features(x), timm_model.forward_features(x), rtol=0, atol=1e-5
+        )
 
 
 def test_pos_embed_resampled_to_another_grid(tmp_path: Path) -> None:
