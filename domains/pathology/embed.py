@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -179,10 +180,19 @@ def check_backbone(meta: dict[str, Any]) -> None:
         )
 
 
+def _is_old_partial(file: Path) -> bool:
+    """An unfinished feature file of an earlier version of this command (HDF5, ``coords``, ``complete`` False)."""
+    try:
+        with h5py.File(file, "r") as f:
+            return "coords" in f and "complete" in f.attrs and not bool(f.attrs["complete"])
+    except OSError:
+        return False
+
+
 def _left_by_a_killed_run(file: Path, names: set[str]) -> bool:
     """``.tmp-<pid>-<name>`` of a process that is gone, or ``<name>.partial`` (an earlier version's)."""
-    if file.name.endswith(".partial"):
-        return file.name.removesuffix(".partial") in names
+    if file.name.endswith(".partial"):  # a visible name: removed only when it is an earlier version's file
+        return file.name.removesuffix(".partial") in names and _is_old_partial(file)
     pid, _, name = file.name.removeprefix(".tmp-").partition("-")
     return file.name.startswith(".tmp-") and pid.isdigit() and name in names and not pid_running(int(pid))
 

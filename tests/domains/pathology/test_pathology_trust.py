@@ -255,11 +255,14 @@ def test_temporaries_of_a_killed_run_are_removed(slides: Path, backbone: Path, t
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer runs
     (out / f".tmp-{dead.pid}-a.h5").write_bytes(b"\0" * 4096)
-    (out / "b.ome.h5.partial").write_bytes(b"\0" * 4096)  # an earlier version's temporary
+    with h5py.File(out / "b.ome.h5.partial", "w") as f:  # an earlier version's unfinished file
+        f.create_dataset("coords", data=np.zeros((2, 2), np.int64))
+        f.attrs["complete"] = False
+    (out / "a.h5.partial").write_text("a user's file that merely has the name")
     (out / ".tmp-1-notes.txt").write_text("not one of our outputs")
     assert _embed(slides, backbone, out) == EXIT_DONE
     assert _hidden(out) == [".tmp-1-notes.txt"]
-    assert not list(out.glob("*.partial"))
+    assert [p.name for p in out.glob("*.partial")] == ["a.h5.partial"]
 
 
 # -- refused before anything is created ----------------------------------------------------------------------------
