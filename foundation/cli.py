@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from foundation import threads
 from foundation.errors import FoundationError
 
 log = logging.getLogger("foundation")
@@ -46,6 +47,12 @@ def default_config_path(domain: str) -> Path | None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument(
+        "--threads",
+        metavar="N",
+        help="CPU threads for the model (any command; default: the CPUs this process may use, less one per "
+        "data-loader worker; 'off' leaves the libraries' own settings). Also FOUNDATION_THREADS=N",
+    )
     p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA when available"
     )
@@ -364,13 +371,32 @@ def add_domain_commands(subparsers: argparse._SubParsersAction) -> None:
             log.warning("commands of %r (%s) not available: %s", ep.name, ep.value, e)
 
 
+def _take_threads_option(argv: list[str]) -> list[str]:
+    """``--threads N`` works with every command, domain commands included: it goes to the environment (which
+    torchrun's workers inherit too) and is removed before parsing."""
+    rest, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--threads" and i + 1 < len(argv):
+            os.environ[threads.ENV] = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--threads="):
+            os.environ[threads.ENV] = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _take_threads_option(sys.argv[1:] if argv is None else list(argv))
     # Domain commands need the domains imported (torch and friends); a core command does not wait for that.
     parser = build_parser(with_domain_commands=not (argv and argv[0] in CORE_COMMANDS), argv=argv)
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
+        threads.configure_threads(getattr(args, "num_workers", 0) or 0)
         return args.func(args)
     except FoundationError as e:
         print(f"error: {e}", file=sys.stderr)

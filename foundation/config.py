@@ -203,6 +203,10 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5
     compile: bool = False
     eval_every: int = 0  # fine-tuning: validate every N steps (0: only at the end)
+    collapse_patience: int = (
+        20  # DINOv2: this many collapsed steps in a row are reported (log, metrics.jsonl)
+    )
+    stop_on_collapse: bool = False  # ... and end the run with an error
 
     def __post_init__(self) -> None:
         _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))

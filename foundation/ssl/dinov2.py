@@ -16,6 +16,7 @@ from torch import nn
 from foundation.config import CropsConfig, SSLConfig
 from foundation.models.heads import DINOHead
 from foundation.models.vit import ViT
+from foundation.ssl.indicators import TeacherIndicators
 from foundation.ssl.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from foundation.ssl.losses.centering import SoftmaxCenter
 from foundation.ssl.masking import BlockMaskGenerator
@@ -115,20 +116,21 @@ class DINOv2(nn.Module):
     def _teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor, temp: float):
         out = self.teacher["backbone"].forward_dict(global_crops)
         cls_logits = self.teacher["dino_head"](out["cls"])
-        dino_probs = self._teacher_probs(cls_logits.float(), self.dino_center, temp).chunk(2)
+        dino_probs = self._teacher_probs(cls_logits.float(), self.dino_center, temp)
+        indicators = TeacherIndicators.measure(dino_probs, out["cls"])
         masked_patches = out["patch"][masks]
         ibot_probs = None
         if masked_patches.shape[0] > 0:
             ibot_logits = self._ibot_head(self.teacher)(masked_patches)
             ibot_probs = self._teacher_probs(ibot_logits.float(), self.ibot_center, temp)
-        return list(dino_probs), ibot_probs
+        return list(dino_probs.chunk(2)), ibot_probs, indicators
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         temp = float(self.teacher_temp[min(step, len(self.teacher_temp) - 1)])
         global_crops, masks = batch["global_crops"], batch["masks"]
         local_crops = batch.get("local_crops")
-        teacher_dino, teacher_ibot = self._teacher_targets(global_crops, masks, temp)
+        teacher_dino, teacher_ibot, indicators = self._teacher_targets(global_crops, masks, temp)
 
         backbone = self.student["backbone"]
         g = backbone.forward_dict(global_crops, masks=masks)
@@ -159,7 +161,9 @@ class DINOv2(nn.Module):
 
         koleo = sum(self.koleo_loss(c) for c in g["cls"].chunk(2))
         loss = cfg.dino_loss_weight * dino + cfg.ibot_loss_weight * ibot + cfg.koleo_loss_weight * koleo
-        return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach()}
+        values = {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach()}
+        values.update({k: torch.tensor(v) for k, v in indicators.as_metrics().items()})
+        return values
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> dict[str, float]:

@@ -33,7 +33,9 @@ from foundation.errors import CheckpointError, ConfigError, TrainingError
 from foundation.export import export_backbone
 from foundation.models.factory import backbone_args, build_backbone
 from foundation.ssl.registry import get_objective_factory
+from foundation.threads import configure_threads, worker_threads
 from foundation.train import checkpoint as ckpt
+from foundation.train.collapse import CollapseWatch
 from foundation.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -60,10 +62,9 @@ log = logging.getLogger(__name__)
 def worker_init(_: int) -> None:
     """Data workers: one torch thread each, and they outlive a group-wide SIGTERM.
 
-    (OpenCV's thread count is left alone: ``cv2.setNumThreads`` in a forked child whose parent already used
-    OpenCV's pool can deadlock.)
+    (OpenCV's count was set to 1 by the parent before the fork: see ``foundation.threads``.)
     """
-    torch.set_num_threads(1)  # workers decode and augment; the main process owns the cores for the model
+    worker_threads()  # workers decode and augment; the main process owns the cores for the model
     # A scheduler's SIGTERM often reaches the whole process group: the workers must outlive it until the
     # main process has written its checkpoint (they are daemons and end with it).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -202,6 +203,7 @@ class Trainer:
         self.start_step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.collapse = CollapseWatch(cfg.train.collapse_patience, cfg.train.stop_on_collapse)
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -263,6 +265,7 @@ class Trainer:
             steps=tc.steps,
         )
         workers = self.cfg.data.num_workers
+        configure_threads(workers)
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -371,7 +374,15 @@ class Trainer:
                         metrics["wd"] = float(self.wd[step])
                         metrics["img_s"] = tc.batch_size / max(now - tic, 1e-9)
                         tic = now
-                        if (step + 1) % tc.log_every == 0 or step == self.start_step or step + 1 == tc.steps:
+                        event = self.collapse.update(step, metrics)
+                        if event is not None:
+                            metrics.update(event)
+                        if (
+                            (step + 1) % tc.log_every == 0
+                            or step == self.start_step
+                            or step + 1 == tc.steps
+                            or event is not None
+                        ):
                             logger.log(step, metrics)
                         logger.progress(
                             1, {"loss": metrics["loss"], "lr": metrics["lr"], "img/s": metrics["img_s"]}
