@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,9 @@ class StartedSlide:
     ) -> None:  # fmt: skip
         o = options
         self.path = path
-        self.key = key  # taken before any tile is read: a slide rewritten meanwhile does not look complete
+        # this slide's part of its key (identity, resolution override), taken before any tile is read: a slide
+        # rewritten meanwhile does not look complete
+        self.key = key
         with open_slide(path, slide_mpp) as slide:
             self.tiling = plan_tiles(
                 slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
@@ -226,14 +229,15 @@ def slide_identity(path: Path) -> dict[str, Any]:
 
 
 def feature_key(
-    backbone: torch.nn.Module, meta: dict[str, Any], options: PathologyOptions, pooling: str
+    fingerprint: str, meta: dict[str, Any], options: PathologyOptions, pooling: str
 ) -> dict[str, Any]:
     """What determines a slide's features, stored with them: a rerun redoes a file whose key differs. The
-    backbone is known by its weights, not its path (a retrained backbone at the same path is another one)."""
+    backbone is known by ``fingerprint``, its weights' (not its path: a retrained backbone at the same path is
+    another one)."""
     from domains.pathology.domain import PathologyDomain
 
     return {
-        "backbone_fingerprint": weights_fingerprint(backbone),
+        "backbone_fingerprint": fingerprint,
         "pooling": pooling,
         "tile_size": int(options.tile_size),
         "mpp": float(options.mpp),
@@ -243,15 +247,35 @@ def feature_key(
     }
 
 
+def fingerprint_in_background(backbone: torch.nn.Module) -> Future[str]:
+    """The backbone's weights fingerprint, hashed in a thread (hashlib releases the GIL) while the first slide's
+    tissue is planned and its first batch read: hashing ViT-B's 344 MB takes about 0.3 s on one core, ViT-g's
+    4.5 GB several seconds, and is only needed to compare with existing files and to write the first one.
+
+    The state dict is taken here, before the backbone moves to its device: the thread hashes exactly these
+    (frozen) weights.
+    """
+    state = backbone.state_dict()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-fingerprint")
+    try:
+        return executor.submit(weights_fingerprint, state)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends when the hash is done
+
+
 class SlideEmbedder:
     """Embeds started slides with a frozen backbone and writes one feature file each."""
 
     def __init__(
-        self, backbone: torch.nn.Module, key: dict[str, Any], args: argparse.Namespace,
+        self, backbone: torch.nn.Module, fingerprint: Future[str] | str, args: argparse.Namespace,
         options: PathologyOptions, mpp_table: dict[str, float], device: torch.device, source: str,
+        meta: dict[str, Any],
     ) -> None:  # fmt: skip
         self.backbone = backbone.to(device).train(False)
-        self.key = key
+        self.fingerprint = fingerprint
+        # the key without the fingerprint is known now (mean/std for normalising); the whole key is asked for
+        # only where a file is compared or written (:attr:`key`)
+        self.settings = feature_key("", meta, options, args.pooling)
         self.options = options
         self.device = device
         self.source = source
@@ -260,25 +284,32 @@ class SlideEmbedder:
         self.progress = not args.quiet
         self.root = Path(args.data)
         self.table = mpp_table
-        self.mean = torch.tensor(key["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(key["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        mean, std = self.settings["mean"], self.settings["std"]
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """What every slide's key shares (:func:`feature_key`); waits for the weights' fingerprint."""
+        fingerprint = self.fingerprint if isinstance(self.fingerprint, str) else self.fingerprint.result()
+        return {**self.settings, "backbone_fingerprint": fingerprint}
 
     def slide_mpp(self, path: Path) -> float | None:
         return mpp_override(path, self.options.slide_mpp, self.table, self.root)
 
-    def key_for(self, path: Path) -> dict[str, Any]:
-        """The key of one slide: which slide it is, and a resolution given by the user, which changes its tiles
-        (0: the file's own).
+    def slide_key(self, path: Path) -> dict[str, Any]:
+        """One slide's own part of its key: which slide it is, and a resolution given by the user, which changes
+        its tiles (0: the file's own).
 
         Raises:
             DataError: the slide cannot be looked at.
         """
         override = float(self.slide_mpp(path) or 0.0)
-        return {**self.key, **slide_identity(path), "slide_mpp_override": override}
+        return {**slide_identity(path), "slide_mpp_override": override}
 
     def start(self, path: Path) -> StartedSlide | DataError:
         try:
-            key = self.key_for(path)
+            key = self.slide_key(path)
         except DataError as e:
             return e
         return _start(
@@ -328,6 +359,7 @@ class SlideEmbedder:
             started.close()
         tiling = started.tiling
         attrs = {
+            **self.key,
             **started.key,
             "backbone": self.source,
             "level": int(tiling.level),
@@ -371,16 +403,18 @@ def plan(
     todo = []
     for path, out in work:
         try:
-            key = embedder.key_for(path)
+            slide_key = embedder.slide_key(path)
         except DataError as e:
             report.skip(path, str(e))
             continue
-        if is_complete(out, key):
+        if not out.exists():  # nothing to compare with: no need to wait for the weights' fingerprint
+            todo.append((path, out))
+        elif is_complete(out, {**embedder.key, **slide_key}):
             report.complete.append({"slide": str(path), "out": str(out)})
-        elif out.exists() and not is_ours(out):
+        elif not is_ours(out):
             taken = f"{out} exists and is not a feature file of ours; it was left as it is (move it or give "
             report.skip(path, taken + "another --out)")
-        elif out.exists() and not overwrite:
+        elif not overwrite:
             report.skip(path, f"{out} was made with other weights, settings or slide; pass --overwrite")
         else:
             todo.append((path, out))
@@ -497,8 +531,8 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
     check_out_dir(out_dir, [root], summary_key="slides_processed")
     table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else {}
     names = output_names(slides, root)
-    key = feature_key(backbone, meta, options, args.pooling)
     make_out_dir(out_dir)
+    fingerprint = fingerprint_in_background(backbone)
 
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     dist = init_distributed(args.device)
@@ -506,7 +540,7 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         mine = [i for i in range(len(slides)) if i % dist.world_size == dist.rank]
         remove_stale_temporaries(out_dir, {names[i] for i in mine})
         source = str(Path(meta["source"]).resolve())
-        embedder = SlideEmbedder(backbone, key, args, options, table, dist.device, source)
+        embedder = SlideEmbedder(backbone, fingerprint, args, options, table, dist.device, source, meta)
         report = ShardReport()
         work = [(slides[i], out_dir / names[i]) for i in mine]
         todo = plan(embedder, work, report, overwrite=bool(getattr(args, "overwrite", False)))

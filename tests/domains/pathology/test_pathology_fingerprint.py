@@ -1,0 +1,58 @@
+"""The weights fingerprint of ``embed --domain pathology`` is hashed beside the first slide's start-up, never
+instead of being checked: existing files are compared with the whole key, new files carry it."""
+
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from conftest import write_svs
+
+from domains.pathology.embed import ShardReport, SlideEmbedder, fingerprint_in_background, plan
+from domains.pathology.source import PathologyOptions
+from foundation.models.fingerprint import weights_fingerprint
+from foundation.models.vit import build_vit
+
+ARGS = dict(arch="vit_tiny", in_chans=3, img_size=32, patch_size=16, reg_tokens=0)
+
+
+class _NotYet(Future):
+    """A fingerprint still being hashed: asking for it fails the test (rather than hang it)."""
+
+    def result(self, timeout: float | None = None) -> str:
+        raise AssertionError("the fingerprint was asked for")
+
+
+def _embedder(fingerprint: Future[str] | str, data: Path) -> SlideEmbedder:
+    torch.manual_seed(0)
+    args = argparse.Namespace(pooling="cls", batch_size=4, num_workers=0, quiet=True, data=str(data))
+    meta = {"mean": [0.5] * 3, "std": [0.5] * 3}
+    return SlideEmbedder(
+        build_vit(**ARGS), fingerprint, args, PathologyOptions(), {}, torch.device("cpu"), "bb", meta
+    )
+
+
+def test_background_fingerprint_is_that_of_the_weights_when_called() -> None:
+    torch.manual_seed(0)
+    model = build_vit(**ARGS)
+    expected = weights_fingerprint(model)
+    future = fingerprint_in_background(model)
+    model.to(torch.float64)  # moved afterwards (as to a device): the weights given are the ones hashed
+    assert future.result(timeout=60) == expected
+
+
+def test_plan_waits_for_the_fingerprint_only_to_compare_with_an_existing_file(tmp_path: Path) -> None:
+    write_svs(tmp_path / "a.svs")
+    write_svs(tmp_path / "b.svs")
+    work = [(tmp_path / "a.svs", tmp_path / "a.h5"), (tmp_path / "b.svs", tmp_path / "b.h5")]
+    assert plan(_embedder(_NotYet(), tmp_path), work, ShardReport(), overwrite=False) == work
+
+    (tmp_path / "a.h5").write_bytes(b"not ours")  # now the key is needed for a.h5
+    resolved: Future[str] = Future()
+    resolved.set_result("0123456789abcdef")
+    report = ShardReport()
+    assert plan(_embedder(resolved, tmp_path), work, report, overwrite=True) == work[1:]
+    assert "is not a feature file of ours" in report.skipped[0]["reason"]
+    assert _embedder(resolved, tmp_path).key["backbone_fingerprint"] == "0123456789abcdef"
