@@ -149,6 +149,13 @@ class ViT(VisionTransformer):
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, self.embed_dim))
             if init_weights:
                 trunc_normal_(self.pos_embed, std=0.02)
+        if init_weights and self.no_embed_class and self.cls_token is not None:
+            # DINOv2's CLS starts as its token (std 1e-6) plus its own position embedding (std 0.02). With no
+            # CLS position, timm's 1e-6 token alone starts the CLS stream ~1e4 times smaller than the patch
+            # tokens: the final norm then scales its gradients by ~1e5 (grad norm 5e4 at step 0) and Adam's
+            # first steps fill it with one image-independent value, so every image gets the same DINO
+            # target. Start it at the scale of the embedding it stands for.
+            trunc_normal_(self.cls_token, std=0.02)
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
 
     # -- token preparation -------------------------------------------------------------------------------

@@ -206,3 +206,16 @@ def test_state_dict_keys_are_timms(kwargs: dict) -> None:
     x = images(2, ours.in_chans, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(timm_model(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_recipe_cls_token_starts_at_the_position_embedding_scale() -> None:
+    """Recipes carry no CLS position (no_embed_class): the CLS token stands for DINOv2's token + position, so it
+    starts at std 0.02. At timm's 1e-6 the final norm blew the CLS gradients up ~1e5-fold (grad norm ~5e5 at
+    init with LayerScale 1e-5) and the first optimiser steps made every image's CLS the same."""
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", in_chans=3, img_size=32, patch_size=8, init_values=1e-5)
+    assert 0.015 < float(model.cls_token.std()) < 0.025
+    cls = model.forward_dict(torch.randn(8, 3, 32, 32))["cls"]
+    torch.nn.functional.normalize(cls, dim=-1)[:, 0].sum().backward()
+    grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    assert float(grad_norm) < 1e3, float(grad_norm)

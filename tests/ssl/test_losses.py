@@ -157,14 +157,37 @@ def test_sinkhorn_rejects_bad_input() -> None:
 # ---------------------------------------------------------------- softmax centering
 def test_softmax_center_update_and_forward() -> None:
     center = SoftmaxCenter(2, momentum=0.9)
-    center.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # batch mean [2, 3]
-    torch.testing.assert_close(center.center, torch.tensor([[0.2, 0.3]]))
-    # (l - c) / T = ([1, 0.5] - [0.2, 0.3]) / 0.5 = [1.6, 0.4]
+    center.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # the first batch sets c to its mean [2, 3]
+    torch.testing.assert_close(center.center, torch.tensor([[2.0, 3.0]]))
+    center.update(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))  # then EMA: 0.9 [2, 3] + 0.1 [0, 1]
+    torch.testing.assert_close(center.center, torch.tensor([[1.8, 2.8]]))
+    # (l - c) / T = ([1, 0.5] - [1.8, 2.8]) / 0.5 = [-1.6, -4.6]
     p = center(torch.tensor([[1.0, 0.5]]), teacher_temp=0.5)
-    p0 = 1 / (1 + math.exp(0.4 - 1.6))
+    p0 = 1 / (1 + math.exp(-4.6 + 1.6))
     torch.testing.assert_close(p, torch.tensor([[p0, 1 - p0]]))
-    center.update(torch.zeros(3, 2))
-    torch.testing.assert_close(center.center, torch.tensor([[0.18, 0.27]]))
+    assert int(center.updates) == 2
+
+
+def test_softmax_center_starts_from_the_first_batch() -> None:
+    """Before any update the targets are centred by the batch's own mean, not by zero: a shared component of
+    the teacher's scores (every image alike at initialisation) must not give every image the same target."""
+    shared = torch.tensor([5.0, 0.0, 0.0])
+    logits = shared + torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    p = SoftmaxCenter(3, momentum=0.9)(logits, teacher_temp=0.1)
+    assert torch.equal(p.argmax(dim=1), torch.tensor([0, 1, 2]))  # zero-centred: all three pick prototype 0
+    torch.testing.assert_close(p, torch.softmax((logits - logits.mean(0)) / 0.1, dim=1))
+
+
+def test_softmax_center_loads_a_checkpoint_without_the_update_count() -> None:
+    state = {"center": torch.tensor([[1.0, 2.0]])}  # written before the count existed: a trained center
+    center = SoftmaxCenter(2, momentum=0.5)
+    center.load_state_dict(state)
+    assert int(center.updates) == 1
+    center.update(torch.tensor([[3.0, 4.0]]))
+    torch.testing.assert_close(center.center, torch.tensor([[2.0, 3.0]]))  # EMA, not re-initialised
+    fresh = SoftmaxCenter(2, momentum=0.5)
+    fresh.load_state_dict(center.state_dict())
+    torch.testing.assert_close(fresh(torch.zeros(1, 2), 1.0), center(torch.zeros(1, 2), 1.0))
 
 
 def test_softmax_center_rejects_bad_input() -> None:
@@ -196,4 +219,4 @@ def test_distributed_matches_global_batch(tmp_path) -> None:
     expected_q = sinkhorn_knopp(logits, teacher_temp=0.5, n_iterations=3)
     torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), expected_q)
     for rank in (0, 1):
-        torch.testing.assert_close(results[rank][1], 0.5 * logits.mean(dim=0, keepdim=True))
+        torch.testing.assert_close(results[rank][1], logits.mean(dim=0, keepdim=True))

@@ -75,12 +75,19 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
 
 
 class SoftmaxCenter(nn.Module):
-    """EMA-centred softmax targets (DINO): subtracting a running mean keeps one prototype from dominating."""
+    """EMA-centred softmax targets (DINO): subtracting a running mean keeps one prototype from dominating.
+
+    The EMA starts from the first batch's mean, not from zero. DINO's zero start makes the first ~1/(1 - m)
+    steps' targets uncentred: every image gets the same sharp target (the shared part of the teacher's
+    scores), and a student that already learns at full speed then maps every image to the same prototypes.
+    At DINOv2's scale the lr warmup (thousands of steps) hides this; at small scale it is where runs collapse.
+    """
 
     center: Tensor
+    updates: Tensor
 
     def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
-        """Create a zero center.
+        """Create an empty center (set from the first batch).
 
         Args:
             out_dim: Number of prototypes K.
@@ -93,6 +100,15 @@ class SoftmaxCenter(nn.Module):
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.momentum = float(momentum)
         self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float32))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self._started = False  # mirrors updates > 0 without a device sync per step
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # A checkpoint written before the update count existed holds a center that has been trained.
+        if prefix + "center" in state_dict and prefix + "updates" not in state_dict:
+            state_dict[prefix + "updates"] = torch.ones((), dtype=torch.int64)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._started = bool(self.updates.item() > 0)
 
     def _check(self, teacher_logits: Tensor) -> None:
         if teacher_logits.ndim < 1 or teacher_logits.shape[-1] != self.center.shape[-1]:
@@ -100,9 +116,19 @@ class SoftmaxCenter(nn.Module):
                 f"teacher_logits must be (..., {self.center.shape[-1]}), got {tuple(teacher_logits.shape)!r}"
             )
 
+    def _batch_center(self, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The (1, K) mean over the global (all-rank) batch, and the global count."""
+        flat = teacher_logits.detach().float().reshape(-1, self.center.shape[-1])
+        # Sum and count in one reduce, so ranks with unequal shards still give the exact global mean.
+        stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
+        _all_reduce(stats)
+        count = stats[-1].to(self.center.device)
+        return (stats[:-1].to(self.center.device) / count.clamp_min(1)).unsqueeze(0), count
+
     @torch.no_grad()
     def forward(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Targets softmax((g_t - c) / tau_t) with the current center (call ``update`` afterwards).
+        """Targets softmax((g_t - c) / tau_t) with the current center (call ``update`` afterwards); before
+        the first update, c is this batch's own mean.
 
         Args:
             teacher_logits: (..., K) teacher prototype scores g_t.
@@ -114,22 +140,24 @@ class SoftmaxCenter(nn.Module):
         self._check(teacher_logits)
         if not teacher_temp > 0:
             raise ValueError(f"teacher_temp must be > 0, got {teacher_temp!r}")
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+        center = self.center if self._started else self._batch_center(teacher_logits)[0]
+        return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def update(self, teacher_logits: Tensor) -> None:
-        """c <- m c + (1 - m) mean(g_t), the mean taken over the global (all-rank) batch.
+        """c <- m c + (1 - m) mean(g_t), the mean taken over the global (all-rank) batch; the first update
+        sets c to the mean.
 
         Args:
             teacher_logits: (..., K) teacher prototype scores of this rank; leading dims are the batch.
         """
         self._check(teacher_logits)
-        flat = teacher_logits.detach().float().reshape(-1, self.center.shape[-1])
-        # Sum and count in one reduce, so ranks with unequal shards still give the exact global mean.
-        stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
-        _all_reduce(stats)
-        count = stats[-1]
-        batch_center = (stats[:-1] / count.clamp_min(1)).to(self.center.device).unsqueeze(0)
-        new_center = self.momentum * self.center + (1.0 - self.momentum) * batch_center
+        batch_center, count = self._batch_center(teacher_logits)
+        if self._started:
+            new_center = self.momentum * self.center + (1.0 - self.momentum) * batch_center
+        else:
+            new_center = batch_center
         # An empty global batch leaves c unchanged; torch.where avoids a host sync on count.
-        self.center.copy_(torch.where(count.to(self.center.device) > 0, new_center, self.center))
+        self.center.copy_(torch.where(count > 0, new_center, self.center))
+        self.updates.add_((count > 0).long())
+        self._started = self._started or bool(count.item() > 0)
