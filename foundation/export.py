@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from foundation.errors import CheckpointError
 from foundation.models.sources import BackboneSource, parse_source
 from foundation.models.state_files import WEIGHT_FILES, read_state_dict
-from foundation.models.vit import ViT, build_vit
+from foundation.models.vit import ViT, build_vit, build_vit_to_load
 from foundation.models.weights import load_backbone_weights
 from foundation.outputs import building_dir, check_output_dir
 from foundation.train import checkpoint as ckpt
@@ -118,7 +118,7 @@ def load_backbone(path: str | Path) -> tuple[ViT, dict[str, Any]]:
             f"{src.given}: a bare weights file does not say its architecture; give it as timm:NAME:{src.given} "
             f"(e.g. timm:vit_small_patch14_dinov2:{src.given}), or a folder with its config.json"
         )
-    model = build_vit(**src.backbone_args, init_weights=False)
+    model = build_vit_to_load(**src.backbone_args)  # every parameter but mask/register tokens is loaded
     state = src.read_state()
     if src.kind in ("export", "checkpoint"):
         _load_exact(model, state, src)

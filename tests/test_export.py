@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from foundation.errors import CheckpointError, OutputError
 from foundation.export import export_backbone, load_backbone
-from foundation.models.vit import ViT, build_vit
+from foundation.models.vit import ViT, build_vit, build_vit_to_load
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -112,6 +112,81 @@ def test_load_backbone_round_trip(exported: tuple[ViT, dict, Path]) -> None:
     # a run folder holding the export resolves to it
     again, _ = load_backbone(out.parent)
     torch.testing.assert_close(again.pos_embed, model.pos_embed)
+
+
+def _timm_folder(model: ViT, args: dict, out: Path, drop: tuple[str, ...] = (), dtype=None) -> Path:
+    """An export rewritten as timm would write it (no ``foundation`` key), less ``drop``, in ``dtype``."""
+    export_backbone(model, args, out, mean=MEAN[: args["in_chans"]], std=STD[: args["in_chans"]])
+    config = json.loads((out / "config.json").read_text())
+    del config["foundation"]
+    (out / "config.json").write_text(json.dumps(config))
+    state = {
+        k: v.detach().to(dtype or v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+        if k != "mask_token" and k not in drop
+    }
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+def test_load_backbone_builds_without_a_throwaway_init(
+    exported: tuple[ViT, dict, Path], tmp_path: Path
+) -> None:
+    """Built on the meta device and given empty storage: every tensor is the file's or a defined zero."""
+    model, args, out = exported
+    loaded, _ = load_backbone(out)
+    state = loaded.state_dict()
+    assert all(t.device.type == "cpu" for t in [*loaded.parameters(), *loaded.buffers()])
+    assert state.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        if k != "mask_token":
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    assert torch.equal(loaded.mask_token, torch.zeros_like(loaded.mask_token))  # an export has none
+    assert all(p.requires_grad for p in loaded.parameters())
+    # a timm folder without register tokens: they start as zeros (the plain build's), not uninitialised memory
+    plain = backbone_args(in_chans=3, reg_tokens=2, init_values=None)
+    folder = _timm_folder(make(plain), plain, tmp_path / "no_regs", drop=("reg_token",))
+    no_regs, meta = load_backbone(folder)
+    assert meta["kind"] == "timm-folder"
+    assert torch.equal(no_regs.reg_token, torch.zeros(1, 2, 192))
+    assert torch.isfinite(no_regs(images(1, 3, 32, 32))).all()
+
+
+def test_load_backbone_missing_weight_still_refused(tmp_path: Path) -> None:
+    args = backbone_args(in_chans=3, reg_tokens=0, init_values=None)
+    model = make(args)
+    out = export_backbone(model, args, tmp_path / "export", mean=MEAN[:3], std=STD[:3])
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in ("mask_token", "norm.bias")}
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="norm.bias"):
+        load_backbone(out)
+    folder = _timm_folder(model, args, tmp_path / "timm", drop=("blocks.1.attn.proj.weight",))
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn\.proj\.weight"):
+        load_backbone(folder)
+
+
+def test_load_backbone_half_precision_file_loads_as_float32(tmp_path: Path) -> None:
+    args = backbone_args(in_chans=3, reg_tokens=0, init_values=None)
+    model = make(args)
+    folder = _timm_folder(model, args, tmp_path / "bf16", dtype=torch.bfloat16)
+    loaded, _ = load_backbone(folder)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    expected = model.blocks[0].mlp.fc1.weight.detach().to(torch.bfloat16).float()
+    torch.testing.assert_close(loaded.blocks[0].mlp.fc1.weight, expected, rtol=0, atol=0)
+
+
+def test_build_to_load_falls_back_for_state_no_file_holds(monkeypatch) -> None:
+    """A module holding a non-persistent buffer is built the plain way: its value comes from its constructor."""
+    extend = ViT._extend
+
+    def with_buffer(self, *a, **k) -> None:
+        extend(self, *a, **k)
+        self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+    monkeypatch.setattr(ViT, "_extend", with_buffer)
+    model = build_vit_to_load(**backbone_args())
+    assert torch.equal(model.scale, torch.full((3,), 2.0))
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
 
 
 def test_load_plain_timm_export(tmp_path: Path) -> None:

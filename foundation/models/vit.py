@@ -350,6 +350,36 @@ def build_vit(
     )
 
 
+def build_vit_to_load(**backbone_args: Any) -> ViT:
+    """``build_vit(**backbone_args, init_weights=False)`` for weights that are loaded next, without its cost.
+
+    Built on the meta device, then given uninitialised CPU storage (``to_empty``): PyTorch's default init of
+    every layer (0.2-0.4 s for a ViT-B on one thread, seconds for a ViT-g) would only be overwritten. The
+    parameters a file may lack get the values the plain build gives them: ``mask_token`` and ``reg_token``
+    zeros (timm's ``weight_init="skip"`` leaves its zeros). Every other parameter and buffer must then be
+    loaded: the callers refuse a file that lacks one (``load_state_dict`` copies into this storage, so the
+    dtype stays the model's and nothing aliases the file's tensors). A model holding state no file carries
+    (a non-persistent buffer or a plain tensor attribute) is built the plain way instead.
+    """
+    with torch.device("meta"):
+        model = build_vit(**backbone_args, init_weights=False)
+    persistent = set(model.state_dict())
+    unsaved = [n for n, _ in model.named_buffers() if n not in persistent] + [
+        f"{name}.{attr}" if name else attr
+        for name, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+    ]
+    if unsaved:
+        return build_vit(**backbone_args, init_weights=False)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for token in (model.mask_token, model.reg_token):
+            if token is not None:
+                token.zero_()
+    return model
+
+
 def resolve_timm_backbone_args(
     name: str, model_args: dict[str, Any], *, in_chans: int | None = None
 ) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 ``checkpoint_filter_fn`` converts Meta's DINOv2 keys (``register_tokens``, SwiGLU ``w12``/``w3``) and
 resamples position tables and patch kernels; what is ours: dropping a classifier head (said once),
-refusing a position table laid out for another ``no_embed_class`` (the silent-wrong-answer case), and RGB
--> N-channel patch embeddings: every new channel starts as the mean of the RGB filters scaled by 3/N
-(DINOv3's recipe), so the first layer's response keeps its scale. The change of channels is logged.
+refusing a position table laid out for another ``no_embed_class`` (the silent-wrong-answer case), and
+logging the change of channels. RGB -> N-channel patch embeddings are timm's own ``adapt_input_conv``: the
+RGB filters repeated cyclically, cut to N and scaled by 3/N (summed for N = 1), so an image whose bands
+repeat its RGB channels (N a multiple of 3, or grey for N = 1) gives the RGB model's patch embedding.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from pathlib import Path
 
 import torch
+from timm.models import adapt_input_conv
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from foundation.errors import CheckpointError
@@ -30,18 +32,37 @@ _HEAD = ("head.", "head_dist.")
 
 
 def expand_patch_embed(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Map patch-embedding filters ``(E, C_src, *k)`` to ``in_chans`` channels.
+    """Map patch-embedding filters ``(E, C_src, *k)`` to ``in_chans`` channels by timm's ``adapt_input_conv``.
 
-    Same count: unchanged. Otherwise every new channel starts as the mean over source channels scaled by
-    ``C_src / in_chans`` (3/N for RGB), so a constant image gives the same response as before.
+    Same count: unchanged. An RGB source goes through timm's function itself: the filters repeated
+    cyclically, cut to ``in_chans`` and scaled by ``3 / in_chans``; for ``in_chans == 1`` summed. A 3D
+    kernel ``(E, 3, p, p, p)`` is flattened to 4-D for it (timm takes Conv2d weights only; its rule acts on
+    the channel axis alone, so this is exact). Other source counts: :func:`_adapt_channels`.
     """
     src = weight.shape[1]
     if src == in_chans:
         return weight
-    mean = weight.mean(dim=1, keepdim=True)
-    shape = [1] * weight.ndim
-    shape[1] = in_chans
-    return mean.repeat(*shape) * (src / in_chans)
+    if src != 3:
+        return _adapt_channels(weight, in_chans)
+    flat = weight.reshape(*weight.shape[:3], -1)  # (E, 3, p, p) as is; (E, 3, p, p, p) -> (E, 3, p, p * p)
+    out = adapt_input_conv(in_chans, flat)
+    return out.reshape(weight.shape[0], in_chans, *weight.shape[2:])
+
+
+def _adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """``adapt_input_conv``'s rule for a source of ``C != 3`` channels (e.g. our own 12-band run given to
+    4-band data): summed for one channel, else the filters repeated cyclically, cut to ``in_chans`` and
+    scaled by ``C / in_chans``. timm's function assumes an RGB source (a 3-channel target returns a
+    ``C``-channel weight unchanged, others raise) and takes ``base_chans`` only in newer timm releases."""
+    src, dtype = weight.shape[1], weight.dtype
+    w = weight.float()
+    if in_chans == 1:
+        out = w.sum(dim=1, keepdim=True)
+    else:
+        reps = [1] * w.ndim
+        reps[1] = math.ceil(in_chans / src)
+        out = w.repeat(*reps)[:, :in_chans] * (src / in_chans)
+    return out.to(dtype)
 
 
 def _grid_side(n: int, dims: int) -> int | None:
@@ -124,13 +145,18 @@ def adapt_state_dict(
         state["mask_token"] = mask_token.reshape(1, -1)  # kept for iBOT; timm's DINOv2 conversion drops it
     w = state.get("patch_embed.proj.weight")
     if w is not None and w.shape[1] != model.in_chans:
+        src, n = w.shape[1], model.in_chans
+        rule = (
+            f"the {src} filters summed"
+            if n == 1
+            else f"the {src} filters repeated cyclically, cut to {n} and scaled by {src}/{n}"
+        )
         log.warning(
-            "%s: patch embedding expanded from %d to %d input channels (mean of the filters x %d/%d)",
+            "%s: patch embedding expanded from %d to %d input channels (timm's adapt_input_conv: %s)",
             source,
-            w.shape[1],
-            model.in_chans,
-            w.shape[1],
-            model.in_chans,
+            src,
+            n,
+            rule,
         )
         state["patch_embed.proj.weight"] = expand_patch_embed(w, model.in_chans)
     return state

@@ -171,7 +171,9 @@ def test_model_pretrained_folder_with_more_channels(tmp_path: Path, caplog) -> N
     assert_same_features(same, theirs)
     with caplog.at_level(logging.WARNING):
         five = build_backbone(ModelConfig(pretrained=str(tmp_path)), channels=5, spatial_dims=2)
-    assert any("expanded from 3 to 5 input channels" in r.message for r in caplog.records)
+    assert any(
+        "expanded from 3 to 5 input channels (timm's adapt_input_conv" in r.message for r in caplog.records
+    )
     assert five.in_chans == 5 and five.no_embed_class is False and five.num_reg_tokens == 2
     torch.testing.assert_close(five.blocks[1].mlp.fc1.weight, theirs.blocks[1].mlp.fc1.weight)
 

@@ -7,12 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
 from foundation.errors import CheckpointError
 from foundation.models.pos_embed import resample_pos_embed
 from foundation.models.vit import ViT, build_vit
-from foundation.models.weights import expand_patch_embed, load_backbone_weights, read_state_dict
+from foundation.models.weights import (
+    _adapt_channels,
+    expand_patch_embed,
+    load_backbone_weights,
+    read_state_dict,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,31 +44,79 @@ def source() -> ViT:
     return tiny(seed=1, reg_tokens=2)
 
 
-def test_expand_patch_embed_mean_scaled() -> None:
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 6, 12])
+def test_expand_patch_embed_is_timms_adapt_input_conv(n: int) -> None:
     w = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = expand_patch_embed(w, 5)
-    assert out.shape == (6, 5, 4, 4)
-    expected = w.mean(dim=1, keepdim=True) * 3 / 5
-    for c in range(5):
-        torch.testing.assert_close(out[:, c : c + 1], expected)
+    kept = w.clone()
+    out = expand_patch_embed(w, n)
+    assert out.shape == (6, n, 4, 4)
+    torch.testing.assert_close(out, adapt_input_conv(n, w.clone()), rtol=0, atol=0)
+    torch.testing.assert_close(w, kept, rtol=0, atol=0)  # the source is not changed in place
+    if n == 1:
+        torch.testing.assert_close(out[:, 0], w.sum(dim=1))  # grey: the RGB filters summed
+    else:
+        for c in range(n):  # cyclic: R, G, B, R, ... cut to N, each x 3/N
+            torch.testing.assert_close(out[:, c], w[:, c % 3] * 3 / n)
+    # 3D kernels (timm takes 4-D only): the same rule on every depth slice
+    w3d = torch.randn(6, 3, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    out3d = expand_patch_embed(w3d, n)
+    assert out3d.shape == (6, n, 2, 3, 3)
+    for d in range(2):
+        torch.testing.assert_close(out3d[:, :, d], adapt_input_conv(n, w3d[:, :, d].clone()), rtol=0, atol=0)
+
+
+def test_expand_patch_embed_same_count_and_half_precision() -> None:
+    w = torch.randn(6, 3, 4, 4)
     assert expand_patch_embed(w, 3) is w  # same count: unchanged
-    w3d = torch.randn(6, 3, 2, 2, 2)
-    assert expand_patch_embed(w3d, 1).shape == (6, 1, 2, 2, 2)
-    torch.testing.assert_close(expand_patch_embed(w3d, 1)[:, 0], w3d.sum(dim=1))
+    half = w.to(torch.bfloat16)
+    out = expand_patch_embed(half, 6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, adapt_input_conv(6, half.clone()), rtol=0, atol=0)
 
 
-def test_constant_image_same_patch_response_after_expansion(tmp_path: Path) -> None:
-    rgb = tiny(seed=1)
+@pytest.mark.parametrize(("src", "n"), [(4, 6), (4, 1), (12, 4), (2, 3)])
+def test_non_rgb_source_follows_the_same_rule(src: int, n: int) -> None:
+    w = torch.randn(5, src, 2, 2, generator=torch.Generator().manual_seed(src))
+    out = expand_patch_embed(w, n)
+    if n == 1:
+        expected = w.sum(dim=1, keepdim=True)
+    else:
+        expected = torch.cat([w[:, c % src : c % src + 1] for c in range(n)], dim=1) * (src / n)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    try:  # newer timm takes the source's channel count; then it must agree
+        theirs = adapt_input_conv(n, w.clone(), base_chans=src)
+    except TypeError:
+        return
+    torch.testing.assert_close(_adapt_channels(w, n), theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_rgb_repeated_twice_gives_the_rgb_model(tmp_path: Path, spatial_dims: int) -> None:
+    """RGB -> 6 channels by adapt_input_conv: filters [R, G, B, R, G, B] x 1/2, so the bands [x, x] give the
+    RGB model's patch embedding of x, and so all its features; grey (N = 1, filters summed) is [g, g, g]."""
+    size = 32 if spatial_dims == 2 else 16
+    rgb = tiny(seed=1, spatial_dims=spatial_dims, img_size=size)
     path = save_safetensors(rgb, tmp_path / "rgb.safetensors")
-    five = tiny(seed=2, in_chans=5)
-    load_backbone_weights(five, path)
-    assert five.patch_embed.proj.weight.shape[1] == 5
-    for value in (0.0, 0.7, -1.3):
-        with torch.no_grad():
-            before = rgb.patch_embed(torch.full((1, 3, 32, 32), value))
-            after = five.patch_embed(torch.full((1, 5, 32, 32), value))
-        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(five.blocks[3].mlp.fc1.weight, rgb.blocks[3].mlp.fc1.weight)
+    six = tiny(seed=2, in_chans=6, spatial_dims=spatial_dims, img_size=size)
+    grey = tiny(seed=3, in_chans=1, spatial_dims=spatial_dims, img_size=size)
+    load_backbone_weights(six, path)
+    load_backbone_weights(grey, path)
+    x = images(2, 3, *(size,) * spatial_dims)
+    g = images(2, 1, *(size,) * spatial_dims, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            six.patch_embed(torch.cat([x, x], dim=1)), rgb.patch_embed(x), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            six.forward_features(torch.cat([x, x], dim=1)), rgb.forward_features(x), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            grey.forward_features(g),
+            rgb.forward_features(g.expand(-1, 3, *g.shape[2:])),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    torch.testing.assert_close(six.blocks[3].mlp.fc1.weight, rgb.blocks[3].mlp.fc1.weight)
 
 
 def test_load_safetensors_reproduces_outputs(tmp_path: Path, source: ViT) -> None:
@@ -102,8 +156,7 @@ def test_rgb_weights_into_four_channel_model(tmp_path: Path) -> None:
     four = tiny(seed=4, in_chans=4)
     load_backbone_weights(four, path)
     w = rgb.patch_embed.proj.weight
-    expected = (w.mean(dim=1, keepdim=True) * 3 / 4).expand(-1, 4, -1, -1)
-    torch.testing.assert_close(four.patch_embed.proj.weight, expected)
+    torch.testing.assert_close(four.patch_embed.proj.weight, adapt_input_conv(4, w.detach().clone()))
     torch.testing.assert_close(four.cls_token, rgb.cls_token)
     with torch.no_grad():
         assert four(images(2, 4, 32, 32)).shape == (2, 192)
