@@ -125,7 +125,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         if not args.cache_dir:
             return compute()
-        stamp = "random" if args.random_init else weights_fingerprint(backbone)
+        # the random twin is deterministic (seeded), so its own weights name it: two architectures, or an
+        # initialisation that changed between versions, never share a cache entry
+        stamp = weights_fingerprint(backbone)
         key = feature_cache_key(stamp, str(Path(path).resolve()), str(size), args.pooling, str(args.seed))
         return cached_features(Path(args.cache_dir), key, compute)
 

@@ -118,11 +118,10 @@ class DINOv2(nn.Module):
         cls_logits = self.teacher["dino_head"](out["cls"])
         dino_probs = self._teacher_probs(cls_logits.float(), self.dino_center, temp)
         indicators = TeacherIndicators.measure(dino_probs, out["cls"])
-        masked_patches = out["patch"][masks]
-        ibot_probs = None
-        if masked_patches.shape[0] > 0:
-            ibot_logits = self._ibot_head(self.teacher)(masked_patches)
-            ibot_probs = self._teacher_probs(ibot_logits.float(), self.ibot_center, temp)
+        # Every rank runs the iBOT head and its centering even with no masked patch of its own: centering
+        # reduces over ranks, and a rank skipping it would pair its next collective with the wrong call.
+        ibot_logits = self._ibot_head(self.teacher)(out["patch"][masks])
+        ibot_probs = self._teacher_probs(ibot_logits.float(), self.ibot_center, temp)
         return list(dino_probs.chunk(2)), ibot_probs, indicators
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
@@ -153,11 +152,9 @@ class DINOv2(nn.Module):
                 n_global_pairs + n_local_pairs
             )
 
-        if teacher_ibot is not None:
-            student_ibot = self._ibot_head(self.student)(g["patch"][masks])
-            ibot = self.ibot_loss(student_ibot, teacher_ibot, masks)
-        else:
-            ibot = g["patch"].sum() * 0.0
+        # zero (graph kept, so DDP sees the iBOT head's gradients on every rank) when nothing is masked
+        student_ibot = self._ibot_head(self.student)(g["patch"][masks])
+        ibot = self.ibot_loss(student_ibot, teacher_ibot, masks)
 
         koleo = sum(self.koleo_loss(c) for c in g["cls"].chunk(2))
         loss = cfg.dino_loss_weight * dino + cfg.ibot_loss_weight * ibot + cfg.koleo_loss_weight * koleo

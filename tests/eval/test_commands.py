@@ -53,6 +53,22 @@ def test_evaluate_random_init_uses_same_architecture(tiny_run, image_folder, cap
     assert _json_line(capsys)["random_init"] is True
 
 
+def test_random_init_features_are_cached_per_architecture(tiny_run, image_folder, capsys, tmp_path):
+    """A random twin is named by its own weights in the feature cache: another architecture never reads the
+    first one's features (the key was "random" + data + size for every backbone)."""
+    import timm
+    from timm.models import save_for_hf
+
+    other = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0)
+    save_for_hf(other, str(tmp_path / "other"), safe_serialization=True)
+    cache = tmp_path / "cache"
+    for backbone in (tiny_run, tmp_path / "other"):
+        args = ["evaluate", "knn", "--backbone", str(backbone), "--random-init", "--data", str(image_folder)]
+        assert main([*args, "--val-data", str(image_folder), "--quiet", "--cache-dir", str(cache)]) == 0
+        _json_line(capsys)
+    assert len(list(cache.glob("*.h5"))) == 2
+
+
 def test_embed_writes_resumable_hdf5(tiny_run, image_folder, tmp_path, capsys):
     out = tmp_path / "feats.h5"
     args = ["embed", "--data", str(image_folder), "--backbone", str(tiny_run), "--out", str(out)]

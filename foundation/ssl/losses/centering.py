@@ -55,7 +55,9 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     logits = teacher_logits.float() / teacher_temp
     # Any per-prototype factor cancels in the first row normalisation, so shifting each prototype by its
     # global max is exact and keeps exp() from overflowing (and every row from underflowing to 0).
-    proto_max = _all_reduce(logits.max(dim=0).values, dist.ReduceOp.MAX)
+    # a rank may hold no row (no masked patch of its own): it still joins every reduce
+    local_max = logits.max(dim=0).values if logits.shape[0] else logits.new_full(logits.shape[1:], -torch.inf)
+    proto_max = _all_reduce(local_max, dist.ReduceOp.MAX)
     q = torch.exp(logits - proto_max).t()  # Q: (K, B), one column per sample
     num_prototypes = q.shape[0]  # K
     # B_total, the global batch size (B * world_size for equal shards; exact for unequal ones too)
