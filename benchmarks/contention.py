@@ -68,7 +68,7 @@ def workloads(work: Path, steps: int) -> dict[str, list[str]]:
     pretrain += [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
     backbone = work / "backbone"
     subprocess.run(
-        _cli([*pretrain[:-3], "--out", str(backbone), "train.steps=1"]), check=True, env=_env("ours")
+        _cli([*pretrain[:-4], "--out", str(backbone), "train.steps=1"]), check=True, env=_env("ours")
     )
 
     torch.manual_seed(0)
@@ -129,6 +129,7 @@ def workloads(work: Path, steps: int) -> dict[str, list[str]]:
 class Runner:
     def __init__(self, work: Path) -> None:
         self.work, self.count = work, 0
+        (work / "out").mkdir(parents=True, exist_ok=True)  # commands refuse an --out whose parent is missing
 
     def start(self, argv: list[str], mode: str) -> subprocess.Popen:
         self.count += 1

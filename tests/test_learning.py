@@ -1,7 +1,7 @@
 """Learning checks on real images shipped in an installed package (scikit-learn's handwritten digits):
 a short pretraining must beat the same architecture at random initialisation, by a margin that is not noise.
 
-The DINOv2 check costs about a minute on 2 CPU cores. The MAE check needs ~1,000 steps (on digits MAE sits on
+The DINOv2 check runs the shipped small recipe for 300 steps: about 3 minutes on 2 CPU cores. The MAE check needs ~1,000 steps (on digits MAE sits on
 a loss plateau, its features no better than random ones, for its first ~400 steps): about 3.5 minutes on 2
 cores, the slowest test of the suite and the one that shows MAE learns.
 """
@@ -23,23 +23,7 @@ from foundation.train.engine import pretrain
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-DIGITS_DINOV2 = """\
-seed: 0
-model: {arch: vit_tiny, patch_size: 8, img_size: 32}
-ssl:
-  head_prototypes: 256
-  head_hidden_dim: 256
-  head_bottleneck_dim: 64
-  teacher_temp_warmup: 0.04
-  teacher_temp: 0.04
-  momentum_teacher: 0.99
-  momentum_teacher_end: 0.99
-data:
-  num_workers: 0
-  crops: {global_size: 32, local_size: 16, n_local: 0, global_scale: [0.4, 1.0]}
-optim: {lr: 0.005, min_lr: 0.005, lr_scaling: none, warmup_steps: 15, freeze_last_layer_steps: 10}
-train: {steps: STEPS, batch_size: 32, checkpoint_every: 1000, log_every: 10}
-"""
+SMALL_DINOV2 = Path(__file__).resolve().parents[1] / "configs" / "images" / "small_dinov2.yaml"
 
 # 16 px with 4 px patches: 16 tokens (4 visible), so a step is cheap. No LayerScale (as in MAE): with it the
 # random-init CLS is almost constant and the comparison would measure the probe, not the features.
@@ -90,15 +74,24 @@ def _knn(run: Path, digits: Path, capsys, *extra: str) -> float:
 
 
 def test_dinov2_pretraining_beats_random_init(digits, tmp_path, capsys):
-    recipe = tmp_path / "digits.yaml"
-    recipe.write_text(DIGITS_DINOV2.replace("STEPS", "80"))
+    """The shipped small recipe as it is, shortened to 300 steps (its schedules follow the step count): the
+    teacher's targets stay sharp (no uniform collapse) and kNN beats the same ViT at random init."""
     torch.set_num_threads(2)
-    cfg = load_config(recipe, [f"data.path={digits / 'train'}"])
+    cfg = load_config(
+        SMALL_DINOV2, [f"data.path={digits / 'train'}", "train.steps=300", "data.num_workers=0"]
+    )
     pretrain(cfg, tmp_path / "run", DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "teacher_entropy" in r][-10:]
+    entropy = sum(r["teacher_entropy"] for r in last) / len(last)
+    # uniform collapse sits at ln K = 5.55 (0.95 ln K = 5.27 is the collapse line); measured 3.8 at step 300
+    assert entropy < 0.8 * last[-1]["ln_k"], entropy
+    assert not any("collapse_warning" in r for r in rows)
     trained = _knn(tmp_path / "run", digits, capsys)
     random = _knn(tmp_path / "run", digits, capsys, "--random-init")
     print(f"kNN top-1: pretrained {trained:.3f}, random init {random:.3f}")
-    assert trained > random + 0.08, (trained, random)
+    # measured 0.575 vs 0.486 at 300 steps (0.667 at the recipe's 800)
+    assert trained > random + 0.04, (trained, random)
 
 
 def test_mae_pretraining_beats_random_init(digits, tmp_path, capsys):
