@@ -4,9 +4,8 @@ installed packages, the last DINO loss against ln K (uniform collapse sits just 
 Datasets (written once under ``--work``):
 - ``digits``: scikit-learn's 1,797 handwritten digits (10 classes), 8x8 upscaled to 32 px RGB; every 5th
   image is validation.
-- ``textures``: scikit-image's brick, grass and gravel photographs (3 classes), cut into 32 px patches of a
-  64 px window (a 4x4 grid over each 512 px photo, 2x2 overlapping windows per grid cell: 64 per class), the
-  right half of each photo is validation.
+- ``textures``: scikit-image's brick, grass and gravel photographs (3 classes): 64 px windows every 32 px over
+  each 512 px photo (225 per class), resized to 32 px; windows starting in the right half are validation.
 
     python benchmarks/learning.py                                    # the small recipes, both datasets
     python benchmarks/learning.py --recipes configs/images/tiny.yaml --datasets digits --steps 150
