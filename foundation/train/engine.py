@@ -35,7 +35,7 @@ from foundation.models.factory import backbone_args, build_backbone
 from foundation.ssl.registry import get_objective_factory
 from foundation.threads import configure_threads, worker_threads
 from foundation.train import checkpoint as ckpt
-from foundation.train.collapse import CollapseWatch
+from foundation.train.collapse import CollapseWatch, warn_collapse_prone_settings
 from foundation.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -204,6 +204,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.collapse = CollapseWatch(cfg.train.collapse_patience, cfg.train.stop_on_collapse)
+        if dist_info.is_main:
+            warn_collapse_prone_settings(cfg, dist_info.world_size)
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ and bad input. Runs real (tiny) pretraining on images written by the tests."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -51,8 +52,14 @@ def _run_in_process(recipe: Path, data: Path, out: Path, *overrides: str) -> Pat
     return out
 
 
-def test_pretrain_writes_a_complete_run(tiny_recipe, image_folder, tmp_path):
-    run = _run_in_process(tiny_recipe, image_folder, tmp_path / "run")
+def test_pretrain_writes_a_complete_run(tiny_recipe, image_folder, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="foundation.train.collapse"):
+        run = _run_in_process(tiny_recipe, image_folder, tmp_path / "run")
+    # the test recipe keeps DINOv2's LayerScale and teacher temperature in a 6-step run: both named at start
+    prone = [r.getMessage() for r in caplog.records if "collapse-prone setting" in r.getMessage()]
+    assert (
+        len(prone) == 2 and "model.layerscale_init=1e-05" in prone[0] and "ssl.teacher_temp=0.07" in prone[1]
+    )
     assert (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000002.pt",
