@@ -146,6 +146,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return int(result.get("exit_status", EXIT_DONE))
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from foundation.visualize.command import visualize
+
+    print(json.dumps(visualize(args)))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from foundation.info import environment_info
 
@@ -181,7 +188,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 COMMANDS_GROUP = "foundation.commands"
-CORE_COMMANDS = ("pretrain", "export", "evaluate", "finetune", "embed", "info")
+CORE_COMMANDS = ("pretrain", "export", "evaluate", "finetune", "embed", "info", "visualize", "report")
 
 
 def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
@@ -221,6 +228,52 @@ def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=200")
     _add_common(p)
     p.set_defaults(func=cmd_finetune)
+
+
+EPILOG_VISUALIZE = """\
+examples:
+  foundation visualize --backbone runs/photos photos/ --out vis/
+  foundation visualize --backbone runs/path --domain pathology --slide s.svs --region 2000,3000,1024,1024 \\
+      --mpp 0.5 --out vis/                                 # one slide region at 0.5 um/px
+  foundation visualize --backbone runs/path --domain pathology feats/s.h5 --max-tiles 16 --out vis/
+  foundation visualize --backbone runs/rs --domain remote_sensing scene.tif --region 0,0,512,512 \\
+      --bands 4,3,2,8 --rgb 4,3,2 --out vis/
+  foundation visualize --backbone runs/ct --domain medical ct/case1.nii.gz --out vis/   # 3 planes
+
+Per input, OUT/<name>.png shows the input as the model saw it (normalised with the backbone's statistics,
+shown de-normalised), the first three PCA components of its patch tokens as RGB (fitted over every input of
+the call; background, by the first component's threshold, in black) and the last block's CLS attention,
+averaged and per head. An existing OUT is replaced only if it is an earlier visualize output of ours and
+--overwrite is given.
+"""
+
+
+def _add_visualize_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "visualize",
+        help="PCA of patch features and CLS attention maps of a backbone on your inputs (PNGs)",
+        epilog=EPILOG_VISUALIZE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", help="images or folders; slides or embed HDF5s; rasters; volumes")
+    p.add_argument("--backbone", required=True, help="run folder, export folder, timm folder or checkpoint")
+    p.add_argument("--out", required=True, help="a new or empty folder for the PNGs (and summary.json)")
+    p.add_argument("--domain", default="images", help="whose reader opens the inputs (default: images)")
+    p.add_argument(
+        "--img-size", type=int, help="model input side in px (tile, window); default: the backbone's"
+    )
+    p.add_argument("--slide", help="pathology: a slide to read --region of (or its tissue tiles)")
+    p.add_argument("--region", help="x,y,w,h: slide region in level-0 px, or raster pixel window")
+    p.add_argument("--mpp", type=float, help="pathology: microns per pixel to read at (default 0.5)")
+    p.add_argument("--bands", help="remote sensing: 1-based bands fed to the model, e.g. 4,3,2,8")
+    p.add_argument("--rgb", help="remote sensing: 1-based bands of the colour composite shown, e.g. 4,3,2")
+    p.add_argument("--max-tiles", type=int, default=8, help="tiles per slide or feature file (default 8)")
+    p.add_argument(
+        "--keep-background", action="store_true", help="PCA over every patch (no background removal)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier visualize output of ours")
+    _add_common(p)
+    p.set_defaults(func=cmd_visualize)
 
 
 def _add_task_parsers(sub: argparse._SubParsersAction, argv: list[str], command: str) -> None:
@@ -350,6 +403,8 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
     )
     _add_common(p)
     p.set_defaults(func=cmd_embed)
+
+    _add_visualize_parser(sub)
 
     p = sub.add_parser("info", help="versions, devices and registered domains")
     p.set_defaults(func=cmd_info, quiet=False)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domains.images.folder import ImageFolder, ImageSampleSource, read_rgb
 from domains.images.sample import make_sample_images
 from foundation.config import Config, reject_unknown_keys
 from foundation.data.views import EvalView, ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
+
+if TYPE_CHECKING:
+    from foundation.visualize.inputs import VisualInput, VisualRequest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,3 +59,9 @@ class ImagesDomain:
 
     def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
         return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)
+
+    def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
+        """``foundation visualize`` inputs: image files or folders (see ``visualize.py``)."""
+        from domains.images.visualize import visual_inputs
+
+        return visual_inputs(request, tuple(self.mean), tuple(self.std))

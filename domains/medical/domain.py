@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from foundation.config import Config
 from foundation.domain import ViewTransform
 from foundation.errors import ConfigError, DataError, FoundationError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from foundation.visualize.inputs import VisualInput, VisualRequest
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +147,10 @@ class MedicalDomain:
             "labels); judge a backbone by organ segmentation: `foundation finetune organ-segmentation "
             "--backbone RUN --data DATALIST.json`, then `foundation evaluate organ-segmentation`"
         )
+
+    def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
+        """``foundation visualize`` inputs: axial/coronal/sagittal planes of volumes (see ``visualize.py``)."""
+        _require_medical()
+        from domains.medical.visualize import visual_inputs
+
+        return visual_inputs(request)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,9 @@ from foundation.config import Config
 from foundation.data.device_views import DeviceMAEView, DeviceMultiCropViews, augment_on_device
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
+
+if TYPE_CHECKING:
+    from foundation.visualize.inputs import VisualInput, VisualRequest
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +89,9 @@ class PathologyDomain:
         from domains.pathology.embed import embed_slides
 
         return embed_slides(backbone, meta, args)
+
+    def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
+        """``foundation visualize`` inputs: slide regions, tissue tiles, feature-file tiles (``visualize.py``)."""
+        from domains.pathology.visualize import visual_inputs
+
+        return visual_inputs(request, tuple(self.mean), tuple(self.std))

@@ -15,15 +15,18 @@ import argparse
 import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domains.remote_sensing.options import RasterOptions, parse_bands
 from foundation.config import Config
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 from foundation.errors import ConfigError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from foundation.visualize.inputs import VisualInput, VisualRequest
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,13 @@ class RemoteSensingDomain:
         return RasterChipDataset(
             path, infos, scales, cfg.data.crops.global_size, self.mean, self.std, opts.nodata
         )
+
+    def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
+        """``foundation visualize`` inputs: a window of each raster (see ``visualize.py``)."""
+        _require_rasterio()
+        from domains.remote_sensing.visualize import visual_inputs
+
+        return visual_inputs(request)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
