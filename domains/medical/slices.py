@@ -8,12 +8,18 @@ anatomy rather than the scanner's field of view.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from domains.medical.options import VolumeOptions
 from domains.medical.source import VolumeSampleSource
+from domains.medical.volume import find_volumes, load_volume
+from foundation.data.views import EvalView
+from foundation.errors import DataError
 
 FOREGROUND_LEVEL = 0.05  # after the preset: above the bottom of the CT window / MR percentile range
 MIN_FOREGROUND = 0.1  # fraction of the slice that must be foreground (else another slice is drawn)
@@ -30,6 +36,49 @@ class SliceSampleSource(VolumeSampleSource):
             image = array[..., z]
             if float((image > FOREGROUND_LEVEL).float().mean()) >= MIN_FOREGROUND:
                 break
-        # radiological display: anterior at the top, the patient's right on the viewer's left
-        pixels = image.flip(-1, -2).permute(2, 1, 0)  # C x X x Y -> H (A->P) x W (R->L) x C
-        return {"image": np.ascontiguousarray(pixels.numpy(), dtype=np.float32)}
+        return {"image": display_slice(image)}
+
+
+def display_slice(image: torch.Tensor) -> np.ndarray:
+    """An axial ``C x X x Y`` RAS slice as ``H x W x C`` float32 in radiological display (anterior at the top,
+    the patient's right on the viewer's left), so pretraining and evaluation see slices the same way."""
+    pixels = image.flip(-1, -2).permute(2, 1, 0)  # C x X x Y -> H (A->P) x W (R->L) x C
+    return np.ascontiguousarray(pixels.numpy(), dtype=np.float32)
+
+
+class LabelledSliceDataset:
+    """``ROOT/<class>/<volume>.nii.gz``: every axial slice of a volume is one item of its folder's class, read
+    as pretraining reads it (RAS, ``spacing``, intensity preset), for kNN and linear probes of slice backbones.
+    ``mean``/``std`` are the backbone's (0 and 1 per channel for this domain's runs).
+
+    Volumes are preprocessed once and their slices kept in memory: meant for labelled sets of slices, not for
+    a whole archive of CTs. ``dataset[i] -> {"image": C x size x size, "label", "id": "FILE:z"}``.
+
+    Raises:
+        DataError: ``root`` is not a folder of class sub-folders of volumes, or a volume is unusable.
+    """
+
+    def __init__(
+        self, root: str | Path, opts: VolumeOptions, size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        root = Path(root)
+        files = find_volumes(root) if root.is_dir() else []
+        names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in files]
+        if not files or "" in names:
+            raise DataError(f"{root}: expected class sub-folders of volumes (ROOT/<class>/<volume>.nii.gz)")
+        self.classes = sorted(set(names))
+        self.items: list[tuple[np.ndarray, int, str]] = []
+        for path, name in zip(files, names, strict=True):
+            array = load_volume(path, opts).array  # C x X x Y x Z
+            label = self.classes.index(name)
+            self.items += [
+                (display_slice(array[..., z]), label, f"{path}:{z}") for z in range(array.shape[-1])
+            ]
+        self.view = EvalView(size, mean, std, max_pixel_value=1.0)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label, name = self.items[index]
+        return {"image": self.view(image), "label": label, "id": name}
