@@ -7,7 +7,22 @@ Datasets (written once under ``--work``):
 - ``textures``: scikit-image's brick, grass and gravel photographs (3 classes): 64 px windows every 32 px over
   each 512 px photo (225 per class), resized to 32 px; windows starting in the right half are validation.
 
-    python benchmarks/learning.py                                    # the small recipes, both datasets
+Each domain's recipe sees the same 32 px pixels in the formats that domain reads, written with the format's
+own library and read back before use; only the train split is pretrained on:
+- ``images``: the PNG class folders.
+- ``pathology``: the training images as the cells of one tiled TIFF slide (tifffile) whose resolution is the
+  recipe's ``mpp``, so every tile is one image, unresampled; evaluated on the PNG folders (tiles). The images are
+  grey, and tissue detection finds stained tissue by its saturation, so the slide is read with
+  ``data.options.min_tissue=0`` (every cell a tile).
+- ``remote_sensing``: one 3-band uint8 RGB GeoTIFF chip per image (rasterio), in class folders per split.
+- ``medical``: the training images (grey) as the axial slices of one NIfTI volume (nibabel) at the recipe's
+  spacing, grey levels mapped linearly onto its CT window (so the window gives the PNG's level / 255); evaluated
+  on one such volume per class and split. The medical domain's ``eval_dataset`` does not read labelled slices
+  yet, so these are read with :class:`domains.medical.slices.LabelledSliceDataset` and probed here with
+  ``foundation evaluate``'s own functions and defaults.
+
+    python benchmarks/learning.py                                    # every small recipe, both datasets
+    python benchmarks/learning.py --recipes pathology --datasets digits --steps 50
     python benchmarks/learning.py --recipes configs/images/tiny.yaml --datasets digits --steps 150
 """
 
@@ -15,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +46,19 @@ import torch
 from PIL import Image
 
 from foundation.cli import main as cli
-from foundation.config import load_config
+from foundation.config import Config, load_config
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import pretrain
 
-RECIPES = ["configs/images/small_dinov2.yaml", "configs/images/small_mae.yaml"]
+# the small recipe of every domain, by the name --recipes also takes
+SMALL = {
+    "images": "configs/images/small_dinov2.yaml",
+    "images-mae": "configs/images/small_mae.yaml",
+    "pathology": "configs/pathology/small.yaml",
+    "remote_sensing": "configs/remote_sensing/small.yaml",
+    "medical": "configs/medical/small_dinov2_slices.yaml",
+}
+RECIPES = list(SMALL.values())
 
 
 def write_digits(root: Path, size: int = 32) -> Path:
@@ -69,59 +95,263 @@ def write_textures(root: Path, size: int = 32) -> Path:
 DATASETS = {"digits": write_digits, "textures": write_textures}
 
 
-def evaluate(protocol: str, run: Path, data: Path, *extra: str) -> float:
+@dataclass(frozen=True)
+class DomainData:
+    """What one domain's recipe pretrains on (the train split only) and is evaluated on, and the overrides
+    the data needs."""
+
+    pretrain: Path
+    train: Path
+    val: Path
+    overrides: tuple[str, ...] = ()
+
+
+def labelled_pngs(split: Path) -> list[tuple[str, Path, np.ndarray]]:
+    """``(class, file, H x W x 3 uint8)`` of a PNG split, sorted by class then file."""
+    files = sorted(split.glob("*/*.png"))
+    return [(f.parent.name, f, np.asarray(Image.open(f).convert("RGB"))) for f in files]
+
+
+def grey(pixels: np.ndarray, name: Path) -> np.ndarray:
+    """The one channel of an RGB image whose three channels are equal (refused otherwise: not the same pixels)."""
+    if not (pixels == pixels[..., :1]).all():
+        raise SystemExit(f"{name}: not a grey image; the medical domain reads one channel")
+    return pixels[..., 0]
+
+
+def write_slide(path: Path, images: list[np.ndarray], mpp: float) -> None:
+    """The images as the cells of a tiled RGB TIFF at ``mpp`` um/px (rows x columns, no blank cell), read back
+    through the pathology domain's own slide reader."""
+    import tifffile
+
+    from domains.pathology.slide import open_slide
+
+    n, side = len(images), images[0].shape[0]
+    rows = max(r for r in range(1, int(n**0.5) + 1) if n % r == 0)  # the squarest grid with every cell used
+    cols = n // rows
+    grid = np.stack(images).reshape(rows, cols, side, side, 3).transpose(0, 2, 1, 3, 4)
+    mosaic = np.ascontiguousarray(grid.reshape(rows * side, cols * side, 3))
+    resolution = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, mosaic, photometric="rgb", tile=(256, 256), **resolution)
+    with open_slide(path) as slide:
+        back = slide.read_region((0, 0), 0, (cols * side, rows * side))
+        if abs(slide.mpp - mpp) > 1e-6 * mpp or not np.array_equal(back, mosaic):
+            raise SystemExit(f"{path}: the slide does not read back as written ({slide.mpp} um/px)")
+
+
+def pathology_data(png: Path, out: Path, cfg: Config) -> DomainData:
+    """The train split as one slide at the recipe's resolution (its tiles unresampled); PNG tiles to evaluate."""
+    mpp = float(cfg.data.options["mpp"])
+    slides = out / "slides"
+    slides.mkdir(parents=True)
+    write_slide(slides / f"train_{mpp:g}um.tif", [x for _, _, x in labelled_pngs(png / "train")], mpp)
+    return DomainData(slides, png / "train", png / "val", ("data.options.min_tissue=0",))
+
+
+def write_chip(path: Path, pixels: np.ndarray, index: int) -> None:
+    """One image as a 3-band uint8 RGB GeoTIFF (10 m pixels, chips side by side in UTM 33N), read back."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    side = pixels.shape[0]
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8",
+               "crs": "EPSG:32633", "transform": from_origin(300_000 + 10 * side * index, 5_000_000, 10, 10),
+               "photometric": "RGB"}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels.transpose(2, 0, 1))
+    with rasterio.open(path) as src:
+        rgb = tuple(c.name for c in src.colorinterp) == ("red", "green", "blue")
+        if not (rgb and np.array_equal(src.read().transpose(1, 2, 0), pixels)):
+            raise SystemExit(f"{path}: the chip does not read back as written")
+
+
+def remote_sensing_data(png: Path, out: Path, cfg: Config) -> DomainData:
+    """Every image as a GeoTIFF chip in its split's class folder; the train chips are also the pretraining data."""
+    index = 0
+    for split in ("train", "val"):
+        for name, file, pixels in labelled_pngs(png / split):
+            write_chip(out / split / name / f"{file.stem}.tif", pixels, index)
+            index += 1
+    return DomainData(out / "train", out / "train", out / "val")
+
+
+def write_volume(path: Path, images: list[np.ndarray], cfg: Config) -> None:
+    """Grey images as the axial slices of a NIfTI volume at the recipe's spacing, grey level g stored as the
+    HU value the recipe's CT window maps to g / 255; read back through the medical domain's own loader and
+    slice display (same pixels, unresampled, same orientation)."""
+    import nibabel as nib
+
+    from domains.medical.options import VolumeOptions
+    from domains.medical.slices import display_slice
+    from domains.medical.volume import load_volume
+
+    opts = VolumeOptions.from_config(cfg.data.options)
+    if opts.modality != "ct" or opts.spacing is None:
+        raise SystemExit(f"{cfg.data.options}: the benchmark writes CT volumes at a fixed spacing")
+    low, high = opts.window
+    # display_slice shows voxel (x, y) at row H-1-y, column W-1-x: store each image flipped and transposed
+    stack = np.stack([g[::-1, ::-1].T for g in images], axis=-1).astype(np.float32)
+    hu = low + stack / 255 * (high - low)
+    nib.save(nib.Nifti1Image(hu, np.diag([*opts.spacing, 1.0])), path)
+    volume = load_volume(path, opts).array
+    back = np.stack([display_slice(volume[..., z])[..., 0] for z in range(volume.shape[-1])])
+    if back.shape != (len(images), *images[0].shape) or np.abs(back - np.stack(images) / 255).max() > 1e-5:
+        raise SystemExit(f"{path}: the volume does not read back as the images written")
+
+
+def medical_data(png: Path, out: Path, cfg: Config) -> DomainData:
+    """The train split as one volume to pretrain on; one volume per class and split to evaluate on."""
+    (out / "pretrain").mkdir(parents=True)
+    train = labelled_pngs(png / "train")
+    write_volume(out / "pretrain" / "train.nii.gz", [grey(x, f) for _, f, x in train], cfg)
+    for split in ("train", "val"):
+        items = labelled_pngs(png / split)
+        for name in sorted({c for c, _, _ in items}):
+            (out / split / name).mkdir(parents=True)
+            images = [grey(x, f) for c, f, x in items if c == name]
+            write_volume(out / split / name / f"{name}.nii.gz", images, cfg)
+    return DomainData(out / "pretrain", out / "train", out / "val")
+
+
+DOMAIN_DATA = {"pathology": pathology_data, "remote_sensing": remote_sensing_data, "medical": medical_data}
+
+
+def domain_data(png: Path, cfg: Config) -> DomainData:
+    """The dataset in the format ``cfg``'s domain reads (the PNG folders for ``images``), written once per domain
+    and data options; ``layout.json`` is written last, so an interrupted write is redone, never reused."""
+    if cfg.domain == "images":
+        return DomainData(png / "train", png / "train", png / "val")
+    options = json.dumps(dict(cfg.data.options or {}), sort_keys=True)
+    out = png.parent / f"{png.name}-{cfg.domain}-{hashlib.sha256(options.encode()).hexdigest()[:8]}"
+    done = out / "layout.json"
+    if not done.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        data = DOMAIN_DATA[cfg.domain](png, out, cfg)
+        fields = {"pretrain": data.pretrain, "train": data.train, "val": data.val}
+        done.write_text(json.dumps({**{k: str(v) for k, v in fields.items()}, "overrides": data.overrides}))
+    layout = json.loads(done.read_text())
+    return DomainData(*(Path(layout[k]) for k in ("pretrain", "train", "val")), tuple(layout["overrides"]))
+
+
+def evaluate(protocol: str, run: Path, domain: str, data: DomainData, *extra: str) -> float:
+    """Top-1 of ``foundation evaluate PROTOCOL`` (``extra``: e.g. ``--random-init``) on the labelled folders."""
     out = io.StringIO()
-    args = ["evaluate", protocol, "--backbone", str(run), "--data", str(data / "train")]
+    args = ["evaluate", protocol, "--backbone", str(run), "--domain", domain, "--data", str(data.train)]
     with contextlib.redirect_stdout(out):
-        rc = cli([*args, "--val-data", str(data / "val"), "--quiet", *extra])
+        rc = cli([*args, "--val-data", str(data.val), "--quiet", *extra])
     if rc != 0:
         raise SystemExit(f"foundation evaluate {protocol} on {run} exited {rc}")
     return json.loads([x for x in out.getvalue().splitlines() if x.startswith("{")][-1])["top1"]
 
 
-def run_one(recipe: str, dataset: str, data: Path, work: Path, overrides: list[str]) -> dict:
-    run = work / f"{Path(recipe).stem}-{dataset}"
-    cfg = load_config(recipe, [f"data.path={data / 'train'}", *overrides])
+def evaluate_slices(protocol: str, run: Path, cfg: Config, data: DomainData, *extra: str) -> float:
+    """:func:`evaluate` for a medical slice backbone on labelled NIfTI slices, with ``foundation evaluate``'s
+    functions and defaults (CLS features, batch 64, k=20, T=0.07, seed 0), because the medical domain's
+    ``eval_dataset`` does not read labelled slices yet."""
+    from domains.medical.options import VolumeOptions
+    from domains.medical.slices import LabelledSliceDataset
+    from foundation.eval.features import extract_features
+    from foundation.eval.knn import knn_evaluate
+    from foundation.eval.linear import linear_probe
+    from foundation.export import load_backbone, random_like
+
+    backbone, meta = load_backbone(str(run))
+    if "--random-init" in extra:
+        backbone = random_like(meta)
+        torch.manual_seed(0)
+    size, opts = meta["backbone_args"]["img_size"], VolumeOptions.from_config(cfg.data.options)
+    sets = [LabelledSliceDataset(p, opts, size, meta["mean"], meta["std"]) for p in (data.train, data.val)]
+    if sets[0].classes != sets[1].classes:
+        raise SystemExit(f"{data.train} and {data.val} have different classes")
+    (train_f, train_l, _), (val_f, val_l, _) = (extract_features(backbone, x, batch_size=64) for x in sets)
+    n = len(sets[0].classes)
+    if protocol == "knn":
+        return knn_evaluate(train_f, train_l, val_f, val_l, n, k=20, temperature=0.07)["top1"]
+    return linear_probe(train_f, train_l, val_f, val_l, n, seed=0)["top1"]
+
+
+def probe(protocol: str, run: Path, cfg: Config, data: DomainData, *extra: str) -> float:
+    """The domain's evaluation: ``foundation evaluate`` where the domain reads labelled data, else ours."""
+    if cfg.domain == "medical":
+        return evaluate_slices(protocol, run, cfg, data, *extra)
+    return evaluate(protocol, run, cfg.domain, data, *extra)
+
+
+def loss_summary(run: Path, cfg: Config) -> dict:
+    """The last logged loss: DINO's beside ln K (uniform targets sit just under it) and the teacher's entropy."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    if cfg.ssl.method != "dinov2":
+        return {"loss_last": round(last["loss"], 3)}
+    return {"dino_last": round(last["dino"], 3), "ln_k": round(math.log(cfg.ssl.head_prototypes), 3),
+            "teacher_entropy_last": round(last.get("teacher_entropy", float("nan")), 3)}  # fmt: skip
+
+
+def run_one(recipe: str, dataset: str, png: Path, work: Path, overrides: list[str]) -> dict:
+    """Pretrain ``recipe`` on the train split of ``dataset`` in its domain's format, then probe it and its
+    random-init twin."""
+    cfg = load_config(recipe, overrides)
+    data = domain_data(png, cfg)
+    cfg = load_config(recipe, [f"data.path={data.pretrain}", *data.overrides, *overrides])
+    run = work / f"{cfg.domain}-{Path(recipe).stem}-{dataset}-{cfg.train.steps}"
     start = time.perf_counter()
     pretrain(cfg, run, DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)
     wall = time.perf_counter() - start
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r for r in rows if "loss" in r]
-    result = {"recipe": recipe, "dataset": dataset, "method": cfg.ssl.method, "steps": cfg.train.steps,
-              "pretrain_seconds": round(wall, 1)}  # fmt: skip
-    if cfg.ssl.method == "dinov2":
-        last = losses[-1]
-        result |= {"dino_last": round(last["dino"], 3), "ln_k": round(math.log(cfg.ssl.head_prototypes), 3),
-                   "teacher_entropy_last": round(last.get("teacher_entropy", float("nan")), 3)}  # fmt: skip
-    else:
-        result["loss_last"] = round(losses[-1]["loss"], 3)
+    result = {"recipe": recipe, "domain": cfg.domain, "dataset": dataset, "method": cfg.ssl.method,
+              "steps": cfg.train.steps, "pretrain_seconds": round(wall, 1), **loss_summary(run, cfg)}  # fmt: skip
     for protocol in ("knn", "linear"):
-        trained = evaluate(protocol, run, data)
-        random = evaluate(protocol, run, data, "--random-init")
+        trained = probe(protocol, run, cfg, data)
+        random = probe(protocol, run, cfg, data, "--random-init")
         result |= {f"{protocol}_pretrained": round(trained, 3), f"{protocol}_random": round(random, 3),
                    f"{protocol}_gain": round(trained - random, 3)}  # fmt: skip
+    result["total_seconds"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def table(results: list[dict]) -> str:
+    """One row per recipe x dataset: kNN and linear top-1 pretrained / random (gain), loss vs ln K, wall."""
+    head = (
+        f"{'recipe':44} {'dataset':9} {'steps':>5}  {'kNN pre/rand (gain)':21}  {'linear pre/rand (gain)':21}"
+    )
+    lines = [f"{head}  {'loss / ln K':13} {'pretrain s':>10} {'total s':>8}"]
+    for r in results:
+        probes = [
+            f"{r[p + '_pretrained']:.3f}/{r[p + '_random']:.3f} ({r[p + '_gain']:+.3f})"
+            for p in ("knn", "linear")
+        ]
+        loss = (
+            f"{r['dino_last']:.3f} / {r['ln_k']:.3f}" if "dino_last" in r else f"{r['loss_last']:.3f} (MAE)"
+        )
+        lines.append(f"{r['recipe']:44} {r['dataset']:9} {r['steps']:>5}  {probes[0]:21}  {probes[1]:21}  "
+                     f"{loss:13} {r['pretrain_seconds']:>10.1f} {r['total_seconds']:>8.1f}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", nargs="+", default=RECIPES)
+    ap.add_argument("--recipes", nargs="+", default=RECIPES,
+                    help=f"recipe files, or the small recipe of a domain by name: {', '.join(SMALL)}")  # fmt: skip
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--steps", type=int, default=None, help="override train.steps of every recipe")
     ap.add_argument("--work", type=Path, default=None, help="where data and runs go (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    recipes = [SMALL.get(r, r) for r in a.recipes]
     work = a.work or Path(tempfile.mkdtemp(prefix="foundation-learning-"))
     work.mkdir(parents=True, exist_ok=True)
     overrides = ["train.checkpoint_every=1000000"] + ([f"train.steps={a.steps}"] if a.steps else [])
+    results = []
     for dataset in a.datasets:
-        data = work / "data" / dataset
-        if not data.exists():
-            DATASETS[dataset](data)
-        for recipe in a.recipes:
-            print(json.dumps({"benchmark": "learning", **run_one(recipe, dataset, data, work, overrides)}))
+        png = work / "data" / dataset
+        if not png.exists():
+            DATASETS[dataset](png)
+        for recipe in recipes:
+            results.append(run_one(recipe, dataset, png, work, overrides))
+            print(json.dumps({"benchmark": "learning", **results[-1]}))
             sys.stdout.flush()
+    print(table(results))
 
 
 if __name__ == "__main__":
