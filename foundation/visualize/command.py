@@ -11,11 +11,9 @@ import argparse
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from foundation.domain import get_domain
@@ -23,23 +21,12 @@ from foundation.errors import ConfigError, DataError
 from foundation.export import load_backbone, resolve_backbone_source
 from foundation.outputs import building_dir, check_output_dir
 from foundation.train.distributed import resolve_device
-from foundation.visualize.figure import panels, render
-from foundation.visualize.inputs import VisualInput, VisualRequest
-from foundation.visualize.pca import fit_patch_pca
-from foundation.visualize.tokens import TokenMaps, prepare, token_maps
+from foundation.visualize.inputs import VisualRequest
+from foundation.visualize.pipeline import fit, picture, see
 
 log = logging.getLogger(__name__)
 
 KIND = "visualize"
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One input after the backbone: what to draw."""
-
-    item: VisualInput
-    shown: torch.Tensor
-    maps: TokenMaps
 
 
 def _ints(text: str | None, flag: str, count: int | None = None) -> tuple[int, ...] | None:
@@ -115,25 +102,16 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     backbone = backbone.eval().to(device)
     mean, std = meta.get("mean"), meta.get("std")
-    seen: list[Seen] = []
-    for item in tqdm(source(request), desc="visualize", unit="input", disable=args.quiet):
-        ready = prepare(
-            item, channels=request.channels, patch=request.patch_size, spatial_dims=request.spatial_dims,
-            mean=mean, std=std,
-        )  # fmt: skip
-        seen.append(Seen(item, ready.shown, token_maps(backbone, ready.normalised, device)))
+    seen = see(backbone, source(request), mean=mean, std=std, device=device, progress=not args.quiet)
     if not seen:
         raise DataError(f"nothing to visualize in {', '.join(request.inputs)}")
-    pca = fit_patch_pca(
-        [s.maps.patch for s in seen], [s.maps.grid for s in seen], remove_background=not args.keep_background
-    )
+    pca = fit(seen, keep_background=args.keep_background)
     taken: set[str] = set()
     pictures = []
     with building_dir(out, KIND, overwrite=args.overwrite) as tmp:
         for s, rgb in zip(tqdm(seen, desc="pictures", unit="png", disable=args.quiet), pca.rgb, strict=True):
             name = _unique(s.item.name, taken) + ".png"
-            drawn = panels(s.item, s.shown, s.maps, rgb)
-            (tmp / name).write_bytes(render(s.item, drawn, s.maps, background_removed=pca.background_removed))
+            (tmp / name).write_bytes(picture(s, rgb, pca))
             pictures.append({"input": s.item.title, "png": name, "grid": list(s.maps.grid)})
         summary = {
             "backbone": str(resolve_backbone_source(args.backbone)),
