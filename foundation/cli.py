@@ -153,6 +153,13 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from foundation.report.command import report
+
+    print(json.dumps(report(args)))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from foundation.info import environment_info
 
@@ -405,6 +412,24 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
     p.set_defaults(func=cmd_embed)
 
     _add_visualize_parser(sub)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run (plots, crops, PCA, config, environment) + PNGs",
+        description="Write RUN/report.html (opens offline: images inlined, no scripts) and the same plots as "
+        "RUN/report/*.png: loss components; lr, weight decay, teacher momentum and temperature; throughput; "
+        "kNN over steps; collapse indicators; validation metrics of task runs; the augmented crops and the "
+        "PCA / CLS attention of the run's backbone on them; PNGs the run wrote; the last value of every "
+        "metric; the resolved config; the environment. A section without data says so.",
+    )
+    p.add_argument("run", help="a run folder of `foundation pretrain` or `foundation finetune`")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier report of ours (atomically; never other files)",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="versions, devices and registered domains")
     p.set_defaults(func=cmd_info, quiet=False)
