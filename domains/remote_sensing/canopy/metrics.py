@@ -16,6 +16,10 @@ HEIGHT_BIN_EDGES = (0.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, math.inf)
 TREE_HEIGHT = 2.0  # metres: a pixel is tree cover when its height is >= this
 BLOCK = 50  # pixels, side of the blocks of block R^2
 BLOCK_MIN_VALID = 0.5  # a block counts when at least half of its pixels have a label
+DENSITY_MAX = (
+    60.0  # metres: the predicted-vs-true density grid covers 0-60 m (higher values in the last cell)
+)
+DENSITY_CELLS = 120  # 0.5 m cells
 
 
 class _Moments:
@@ -83,6 +87,9 @@ class CanopyMetrics:
         self.bin_count = np.zeros(nbins, dtype=np.int64)
         self.bin_abs = np.zeros(nbins)
         self.bin_err = np.zeros(nbins)
+        self.bin_sq = np.zeros(nbins)
+        # (label, prediction) pair counts on a fixed grid: the density plot, in bounded memory
+        self.density = np.zeros((DENSITY_CELLS, DENSITY_CELLS), dtype=np.int64)
         self.tree_inter = 0
         self.tree_union = 0
         self.images = 0
@@ -104,6 +111,11 @@ class CanopyMetrics:
         self.bin_count += np.bincount(idx, minlength=len(self.bin_count))
         self.bin_abs += np.bincount(idx, weights=np.abs(d), minlength=len(self.bin_count))
         self.bin_err += np.bincount(idx, weights=d, minlength=len(self.bin_count))
+        self.bin_sq += np.bincount(idx, weights=d * d, minlength=len(self.bin_count))
+        cells = [
+            np.clip((v / DENSITY_MAX * DENSITY_CELLS).astype(np.int64), 0, DENSITY_CELLS - 1) for v in (y, p)
+        ]
+        np.add.at(self.density, (cells[0], cells[1]), 1)
         tree_p, tree_y = p >= TREE_HEIGHT, y >= TREE_HEIGHT
         self.tree_inter += int((tree_p & tree_y).sum())
         self.tree_union += int((tree_p | tree_y).sum())
@@ -121,6 +133,7 @@ class CanopyMetrics:
                     "count": c,
                     "mae": float(self.bin_abs[i] / c) if c else None,
                     "bias": float(self.bin_err[i] / c) if c else None,
+                    "error_std": _std(self.bin_sq[i], self.bin_err[i], c),
                 }
             )
         return {
@@ -136,6 +149,13 @@ class CanopyMetrics:
             "tree_cover_iou": self.tree_inter / self.tree_union if self.tree_union else None,
             "height_bins": bins,
         }
+
+
+def _std(sq: float, total: float, n: int) -> float | None:
+    """Standard deviation of the errors from their sums (population; None for an empty bin)."""
+    if not n:
+        return None
+    return math.sqrt(max(0.0, sq / n - (total / n) ** 2))
 
 
 def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -35,6 +35,7 @@ from domains.remote_sensing.canopy.head import HeadOptions
 from domains.remote_sensing.canopy.losses import CanopyLoss, LossOptions
 from domains.remote_sensing.canopy.metrics import CanopyMetrics, scalar_metrics
 from domains.remote_sensing.canopy.model import TASK_NAME, CanopyNet, build_canopy_net, load_canopy_model
+from domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
 from domains.remote_sensing.json_outputs import check_json_output, write_json_output
 from domains.remote_sensing.options import parse_bands
 from domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scale
@@ -162,8 +163,10 @@ def evaluate_pairs(
     label_nodata: float | None = None,
     progress: bool = False,
     skip_broken: bool = False,
+    metrics: CanopyMetrics | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """Whole-image predictions with blended overlapping tiles, scored against the labels.
+    """Whole-image predictions with blended overlapping tiles, scored against the labels (into ``metrics``
+    when given, so the caller can also draw from its sums).
 
     Returns:
         The metrics and the pairs skipped (``skip_broken``) with their reasons.
@@ -172,7 +175,7 @@ def evaluate_pairs(
 
     norm = Normalization(mean=tuple(meta["mean"]), std=tuple(meta["std"]), nodata=meta.get("nodata"))
     bands = tuple(meta["bands"]) if meta.get("bands") else None
-    metrics, skipped = CanopyMetrics(), []
+    metrics, skipped = metrics if metrics is not None else CanopyMetrics(), []
     for pair in tqdm(pairs, desc="canopy-height evaluation", unit="image", disable=not progress):
         try:
             info = inspect_raster(pair.image, bands)
@@ -311,8 +314,9 @@ class CanopyHeightTask:
         parser.add_argument("--label-nodata", type=float, help="label nodata for files that declare none")
         parser.add_argument(
             "--out",
-            help="also write the metrics JSON to this file (atomically); an existing file is replaced only "
-            "if it is a metrics file of this command, never another file or an input",
+            help="also write the metrics JSON to this file (atomically), and beside it <stem>_density.png "
+            "(predicted vs true height) and <stem>_height_bins.png (error per height bin); an existing file is "
+            "replaced only if this command wrote it, never another file or an input",
         )
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
@@ -326,16 +330,18 @@ class CanopyHeightTask:
         inputs = [Path(args.checkpoint), *folders, *(p.image for p in pairs), *(p.label for p in pairs)]
         if args.out:
             check_metrics_output(Path(args.out), inputs)
+            check_error_plots(Path(args.out).with_suffix(""), inputs)
         net, meta = load_canopy_model(args.checkpoint)
         device = resolve_device(getattr(args, "device", "auto"))
         net.to(device)
         tile = args.tile or int(meta["tile_size"])
         overlap = tile // 4 if args.overlap is None else args.overlap
+        metrics = CanopyMetrics()
         with torch.inference_mode():
             result, skipped = evaluate_pairs(
                 net, pairs, meta, device, tile=tile, overlap=overlap, batch_size=args.batch_size,
                 resampling=args.resampling, label_nodata=args.label_nodata,
-                progress=not getattr(args, "quiet", False), skip_broken=True,
+                progress=not getattr(args, "quiet", False), skip_broken=True, metrics=metrics,
             )  # fmt: skip
         done = len(pairs) - len(skipped)
         result = {"checkpoint": str(args.checkpoint), **result, "done": done, "skipped": skipped}
@@ -343,6 +349,9 @@ class CanopyHeightTask:
             raise DataError(f"no image could be evaluated (first: {skipped[0]['reason']})")
         if args.out:
             check_metrics_output(Path(args.out), inputs)  # again: it may have appeared while we evaluated
+            result["plots"] = write_error_plots(
+                metrics, Path(args.out).with_suffix(""), Path(args.checkpoint).name
+            )
             write_json_output(Path(args.out), METRICS_KIND, result)
         if skipped:  # the CLI prints the metrics of the rest; the exit status says some were skipped
             log.warning(

@@ -39,9 +39,9 @@ def test_pixel_metrics_by_hand():
     assert r["tree_cover_iou"] == pytest.approx(1 / 3)
     bins = {b["range"]: b for b in r["height_bins"]}
     assert list(bins) == ["0-2", "2-5", "5-10", "10-15", "15-20", "20-30", "30-60", ">=60"]
-    assert bins["0-2"] == {"range": "0-2", "count": 1, "mae": 4.0, "bias": 4.0}
-    assert bins["2-5"] == {"range": "2-5", "count": 2, "mae": 0.5, "bias": -0.5}
-    assert bins["30-60"] == {"range": "30-60", "count": 0, "mae": None, "bias": None}
+    assert bins["0-2"] == {"range": "0-2", "count": 1, "mae": 4.0, "bias": 4.0, "error_std": 0.0}
+    assert bins["2-5"] == {"range": "2-5", "count": 2, "mae": 0.5, "bias": -0.5, "error_std": 0.5}
+    assert bins["30-60"] == {"range": "30-60", "count": 0, "mae": None, "bias": None, "error_std": None}
     json.dumps(r, allow_nan=False)  # valid JSON: undefined values are null, never NaN
 
 

@@ -16,6 +16,7 @@ from rs_testdata import write_raster
 from domains.remote_sensing.canopy.model import load_canopy_model
 from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
+from foundation.plotting import is_our_png
 
 RECIPE = """\
 seed: 0
@@ -122,7 +123,17 @@ def test_evaluate_prints_metrics_and_beats_a_constant(trained, data, capsys, tmp
     assert result["r2"] > 0.3
     written = json.loads((tmp_path / "m.json").read_text())
     assert written.pop("foundation_output") == "canopy-height-metrics" and written == result
-    assert main(argv) == 0  # an earlier metrics file of ours is replaced
+    plots = result["plots"]
+    assert plots == {
+        "density": str(tmp_path / "m_density.png"),
+        "height_bins": str(tmp_path / "m_height_bins.png"),
+    }
+    assert all(is_our_png(Path(p)) for p in plots.values())
+    assert main(argv) == 0  # an earlier metrics file (and plots) of ours is replaced
+    Path(plots["density"]).write_bytes(b"my own picture")
+    assert main(argv) == 1  # a file that is not our plot is left alone, before any work
+    assert "m_density.png exists and is not a plot of ours" in capsys.readouterr().err
+    assert Path(plots["density"]).read_bytes() == b"my own picture"
 
 
 def test_finetune_resumes_exactly(data, tmp_path, single_thread):
