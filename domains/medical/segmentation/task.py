@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,13 @@ class DiceEvaluator:
             self._kept[i] = volume
         return volume
 
-    def __call__(self, net: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    def __call__(
+        self,
+        net: torch.nn.Module,
+        device: torch.device,
+        on_case: Callable[[int, dict[str, torch.Tensor], torch.Tensor], None] | None = None,
+    ) -> dict[str, float]:
+        """Per-organ Dice; ``on_case(i, volume, predicted_classes)`` sees each scored case (e.g. for plots)."""
         from monai.inferers import sliding_window_inference
         from monai.metrics import DiceMetric
         from monai.networks.utils import one_hot
@@ -186,8 +193,10 @@ class DiceEvaluator:
                 overlap=self.meta["overlap"],
                 mode="gaussian",
             )
-            pred = one_hot(logits.argmax(1, keepdim=True), k)
-            metric(y_pred=pred, y=one_hot(volume["label"][None].to(device).long(), k))
+            classes = logits.argmax(1, keepdim=True)
+            metric(y_pred=one_hot(classes, k), y=one_hot(volume["label"][None].to(device).long(), k))
+            if on_case is not None:
+                on_case(i, volume, classes[0, 0].cpu())
             scored += 1
         if not scored:
             raise DataError(
@@ -295,6 +304,14 @@ class OrganSegmentationTask:
             choices=["validation", "training"],
             help="datalist list to score (validation: held out as in training when the datalist has none)",
         )
+        parser.add_argument(
+            "--plots",
+            help="a new folder for dice.png (per-organ Dice) and <case>_overlay.png (each case's middle organ "
+            "slice with ground truth and prediction)",
+        )
+        parser.add_argument(
+            "--overwrite", action="store_true", help="replace an earlier --plots folder of ours"
+        )
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
         """Per-organ Dice of a fine-tuned model on a datalist split: ``{"dice/<organ>": ..., "dice_mean": ...}``,
@@ -316,15 +333,37 @@ class OrganSegmentationTask:
         entries = data.validation if args.split == "validation" else data.training
         if not entries:
             raise DataError(f"{data.path}: the {args.split} split is empty")
+        plots = Path(args.plots) if getattr(args, "plots", None) else None
+        if plots is not None:
+            from domains.medical.segmentation.plots import case_slice, check_plots_folder
+
+            inputs = [
+                Path(args.checkpoint),
+                Path(data.path),
+                *(Path(e[k]) for e in entries for k in ("image", "label")),
+            ]
+            check_plots_folder(plots, bool(args.overwrite), inputs)
         device = resolve_device(getattr(args, "device", "auto"))
         net = net_from_checkpoint(ckpt).to(device)
         evaluator = DiceEvaluator(entries, meta, keep=False, quiet=getattr(args, "quiet", False))
+        names = {int(v): n for n, v in meta["labels"].items()}
+        cases = []
+
+        def keep_slice(i: int, volume: dict[str, torch.Tensor], classes: torch.Tensor) -> None:
+            name = Path(entries[i]["image"]).name.split(".")[0]
+            cases.append(case_slice(name, volume["image"], volume["label"], classes, names))
+
         with torch.no_grad():
-            scores = evaluator(net, device)
+            scores = evaluator(net, device, keep_slice if plots is not None else None)
         scored = len(entries) - len(evaluator.skipped)
         result = {**scores, "split": args.split, "volumes": scored, "done": scored}
         result["checkpoint"] = str(ckpt.source)
         result["skipped"] = evaluator.skipped  # non-empty: the CLI prints the rest's scores and exits 2
         if evaluator.skipped:
             log.warning("%d image/label pair(s) skipped: %s", len(evaluator.skipped), evaluator.skipped)
+        if plots is not None:
+            from domains.medical.segmentation.plots import write_plots
+
+            result["plots"] = write_plots(plots, scores, cases, meta, overwrite=bool(args.overwrite))
+            log.info("plots in %s", plots)
         return result

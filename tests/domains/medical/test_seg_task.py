@@ -106,7 +106,7 @@ def test_model_file_carries_what_inference_needs(trained):
         assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 6, 32, 32, 32)
 
 
-def test_evaluate_prints_per_organ_dice(trained, capsys):
+def test_evaluate_prints_per_organ_dice(trained, capsys, tmp_path):
     run, _ = trained
     capsys.readouterr()
     argv = ["evaluate", "organ-segmentation", "--checkpoint", str(run), "--data", str(sample_datalist())]
@@ -118,8 +118,12 @@ def test_evaluate_prints_per_organ_dice(trained, capsys):
         result
     )
     assert result["split"] == "validation" and result["volumes"] == 1
-    assert main([*argv, "--split", "training", "--quiet"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["volumes"] == 3
+    plots = tmp_path / "plots"
+    assert main([*argv, "--split", "training", "--quiet", "--plots", str(plots)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["volumes"] == 3
+    assert [Path(p).name for p in result["plots"]][0] == "dice.png" and len(result["plots"]) == 4
+    assert sorted(p.name for p in plots.glob("*.png")) == sorted(Path(p).name for p in result["plots"])
 
 
 def test_resume_is_exact(tmp_path, single_thread):
