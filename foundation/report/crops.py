@@ -73,7 +73,7 @@ def _shown(view: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
 def crop_grid(samples: list[CropSample]) -> bytes:
     """One row per sample, one column per view, each at its own pixel size."""
     cols = max(len(s.views) for s in samples)
-    fig = new_figure(1.5 * cols, 1.6 * len(samples) + 0.4)
+    fig = new_figure(max(4.5, 1.5 * cols), 1.6 * len(samples) + 0.4)
     fig.suptitle("augmented views the objective is given (one row per sample)", fontsize=9)
     grid = fig.add_gridspec(len(samples), cols)
     for r, sample in enumerate(samples):
