@@ -401,6 +401,9 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--img-size", type=int, help="input size; default: the backbone's")
     p.add_argument(
+        "--bags", choices=["pt"], help="pathology: also OUT/pt_files/<slide>.pt (N x D float32, CLAM's bags)"
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace earlier outputs of ours made with other weights or settings (never other files)",

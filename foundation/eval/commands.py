@@ -73,6 +73,8 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         return domain.embed_data(backbone, meta, args)
     if args.overrides:
         raise ConfigError(f"the {args.domain!r} domain takes no embed options, got {args.overrides}")
+    if getattr(args, "bags", None):
+        raise ConfigError(f"--bags: the {args.domain!r} domain writes one HDF5, not per-slide bags")
     size = args.img_size or meta["backbone_args"]["img_size"]
     dataset = _eval_dataset(args.domain, args.data, meta, size)
     device = resolve_device(args.device)
