@@ -89,6 +89,11 @@ def add_canopy_parser(subparsers: argparse._SubParsersAction) -> None:
         help="replace maps this command wrote earlier (default: keep them; one by this model counts as done)",
     )
     p.add_argument("--quicklook", action="store_true", help="also write a colour PNG next to each map")
+    p.add_argument(
+        "--labels",
+        help="with --quicklook: reference canopy heights (a raster, or a folder matched by file name); next to "
+        "each map <map>_density.png (predicted vs reference) and <map>_height_bins.png (error per height bin)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
     p.add_argument("--tile", type=int, help="tile side in px; default: the checkpoint's training tile size")
     p.add_argument("--overlap", type=int, help="px shared by neighbouring tiles; default: a quarter tile")

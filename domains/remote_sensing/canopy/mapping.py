@@ -64,6 +64,7 @@ class MapOptions:
     precision: str = "auto"
     overwrite: bool = False
     quicklook: bool = False
+    labels: str | None = None  # reference heights (a file or folder): comparison plots with the quicklook
     resample: bool = False
     nodata: float | None = None
     chunk_width: int = 2048
@@ -80,8 +81,14 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
 
         return spawn_local(args.nproc, sys.argv[1:])
     out = Path(args.out)
+    labels = getattr(args, "labels", None)
+    if labels and not args.quicklook:
+        raise ConfigError("--labels draws its comparison plots next to the quicklook: add --quicklook")
+    if labels and not Path(labels).exists():
+        raise DataError(f"--labels {labels!r} does not exist")
     scenes = list_scenes(args.scenes, out)
-    outputs = output_paths(scenes, out, protected=[Path(args.checkpoint)])
+    protected = [Path(args.checkpoint), *([Path(labels)] if labels else [])]
+    outputs = output_paths(scenes, out, protected=protected)
     from domains.remote_sensing.canopy.model import load_canopy_model
 
     dist_info = init_distributed(args.device)
@@ -99,6 +106,7 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
             precision=args.precision,
             overwrite=args.overwrite,
             quicklook=args.quicklook,
+            labels=labels,
             resample=args.resample,
             nodata=args.nodata if args.nodata is not None else meta.get("nodata"),
             quiet=args.quiet or not dist_info.is_main,
@@ -249,13 +257,17 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     import rasterio
 
     from domains.remote_sensing.canopy import cog
+    from domains.remote_sensing.canopy.reference import check_reference_plots, find_reference
     from domains.remote_sensing.canopy.tiling import TileGrid, blend_tiles
 
     fingerprint = meta.get("fingerprint") or model_fingerprint(net, meta)
     png = dst.with_suffix(".png")
     max_height = float(meta.get("max_height") or 96.0)
+    reference = find_reference(src, opts.labels) if opts.quicklook else None
+    if reference is not None:
+        check_reference_plots(dst, [src, reference])
     if existing_map(dst, src, fingerprint, opts.overwrite):
-        return _existing(dst, src, png, opts, max_height)
+        return _with_reference(_existing(dst, src, png, opts, max_height), dst, reference)
     if opts.quicklook:
         check_quicklook(png, opts.overwrite)
     t0 = time.perf_counter()
@@ -313,7 +325,20 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     if opts.quicklook:
         summary["quicklook"] = str(png)
     log.info("%s -> %s (%.1f s)", src, dst, seconds)
-    return summary
+    return _with_reference(summary, dst, reference)
+
+
+def _with_reference(summary: dict[str, Any], dst: Path, reference: Path | None) -> dict[str, Any]:
+    """The comparison plots of a map with its reference, when there is one."""
+    if reference is None:
+        return summary
+    from domains.remote_sensing.canopy.reference import reference_plots
+
+    try:
+        return {**summary, **reference_plots(dst, reference)}
+    except DataError as e:  # the map is done; only its comparison could not be made
+        log.warning("%s: no comparison with %s: %s", dst, reference, e)
+        return {**summary, "reference": str(reference), "reference_error": str(e)}
 
 
 def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> bool:
