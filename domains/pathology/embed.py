@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from domains.pathology.feature_file import is_complete, is_ours, write_feature_file
+from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, ensure_pt_bag, write_pt_bag
 from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
 from domains.pathology.slide import SlideCache, open_slide
 from domains.pathology.source import PathologyOptions, list_slides, mpp_override, read_mpp_csv
@@ -137,6 +138,7 @@ class StartedSlide:
                 slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
             )
             self.scanned_mpp = float(slide.mpp)
+            self.level0_size = tuple(int(v) for v in slide.dimensions)
             self.mpp_source = slide.mpp_source
             self.downsample = float(slide.level_downsamples[self.tiling.level])
         if len(self.tiling) == 0:
@@ -280,6 +282,7 @@ class SlideEmbedder:
         self.device = device
         self.source = source
         self.pooling = args.pooling
+        self.bags = getattr(args, "bags", None)  # also write FEATS/pt_files/<slide>.pt (CLAM's bags)
         self.batch_size, self.num_workers = args.batch_size, args.num_workers
         self.progress = not args.quiet
         self.root = Path(args.data)
@@ -371,7 +374,13 @@ class SlideEmbedder:
             "n_tiles": len(tiling),
             "complete": True,
         }
-        write_feature_file(out, tiling.coords, features, attrs)
+        coords_attrs = coords_attributes(
+            name=out.stem, tiling=tiling, slide_mpp=started.scanned_mpp, level0_size=started.level0_size,
+            root_attrs=attrs,
+        )  # fmt: skip
+        write_feature_file(out, tiling.coords, features, attrs, coords_attrs)
+        if self.bags == "pt":
+            write_pt_bag(bag_path(out, "pt"), features)
         return len(tiling)
 
 
@@ -410,6 +419,8 @@ def plan(
         if not out.exists():  # nothing to compare with: no need to wait for the weights' fingerprint
             todo.append((path, out))
         elif is_complete(out, {**embedder.key, **slide_key}):
+            if embedder.bags == "pt" and not _bag_of_complete(out, path, report):
+                continue
             report.complete.append({"slide": str(path), "out": str(out)})
         elif not is_ours(out):
             taken = f"{out} exists and is not a feature file of ours; it was left as it is (move it or give "
@@ -419,6 +430,17 @@ def plan(
         else:
             todo.append((path, out))
     return todo
+
+
+def _bag_of_complete(out: Path, path: Path, report: ShardReport) -> bool:
+    """A complete slide's ``pt`` bag, written from its feature file when missing or different (False: skipped)."""
+    try:
+        if ensure_pt_bag(out):
+            log.info("%s: written from %s", bag_path(out, "pt"), out)
+    except (OSError, OutputError) as e:
+        report.skip(path, f"{bag_path(out, 'pt')}: cannot write the bag ({e})")
+        return False
+    return True
 
 
 def embed_all(embedder: SlideEmbedder, todo: list[tuple[Path, Path]], report: ShardReport, rank: int) -> None:
@@ -524,6 +546,8 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
     check_backbone(meta)
     if args.pooling not in POOLINGS:
         raise ConfigError(f"--pooling {args.pooling!r}: choose one of {POOLINGS}")
+    if getattr(args, "bags", None) not in (None, *BAG_FORMATS):
+        raise ConfigError(f"--bags {args.bags!r}: choose one of {BAG_FORMATS}")
     img_size = int(args.img_size or meta["backbone_args"]["img_size"])
     options = _options(list(args.overrides or []), img_size)
     out_dir, root = Path(args.out), Path(args.data)

@@ -54,17 +54,31 @@ def is_complete(path: Path, key: dict[str, Any]) -> bool:
         return False
 
 
-def file_image(name: str, coords: np.ndarray, features: np.ndarray, attrs: dict[str, Any]) -> bytes:
-    """The bytes of the HDF5 file: ``coords`` (N x 2 int64), ``features`` (N x D float32), ``attrs``."""
+def file_image(
+    name: str,
+    coords: np.ndarray,
+    features: np.ndarray,
+    attrs: dict[str, Any],
+    coords_attrs: dict[str, Any] | None = None,
+) -> bytes:
+    """The bytes of the HDF5 file: ``coords`` (N x 2 int64, with ``coords_attrs``: what CLAM and TRIDENT read,
+    see ``interop.py``), ``features`` (N x D float32), file attributes ``attrs``."""
     with h5py.File(name, "w", driver="core", backing_store=False) as f:
-        f.create_dataset("coords", data=coords.astype(np.int64, copy=False))
+        dset = f.create_dataset("coords", data=coords.astype(np.int64, copy=False))
+        dset.attrs.update(coords_attrs or {})
         f.create_dataset("features", data=features.astype(np.float32, copy=False))
         f.attrs.update(attrs)
         f.flush()
         return f.id.get_file_image()
 
 
-def check_written(path: Path, coords: np.ndarray, features: np.ndarray, attrs: dict[str, Any]) -> None:
+def check_written(
+    path: Path,
+    coords: np.ndarray,
+    features: np.ndarray,
+    attrs: dict[str, Any],
+    coords_attrs: dict[str, Any] | None = None,
+) -> None:
     """Re-open ``path`` and compare it with what was meant to be written.
 
     Raises:
@@ -77,6 +91,13 @@ def check_written(path: Path, coords: np.ndarray, features: np.ndarray, attrs: d
             if name not in f or not np.array_equal(f[name][()], wanted, equal_nan=True)
         ]
         problems += [f"attribute {k}" for k, v in attrs.items() if not _same(f.attrs.get(k), v)]
+        if "coords" in f:
+            stored = f["coords"].attrs
+            problems += [
+                f"coords attribute {k}"
+                for k, v in (coords_attrs or {}).items()
+                if not _same(stored.get(k), v)
+            ]
     if problems:
         raise OutputError(f"{path}: read back differs from what was written ({', '.join(problems)})")
 
@@ -88,15 +109,23 @@ def _check_space(path: Path, size: int) -> None:
         raise output_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
 
 
-def write_feature_file(path: Path, coords: np.ndarray, features: np.ndarray, attrs: dict[str, Any]) -> None:
+def write_feature_file(
+    path: Path,
+    coords: np.ndarray,
+    features: np.ndarray,
+    attrs: dict[str, Any],
+    coords_attrs: dict[str, Any] | None = None,
+) -> None:
     """Write ``path`` whole or not at all (a hidden temporary, re-opened and checked before the rename).
 
     Raises:
         OutputError: no space left, another OS refusal or a bad read-back; no temporary is left behind and a
             previous file at ``path`` is untouched.
     """
-    image = file_image(path.name, coords, features, attrs)
+    image = file_image(path.name, coords, features, attrs, coords_attrs)
     _check_space(path, len(image) + _SPACE_MARGIN)
     write_verified(
-        path, lambda tmp: tmp.write_bytes(image), lambda tmp: check_written(tmp, coords, features, attrs)
+        path,
+        lambda tmp: tmp.write_bytes(image),
+        lambda tmp: check_written(tmp, coords, features, attrs, coords_attrs),
     )
