@@ -22,6 +22,7 @@ SCHEDULE_KEYS = (("lr", "learning rate"), ("wd", "weight decay"), ("momentum", "
                  ("teacher_temp", "teacher temperature"))  # fmt: skip
 COLLAPSE_KEYS = ("teacher_entropy", "teacher_batch_entropy", "teacher_max_prob", "cls_rank", "collapsed")
 CROP_SAMPLES = 4
+MAX_RUN_PICTURES = 24
 
 
 def _missing(what: str, keys: tuple[str, ...] | str) -> str:
@@ -115,8 +116,13 @@ def crops_and_pca(run: Path, pretraining: bool, device: torch.device) -> tuple[S
 
     try:
         samples = draw_crops(run, CROP_SAMPLES)
-    except (FoundationError, OSError) as e:
-        why = f"Not drawn: {e}"
+    except Exception as e:  # the rest of the page does not depend on the data still being there
+        log.warning("report: crops not drawn: %s", e)
+        why = (
+            f"Not drawn: {e}"
+            if isinstance(e, (FoundationError, OSError))
+            else f"Not drawn: {type(e).__name__}: {e}"
+        )
         return Section("crops", "Crop grid", why), Section("pca", "PCA of patch features", why)
     crops = Section("crops", "Crop grid", "Views drawn from the run's data with its own augmentations and seed.",
                     (Picture("crops.png", "global and local crops, one row per sample", crop_grid(samples)),))  # fmt: skip
@@ -126,7 +132,8 @@ def crops_and_pca(run: Path, pretraining: bool, device: torch.device) -> tuple[S
                    device=device)  # fmt: skip
         pca = fit(seen)
         png = overview(seen, pca, f"backbone {Path(meta['source']).name}: first global crop of each sample")
-    except (FoundationError, OSError, ValueError) as e:
+    except Exception as e:  # e.g. a run without export or checkpoint yet
+        log.warning("report: PCA not drawn: %s", e)
         return crops, Section("pca", "PCA of patch features", f"Not drawn: {e}")
     note = (
         "First three PCA components of the patch tokens (one fit over these crops"
@@ -138,14 +145,29 @@ def crops_and_pca(run: Path, pretraining: bool, device: torch.device) -> tuple[S
     )
 
 
+def _first_and_last(found: list[Path]) -> list[Path]:
+    """Per series (``NAME_stepNNN.png``, as online monitoring writes them) its first and latest picture; other
+    PNGs as they are. Names sort by step (zero-padded), so a long run does not fill the page."""
+    series: dict[tuple[Path, str], list[Path]] = {}
+    for p in found:
+        stem, sep, _ = p.stem.rpartition("_step")
+        series.setdefault((p.parent, stem if sep else p.stem + "\0"), []).append(p)
+    kept = []
+    for group in series.values():
+        kept += [group[0]] if len(group) == 1 else [group[0], group[-1]]
+    return sorted(kept)
+
+
 def run_pictures(run: Path, skip: Path) -> Section:
-    """PNGs the run itself wrote (e.g. by online monitoring), one folder deep, shown as they are."""
+    """PNGs the run itself wrote (e.g. online monitoring's crops and PCA), one folder deep."""
     found = sorted(p for p in [*run.glob("*.png"), *run.glob("*/*.png")] if skip not in p.parents)
     found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(run).parts)]
     if not found:
         return Section("pictures", "Pictures in the run folder", "No PNG in the run folder.")
-    pictures = tuple(Picture(p.name, str(p.relative_to(run)), p.read_bytes()) for p in found[:24])
-    return Section("pictures", "Pictures in the run folder", f"{len(found)} PNG(s) the run wrote.", pictures)
+    shown = _first_and_last(found)[:MAX_RUN_PICTURES]
+    pictures = tuple(Picture(p.name, str(p.relative_to(run)), p.read_bytes()) for p in shown)
+    note = f"{len(found)} PNG(s) the run wrote; of each series (NAME_stepN) the first and the latest."
+    return Section("pictures", "Pictures in the run folder", note, pictures)
 
 
 def config(run: Path) -> Section:

@@ -70,6 +70,9 @@ def run(tmp_path: Path, image_folder: Path, tiny_recipe_text: str) -> Path:
         build_vit(**args), args, run / "export", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
     )
     write_marker(run, "run", files=[], command="pretrain", domain="images", task=None, ssl_method="dinov2")
+    (run / "images").mkdir()
+    for step in (5, 15, 25):  # online monitoring's pictures: NAME_stepN.png
+        Image.new("RGB", (8, 8), (step, 0, 0)).save(run / "images" / f"crops_step{step:08d}.png")
     return run
 
 
@@ -91,6 +94,8 @@ def test_page_has_every_section_and_image(run: Path, single_thread: None, capsys
                 assert im.format == "PNG" and im.width > 200
             assert (run / "report" / img["data-name"]).read_bytes() == png  # the same plot as a PNG
     assert page.sections["validation"] == [] and "validation" in summary["empty_sections"]
+    shown = [img["data-name"] for img in page.sections["pictures"]]  # first and latest of the series
+    assert shown == ["crops_step00000005.png", "crops_step00000025.png"]
     assert (
         "knn_top1 0.6" in text and "path: " in text and "&quot;torch&quot;" in text
     )  # kNN, config, environment
