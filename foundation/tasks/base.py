@@ -39,7 +39,8 @@ class TaskParts:
             ``train.eval_every`` steps and at the end; values go to ``metrics.jsonl`` as ``val/<metric>``.
         meta: JSON-able facts stored in every checkpoint under ``"task_meta"`` and needed to rebuild ``net`` and
             to run inference later (normalisation, bands, spacing, class names, head arguments, ...).
-        input_key: the batch key fed to ``net``.
+        input_key: the batch key fed to ``net``, or a tuple of keys fed as positional arguments (a bag of
+            features and its padding mask).
     """
 
     net: nn.Module
@@ -48,12 +49,16 @@ class TaskParts:
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     validate: Validate | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    input_key: str = "image"
+    input_key: str | tuple[str, ...] = "image"
 
 
 @runtime_checkable
 class Task(Protocol):
-    """A downstream task. ``name`` is the CLI name (``foundation finetune canopy-height``)."""
+    """A downstream task. ``name`` is the CLI name (``foundation finetune canopy-height``).
+
+    A task that trains on features made earlier (``foundation embed``) sets ``uses_backbone = False``: finetune
+    then loads no backbone, ``build`` gets ``backbone=None`` and the run exports no backbone.
+    """
 
     name: str
     domain: str
@@ -82,22 +87,31 @@ class TaskModel(nn.Module):
     """``net`` + ``loss`` in the shape of an SSL objective, so the engine trains it unchanged.
 
     With ``freeze_backbone`` only the head learns (linear-probe style dense training); the backbone then runs in
-    eval mode and without autograd, which also saves the activation memory.
+    eval mode and without autograd, which also saves the activation memory. With ``uses_backbone=False`` the
+    network has no backbone (a head on precomputed features): nothing is frozen or exported.
     """
 
     backbone_prefix = "net.backbone."
     export_prefix = "net.backbone."
 
     def __init__(
-        self, net: nn.Module, loss: LossFn, *, input_key: str = "image", freeze_backbone: bool = False
+        self,
+        net: nn.Module,
+        loss: LossFn,
+        *,
+        input_key: str | tuple[str, ...] = "image",
+        freeze_backbone: bool = False,
+        uses_backbone: bool = True,
     ):
         super().__init__()
-        if not isinstance(getattr(net, "backbone", None), ViT):
+        if uses_backbone and not isinstance(getattr(net, "backbone", None), ViT):
             raise TypeError("a task network must hold its foundation ViT as `net.backbone`")
         self.net = net
         self.loss = loss
         self.input_key = input_key
-        self.freeze_backbone = freeze_backbone
+        self.freeze_backbone = freeze_backbone and uses_backbone
+        if not uses_backbone:
+            return
         if freeze_backbone:
             net.backbone.requires_grad_(False)
         mask_token = getattr(net.backbone, "mask_token", None)
@@ -105,8 +119,8 @@ class TaskModel(nn.Module):
             mask_token.requires_grad_(False)
 
     @property
-    def student_backbone(self) -> ViT:
-        return self.net.backbone
+    def student_backbone(self) -> ViT | None:
+        return getattr(self.net, "backbone", None)
 
     def train(self, mode: bool = True) -> TaskModel:
         super().train(mode)
@@ -120,8 +134,10 @@ class TaskModel(nn.Module):
     def update_teacher(self, step: int) -> dict[str, float]:
         return {}
 
-    def export_backbone(self) -> ViT:
-        return self.net.backbone
+    def export_backbone(self) -> ViT | None:
+        return getattr(self.net, "backbone", None)
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        if isinstance(self.input_key, tuple):
+            return self.loss(self.net(*(batch[k] for k in self.input_key)), batch)
         return self.loss(self.net(batch[self.input_key]), batch)

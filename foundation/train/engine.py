@@ -58,6 +58,10 @@ from foundation.train.schedules import cosine_schedule, scaled_lr
 
 log = logging.getLogger(__name__)
 
+# A task's validate() may return this key (non-zero) to end training early (all its early-stopping patience is
+# spent): a checkpoint is written as the final one, so the run counts as finished and a resume says so.
+EARLY_STOP_KEY = "early_stop"
+
 
 def worker_init(_: int) -> None:
     """Data workers: one torch thread each, and they outlive a group-wide SIGTERM.
@@ -191,7 +195,7 @@ class Trainer:
         torch.manual_seed(
             derive_seed(cfg.seed, dist_info.rank)
         )  # drop-path and other model randomness, per rank
-        if cfg.train.compile:
+        if cfg.train.compile and self.objective.student_backbone is not None:
             self.objective.student_backbone.compile()
         if dist_info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -322,16 +326,20 @@ class Trainer:
         metrics.update(self.objective.update_teacher(step))
         return metrics
 
-    def run_validation(self, step: int, logger: MetricsLogger) -> None:
-        """The task's validation on the main rank (the others wait at the next collective)."""
+    def run_validation(self, step: int, logger: MetricsLogger) -> bool:
+        """The task's validation on the main rank (the others wait at the next collective); True when it asks
+        to stop early (:data:`EARLY_STOP_KEY`), on every rank."""
+        stop = False
         if self.dist.is_main:
             self.objective.eval()
             with torch.no_grad():
                 values = self.setup.validate(self.objective, self.device)
             self.objective.train()
+            stop = bool(values.pop(EARLY_STOP_KEY, 0))
             logger.log(step, {f"val/{k}": float(v) for k, v in values.items()})
             log.info("step %d validation: %s", step + 1, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
         barrier()
+        return any_rank(stop, self.device)
 
     def train(self) -> None:
         tc = self.cfg.train
@@ -389,10 +397,12 @@ class Trainer:
                         logger.progress(
                             1, {"loss": metrics["loss"], "lr": metrics["lr"], "img/s": metrics["img_s"]}
                         )
-                    if self.setup.validate is not None and (
-                        step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
-                    ):
-                        self.run_validation(step, logger)
+                    due = step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
+                    early = self.setup.validate is not None and due and self.run_validation(step, logger)
+                    if early and step + 1 < tc.steps:
+                        log.warning("step %d: stopped early by the validation; saved as final", step + 1)
+                        self.save(tc.steps)
+                        break
                     if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
                         self.save(step + 1)
         finally:
@@ -472,16 +482,18 @@ def run_training(
             if finish is not None:
                 finish(trainer)
             setup = trainer.setup
-            export_backbone(
-                trainer.objective.export_backbone(),
-                trainer.backbone_args,
-                out / "export",
-                mean=setup.mean,
-                std=setup.std,
-                extra=setup.export_extra,
-                overwrite=True,  # the run's own export, replaced when a resumed run finishes again
-            )
-            log.info("exported backbone: %s", out / "export")
+            backbone = trainer.objective.export_backbone()
+            if backbone is not None:  # a head on precomputed features has none
+                export_backbone(
+                    backbone,
+                    trainer.backbone_args,
+                    out / "export",
+                    mean=setup.mean,
+                    std=setup.std,
+                    extra=setup.export_extra,
+                    overwrite=True,  # the run's own export, replaced when a resumed run finishes again
+                )
+                log.info("exported backbone: %s", out / "export")
         barrier()
     except BaseException:
         if created and dist_info.is_main and out.exists() and not ckpt.list_checkpoints(out):

@@ -25,7 +25,10 @@ def task_setup(task: Task, cfg: Config, args: argparse.Namespace) -> TrainingSet
     """Load the backbone (``--backbone``, or a fresh one from ``cfg.model`` with ``--random-init``), let the task
     build its parts, and wrap them for the engine."""
     torch.manual_seed(cfg.seed)  # the same head initialisation on every rank
-    if getattr(args, "backbone", None):
+    uses_backbone = getattr(task, "uses_backbone", True)
+    if not uses_backbone:  # a head on features made earlier (e.g. slide bags of `foundation embed`)
+        backbone, meta = None, {"backbone_args": {}, "source": "features"}
+    elif getattr(args, "backbone", None):
         backbone, meta = load_backbone(args.backbone)
     elif getattr(args, "random_init", False):
         from foundation.domain import get_domain
@@ -46,7 +49,11 @@ def task_setup(task: Task, cfg: Config, args: argparse.Namespace) -> TrainingSet
         )
     parts: TaskParts = task.build(cfg, args, backbone, meta)
     objective = TaskModel(
-        parts.net, parts.loss, input_key=parts.input_key, freeze_backbone=cfg.task.freeze_backbone
+        parts.net,
+        parts.loss,
+        input_key=parts.input_key,
+        freeze_backbone=cfg.task.freeze_backbone,
+        uses_backbone=uses_backbone,
     )
     validate = None
     if parts.validate is not None:

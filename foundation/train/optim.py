@@ -13,23 +13,28 @@ from foundation.models.vit import ViT
 
 
 def build_param_groups(
-    trainable: list[tuple[str, nn.Parameter]], backbone: ViT, backbone_prefix: str, cfg: OptimConfig
+    trainable: list[tuple[str, nn.Parameter]], backbone: ViT | None, backbone_prefix: str, cfg: OptimConfig
 ) -> list[dict]:
     """Group ``trainable`` (name, param) pairs by (lr multiplier, wd multiplier, last-layer flag).
 
     Args:
         trainable: the student's named parameters.
-        backbone: the student backbone, for layer ids (lr decay ``layer_decay ** (depth + 1 - layer_id)``).
+        backbone: the student backbone, for layer ids (lr decay ``layer_decay ** (depth + 1 - layer_id)``);
+            None for a head trained on precomputed features.
         backbone_prefix: name prefix of backbone parameters inside ``trainable``.
     """
-    n_layers = len(backbone.blocks) + 1
-    no_wd = backbone.no_weight_decay()
+    n_layers = len(backbone.blocks) + 1 if backbone is not None else 0
+    no_wd = backbone.no_weight_decay() if backbone is not None else set()
     groups: dict[tuple, list[nn.Parameter]] = defaultdict(list)
     for name, param in trainable:
         if not param.requires_grad:
             continue
         lr_mult = 1.0
-        local = name[len(backbone_prefix) :] if name.startswith(backbone_prefix) else None
+        local = (
+            name[len(backbone_prefix) :]
+            if backbone is not None and name.startswith(backbone_prefix)
+            else None
+        )
         if local is not None:
             lr_mult = cfg.layer_decay ** (n_layers - backbone.layer_id(local))
             if local.startswith("patch_embed"):
