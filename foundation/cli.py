@@ -276,6 +276,13 @@ def _add_visualize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rgb", help="remote sensing: 1-based bands of the colour composite shown, e.g. 4,3,2")
     p.add_argument("--max-tiles", type=int, default=8, help="tiles per slide or feature file (default 8)")
     p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a reading option of the domain, as its data.options (repeatable): medical modality=mr, "
+        "spacing=[1,1,1], window=[-160,240]; pathology slide_mpp=0.25; remote sensing scale=10000, nodata=0",
+    )
+    p.add_argument(
         "--keep-background", action="store_true", help="PCA over every patch (no background removal)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier visualize output of ours")

@@ -50,8 +50,10 @@ def centre_cube(array: torch.Tensor, size: int) -> torch.Tensor:
 
 def visual_inputs(request: VisualRequest) -> Iterator[VisualInput]:
     """Volumes (NIfTI files, DICOM series folders, or folders of them)."""
-    request.refuse("medical", "region", "mpp", "bands", "rgb")
-    opts = VolumeOptions()
+    request.refuse(
+        "medical", "region", "mpp", "bands", "rgb", options=("modality", "spacing", "window", "channels")
+    )
+    opts = VolumeOptions.from_config(request.options)
     for given in request.inputs:
         for path in find_volumes(given):
             array = load_volume(path, opts).array  # C x X x Y x Z in [0, 1]

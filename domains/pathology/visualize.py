@@ -14,7 +14,7 @@ import torch
 
 from domains.pathology.slide import Slide, open_slide
 from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
-from foundation.errors import DataError
+from foundation.errors import ConfigError, DataError
 from foundation.visualize.inputs import VisualInput, VisualRequest
 
 DEFAULT_MPP = 0.5
@@ -96,10 +96,13 @@ def _feature_file_tiles(path: Path, request: VisualRequest, mean, std) -> Iterat
             )
 
 
-def _slide_inputs(path: Path, request: VisualRequest, mean, std) -> Iterator[VisualInput]:
-    """A region of the slide (``--region``), else its tissue tiles at ``request.size`` px."""
+def _slide_inputs(
+    path: Path, request: VisualRequest, mean, std, slide_mpp: float | None = None
+) -> Iterator[VisualInput]:
+    """A region of the slide (``--region``), else its tissue tiles at ``request.size`` px; ``slide_mpp``
+    overrides the file's resolution."""
     mpp = request.mpp or DEFAULT_MPP
-    with open_slide(path) as slide:
+    with open_slide(path, slide_mpp) as slide:
         if request.region is not None:
             x, y, w, h = request.region
             yield VisualInput(
@@ -128,7 +131,10 @@ def visual_inputs(
     request: VisualRequest, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Iterator[VisualInput]:
     """Slides (a ``--region`` of each, else tissue tiles) and ``.h5`` feature files (their tiles)."""
-    request.refuse("pathology", "bands", "rgb")
+    request.refuse("pathology", "bands", "rgb", options=("slide_mpp",))
+    slide_mpp = request.options.get("slide_mpp")
+    if slide_mpp is not None and (not isinstance(slide_mpp, (int, float)) or slide_mpp <= 0):
+        raise ConfigError(f"--option slide_mpp={slide_mpp!r} must be a number > 0 (microns per pixel)")
     for given in request.inputs:
         path = Path(given)
         if not path.exists():
@@ -136,4 +142,4 @@ def visual_inputs(
         if path.suffix.lower() in (".h5", ".hdf5"):
             yield from _feature_file_tiles(path, request, mean, std)
         else:
-            yield from _slide_inputs(path, request, mean, std)
+            yield from _slide_inputs(path, request, mean, std, slide_mpp)

@@ -66,17 +66,24 @@ def composite(info: RasterInfo, rgb: tuple[int, int, int] | None) -> tuple[int, 
     return (0, 1, 2) if info.channels >= 3 else (0,)
 
 
-def read_scene_window(info: RasterInfo, window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``C x H x W`` float32 in the domain's units (pixel / scale) with missing pixels set to their band's
-    mean (as ``canopy-height`` feeds them), and the valid mask.
+def read_scene_window(
+    info: RasterInfo,
+    window: tuple[int, int, int, int],
+    *,
+    scale: object = "auto",
+    nodata: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``C x H x W`` float32 in the domain's units (pixel / scale: ``auto`` by dtype, or a number) with missing
+    pixels (nodata, also ``nodata`` for files that declare none; NaN) set to their band's mean (as
+    ``canopy-height`` feeds them), and the valid mask.
 
     Raises:
         DataError: no valid pixel in the window.
     """
     x, y, w, h = window
     with open_raster(info.path) as ds:
-        px = read_pixels(ds, info.bands, Window(x, y, w, h))
-    values = px.values / value_scale(info)
+        px = read_pixels(ds, info.bands, Window(x, y, w, h), nodata=nodata)
+    values = px.values / value_scale(info, scale)
     if not px.valid.any():
         raise DataError(f"{info.path}: window {window} holds no valid pixel (all nodata or NaN)")
     means = values[px.valid].mean(axis=0)
@@ -86,7 +93,9 @@ def read_scene_window(info: RasterInfo, window: tuple[int, int, int, int]) -> tu
 
 def visual_inputs(request: VisualRequest) -> Iterator[VisualInput]:
     """One window per raster (files, or folders of them)."""
-    request.refuse("remote_sensing", "mpp")
+    request.refuse("remote_sensing", "mpp", options=("scale", "nodata"))
+    scale = request.options.get("scale", "auto")
+    nodata = request.options.get("nodata")
     paths = [
         p
         for given in request.inputs
@@ -97,7 +106,7 @@ def visual_inputs(request: VisualRequest) -> Iterator[VisualInput]:
             raise DataError(f"{path}: does not exist")
         info = inspect_raster(path, request.bands)
         window = _window(info, request)
-        pixels, valid = read_scene_window(info, window)
+        pixels, valid = read_scene_window(info, window, scale=scale, nodata=nodata)
         flat = pixels[:, valid]
         x, y, w, h = window
         bands = ",".join(str(b) for b in info.bands)

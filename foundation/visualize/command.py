@@ -69,7 +69,30 @@ def build_request(args: argparse.Namespace, backbone_args: dict[str, Any]) -> Vi
         bands=_ints(args.bands, "--bands"),
         rgb=_ints(args.rgb, "--rgb", 3),  # type: ignore[arg-type]
         max_tiles=args.max_tiles,
+        options=_options(getattr(args, "option", None) or []),
     )
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items -> a dict, values parsed as YAML (numbers, lists, strings).
+
+    Raises:
+        ConfigError: an item without ``=``, or a key given twice.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE, e.g. modality=mr")
+        if key.strip() in out:
+            raise ConfigError(f"--option {key.strip()!r} given twice")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--option {item!r}: the value is not valid YAML ({e})") from e
+    return out
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ class VisualRequest:
         bands: 1-based raster bands fed to the model, in order.
         rgb: 1-based raster bands of the colour composite shown next to the maps.
         max_tiles: at most this many tiles of a slide or feature file.
+        options: the domain's reading options (``--option KEY=VALUE``, values parsed as YAML), named as its
+            ``data.options`` (e.g. ``modality=mr`` for volumes, ``slide_mpp=0.25`` for slides).
     """
 
     inputs: tuple[str, ...]
@@ -45,13 +47,21 @@ class VisualRequest:
     bands: tuple[int, ...] | None = None
     rgb: tuple[int, int, int] | None = None
     max_tiles: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
 
-    def refuse(self, domain: str, *names: str) -> None:
-        """Refuse options this domain has no use for (a silently ignored flag is a wrong picture)."""
+    def refuse(self, domain: str, *names: str, options: tuple[str, ...] = ()) -> None:
+        """Refuse flags this domain has no use for, and ``--option`` keys other than ``options`` (a silently
+        ignored setting is a wrong picture)."""
         given = [n for n in names if getattr(self, n) is not None]
         if given:
             flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
             raise ConfigError(f"{flags}: not used by the {domain!r} domain's visualize inputs")
+        unknown = sorted(set(self.options) - set(options))
+        if unknown:
+            raise ConfigError(
+                f"--option {', '.join(unknown)}: not an option of the {domain!r} domain's visualize inputs; "
+                f"allowed: {list(options) or 'none'}"
+            )
 
 
 @dataclass(frozen=True)

@@ -103,3 +103,10 @@ def test_options_another_domain_uses_are_refused(backbone: Path, image_folder: P
     ]
     assert main([*args, "--bands", "1,2,3"]) == 1
     assert "--bands: not used by the 'images' domain" in capsys.readouterr().err
+    assert main([*args, "--option", "modality=mr"]) == 1
+    assert (
+        "--option modality: not an option of the 'images' domain's visualize inputs"
+        in capsys.readouterr().err
+    )
+    assert main([*args, "--option", "modality"]) == 1
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -62,3 +62,6 @@ def test_planes_of_a_volume(dims: int, volume: Path, tmp_path: Path, single_thre
     else:
         assert [(p["png"], p["grid"]) for p in pictures] == [("case.png", [2, 2, 2])]
     assert all((out / p["png"]).is_file() for p in pictures)
+    if dims == 2:  # reading options are the domain's data.options, checked by its own rules
+        assert main([*args, "--out", str(tmp_path / "v2"), "--option", "modality=pet"]) == 1
+        assert "data.options.modality='pet' is not one of" in capsys.readouterr().err

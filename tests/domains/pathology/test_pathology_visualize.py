@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TISSUE
+from conftest import TISSUE, write_svs
 
 from domains.pathology.slide import open_slide
 from domains.pathology.visualize import read_region_at
@@ -88,3 +88,12 @@ def test_region_outside_the_slide(svs: Path, backbone: Path, tmp_path: Path, cap
     err = capsys.readouterr().err
     assert str(svs) in err and "outside the slide" in err
     assert not out.exists()
+
+
+def test_slide_without_resolution_takes_slide_mpp(backbone: Path, tmp_path: Path, capsys) -> None:
+    slide = write_svs(tmp_path / "nompp.svs", mpp=None, appmag=0)
+    args = ["--slide", str(slide), "--region", "512,512,256,256", "--mpp", "2"]
+    assert _run(backbone, tmp_path / "v1", *args) == 1
+    assert str(slide) in capsys.readouterr().err and not (tmp_path / "v1").exists()
+    assert _run(backbone, tmp_path / "v2", *args, "--option", "slide_mpp=0.25") == 0
+    assert json.loads(capsys.readouterr().out)["pictures"][0]["grid"] == [4, 4]  # 256 px x 0.25 / 2 = 32 px

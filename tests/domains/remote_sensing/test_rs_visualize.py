@@ -33,6 +33,12 @@ def test_window_values_and_nodata(raster: WriteRaster) -> None:
     assert pixels.shape == (2, 20, 30) and bool(valid.all())
     assert pixels.min() > 0 and pixels.max() < 0.6  # uint16 / 10000
     assert composite(info, None) == (0,)  # two bands: grey from the first
+    raw, _ = read_scene_window(info, (0, 0, 30, 20), scale=1.0)  # --option scale=1: values as stored
+    np.testing.assert_allclose(raw, pixels * 10000, rtol=1e-5)
+    with rasterio.open(path) as ds:
+        first = float(ds.read(1)[0, 0])
+    _, valid = read_scene_window(info, (0, 0, 30, 20), nodata=first)  # an extra nodata value
+    assert not valid[0, 0] and valid.sum() < valid.size
 
 
 def test_bands_and_composite(
