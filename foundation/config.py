@@ -236,6 +236,41 @@ class TaskConfig:
 
 
 @dataclass
+class KnnMonitorConfig:
+    """Labelled folders (the domain's evaluation layout: one sub-folder per class) for the kNN monitor."""
+
+    train: str | None = None
+    val: str | None = None
+    k: int = 20
+    temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        if (self.train is None) != (self.val is None):
+            raise ConfigError(
+                "eval.knn.train and eval.knn.val go together: give both labelled folders or neither"
+            )
+        if self.k < 1:
+            raise ConfigError(f"eval.knn.k={self.k!r} must be >= 1")
+        _check_range("eval.knn.temperature", self.temperature, 0.0, math.inf, open_low=True)
+
+
+@dataclass
+class EvalConfig:
+    """Monitoring during pretraining, on the main rank; the training stream is untouched."""
+
+    every: int = 0  # kNN (eval.knn) every N steps and after the last; 0: after the last step only
+    knn: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
+    images: bool = True  # RUN/images/: the first batch's crops; with eval.knn, the PCA of patch tokens
+    pca_inputs: int = 4  # kNN validation images in the PCA picture
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every={self.every!r} must be >= 0")
+        if self.pca_inputs < 1:
+            raise ConfigError(f"eval.pca_inputs={self.pca_inputs!r} must be >= 1")
+
+
+@dataclass
 class Config:
     seed: int = 0
     domain: str = "images"
@@ -245,6 +280,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     _name: str = MISSING  # filled by load_config with the recipe's file name (or "default")
 
 

@@ -46,6 +46,7 @@ from foundation.train.distributed import (
 )
 from foundation.train.lock import RunLock
 from foundation.train.metrics import MetricsLogger
+from foundation.train.monitor import PretrainMonitor
 from foundation.train.optim import apply_schedules, build_optimizer, build_param_groups
 from foundation.train.run_folder import (
     check_run_folder,
@@ -122,6 +123,7 @@ class TrainingSetup:
     validate: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
     export_extra: dict[str, Any] = field(default_factory=dict)
     device_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    monitor: PretrainMonitor | None = None
 
 
 def ssl_setup(cfg: Config) -> TrainingSetup:
@@ -156,6 +158,7 @@ def ssl_setup(cfg: Config) -> TrainingSetup:
         checkpoint_meta={"domain": cfg.domain},
         export_extra={"domain": cfg.domain, "ssl_method": cfg.ssl.method, "steps": cfg.train.steps},
         device_transform=device_transform,
+        monitor=PretrainMonitor.build(cfg, domain, mean, std),
     )
 
 
@@ -208,6 +211,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.collapse = CollapseWatch(cfg.train.collapse_patience, cfg.train.stop_on_collapse)
+        self.pictures: list[tuple[int, str, bytes]] = []  # (step, tag, PNG) made in a step, for TensorBoard
         if dist_info.is_main:
             warn_collapse_prone_settings(cfg, dist_info.world_size)
 
@@ -299,6 +303,10 @@ class Trainer:
         finite = True
         for micro in range(tc.grad_accum_steps):
             batch = next(batches)
+            if self.setup.monitor is not None and self.dist.is_main:
+                picture = self.setup.monitor.crops(batch, step, self.run_dir)
+                if picture is not None:
+                    self.pictures.append((step, *picture))
             autocast = (
                 torch.autocast(self.device.type, dtype=self.amp_dtype)
                 if self.amp_dtype is not None
@@ -340,6 +348,17 @@ class Trainer:
             log.info("step %d validation: %s", step + 1, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
         barrier()
         return any_rank(stop, self.device)
+
+    def run_monitor(self, step: int, logger: MetricsLogger) -> None:
+        """kNN (and the PCA picture) of the exported backbone on the main rank; the others wait."""
+        if self.dist.is_main:
+            values, pictures = self.setup.monitor.evaluate(
+                self.objective.export_backbone(), self.device, step, self.run_dir
+            )
+            logger.log(step, values)
+            self.pictures += [(step, tag, png) for tag, png in pictures]
+            log.info("step %d: kNN top-1 %.4f", step + 1, values["knn/top1"])
+        barrier()
 
     def train(self) -> None:
         tc = self.cfg.train
@@ -397,6 +416,12 @@ class Trainer:
                         logger.progress(
                             1, {"loss": metrics["loss"], "lr": metrics["lr"], "img/s": metrics["img_s"]}
                         )
+                    monitor = self.setup.monitor
+                    if monitor is not None and monitor.due(step, tc.steps):
+                        self.run_monitor(step, logger)
+                    for picture in self.pictures:
+                        logger.image(*picture)
+                    self.pictures.clear()
                     due = step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
                     early = self.setup.validate is not None and due and self.run_validation(step, logger)
                     if early and step + 1 < tc.steps:

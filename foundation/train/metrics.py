@@ -82,6 +82,18 @@ class MetricsLogger:
                 if isinstance(v, int | float):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
+    def image(self, step: int, tag: str, png: bytes) -> None:
+        """A picture (PNG bytes) to TensorBoard under ``images/<tag>``."""
+        if self._tb is None:
+            return
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(io.BytesIO(png)) as im:
+            self._tb.add_image(f"images/{tag}", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
     def progress(self, n: int, postfix: dict[str, float]) -> None:
         if self._bar is not None:
             self._bar.update(n)
