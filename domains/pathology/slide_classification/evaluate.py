@@ -1,0 +1,181 @@
+"""``foundation evaluate slide-classification``: each fold's model on the slides it never trained or validated on.
+
+A slide is scored by fold ``k`` when it was in fold ``k``'s test split, or is new to the run (another cohort:
+then every fold scores it). Bags are read one at a time and evaluated whole, so memory does not grow with the
+number of slides. Per fold: AUROC, balanced accuracy and weighted F1 with bootstrap 95% intervals; the top-level
+values are their means over folds (``*_std`` beside them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from domains.pathology.slide_classification.bags import read_bag, scan_features
+from domains.pathology.slide_classification.inference import run_bag
+from domains.pathology.slide_classification.labels import read_labels
+from domains.pathology.slide_classification.matching import match
+from domains.pathology.slide_classification.metrics import METRICS, scores
+from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
+from domains.pathology.slide_classification.options import TASK_NAME
+from foundation.errors import ConfigError, DataError, OutputError
+from foundation.outputs import write_verified
+from foundation.tasks.checkpoint import MODEL_FILE, load_net_weights, load_task_checkpoint
+from foundation.train.distributed import resolve_device
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("slide", "case", "fold", "label")
+
+
+def load_slide_model(checkpoint: str | Path) -> tuple[SlideMIL, dict[str, Any], Path]:
+    """The fold networks, their metadata and the run folder of a ``finetune slide-classification`` model."""
+    ck = load_task_checkpoint(checkpoint, task=TASK_NAME)
+    meta = ck.task_meta
+    net = SlideMIL(HeadConfig(**meta["head"]), int(meta["folds"]))
+    load_net_weights(net, ck)
+    run = ck.source.parent if ck.source.name == MODEL_FILE else ck.source.parent.parent
+    return net, meta, run
+
+
+def _check_features(meta: dict[str, Any], dim: int, backbone: str, folder: str) -> None:
+    if dim != meta["feature_dim"]:
+        raise ConfigError(
+            f"--features {folder!r} holds {dim}-wide features; the model was trained on {meta['feature_dim']}-wide "
+            "ones: embed the slides with the backbone used for training"
+        )
+    if backbone and meta.get("feature_backbone") and backbone != meta["feature_backbone"]:
+        raise ConfigError(
+            f"--features {folder!r} come from backbone {backbone[:12]!r}, the model was trained on features of "
+            f"{meta['feature_backbone'][:12]!r}: embed the slides with the backbone used for training"
+        )
+
+
+def _is_our_predictions(path: Path) -> bool:
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return tuple(header[:4]) == PREDICTION_COLUMNS and all(h.startswith("prob_") for h in header[4:])
+
+
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """Refuse an input, a folder, or a file that is not an earlier predictions CSV of ours."""
+    resolved = out.resolve()
+    for path in inputs:
+        if resolved == path.resolve():
+            raise OutputError(f"--out {str(out)!r} is an input of this command; give another file")
+    if out.is_dir():
+        raise OutputError(f"--out {str(out)!r} is a folder; give a file name")
+    if out.exists() and not _is_our_predictions(out):
+        raise OutputError(
+            f"--out {str(out)!r} exists and is not a predictions CSV of ours; it was left as it is"
+        )
+    if not out.parent.is_dir():
+        raise OutputError(f"the folder of --out {str(out)!r} does not exist")
+
+
+def _write_predictions(out: Path, classes: list[str], rows: list[list[Any]]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([*PREDICTION_COLUMNS, *(f"prob_{c}" for c in classes)])
+    writer.writerows(rows)
+    data = text.getvalue()
+
+    def verify(tmp: Path) -> None:
+        if tmp.read_text() != data:
+            raise OutputError(f"{out}: read back differs from what was written")
+
+    write_verified(out, lambda tmp: tmp.write_text(data), verify)
+
+
+def _summary(per_fold: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and standard deviation over folds of each metric (folds where it is undefined left out)."""
+    out = {}
+    for name in METRICS:
+        values = [f[name] for f in per_fold if not math.isnan(f[name])]
+        out[name] = float(np.mean(values)) if values else math.nan
+        out[f"{name}_std"] = float(np.std(values)) if values else math.nan
+    return out
+
+
+def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
+    """See the module docstring. The result holds ``done`` (slides scored) and ``skipped`` (the others, with
+    reasons), from which the CLI derives the exit status.
+
+    Raises:
+        CheckpointError, ConfigError, OutputError: refused before any work; DataError: no slide could be scored.
+    """
+    net, meta, run = load_slide_model(args.checkpoint)
+    out = Path(args.out) if args.out else run / "predictions.csv"
+    _check_out(out, [Path(args.labels), Path(args.checkpoint)])
+    table = read_labels(args.labels)
+    folder = scan_features(args.features)
+    _check_features(meta, folder.dim, folder.backbone, args.features)
+    classes: list[str] = meta["classes"]
+    matched = match(table, folder, known_labels=classes)
+    splits = meta["splits"]
+    in_run = {s for fold in splits for part in fold.values() for s in part}
+    tests = [set(fold["test"]) for fold in splits]
+    device = resolve_device(getattr(args, "device", "auto"))
+    net.to(device).eval()
+    index = {c: i for i, c in enumerate(classes)}
+    per_fold: list[dict[str, list]] = [{"labels": [], "probs": []} for _ in splits]
+    rows, skipped, not_held_out = [], list(matched.skipped), []
+    for row in tqdm(matched.rows, desc=TASK_NAME, unit="slide", disable=getattr(args, "quiet", False)):
+        folds = [k for k in range(len(splits)) if row.slide_id in tests[k] or row.slide_id not in in_run]
+        if not folds:
+            not_held_out.append(row.slide_id)
+            continue
+        try:
+            features = read_bag(matched.bags[row.slide_id].path)
+        except DataError as e:
+            skipped.append({"slide": row.slide_id, "reason": str(e)})
+            continue
+        for k in folds:
+            probs = run_bag(net.head_for_inference(k), features, device)["probs"].numpy()
+            per_fold[k]["labels"].append(index[row.label])
+            per_fold[k]["probs"].append(probs)
+            rows.append([row.slide_id, row.case_id, k, row.label, *(f"{p:.6g}" for p in probs)])
+        del features
+    done = len({r[0] for r in rows})
+    if not done:
+        first = f" (first skipped: {skipped[0]['reason']})" if skipped else ""
+        raise DataError(f"no slide could be scored: none is held out from training in {args.labels}{first}")
+    results = []
+    for k, fold in enumerate(per_fold):
+        if not fold["labels"]:
+            continue
+        y, p = np.array(fold["labels"]), np.stack(fold["probs"])
+        results.append({"fold": k, **scores(y, p, bootstrap=args.bootstrap, seed=k)})
+    _check_out(out, [Path(args.labels), Path(args.checkpoint)])  # again: it may have appeared meanwhile
+    _write_predictions(out, classes, rows)
+    if not_held_out:
+        log.info(
+            "%d slide(s) were trained or validated on by every fold and are not scored", len(not_held_out)
+        )
+    if skipped:
+        log.warning(
+            "%d slide(s) skipped (first: %s); the metrics are over the others",
+            len(skipped),
+            skipped[0]["reason"],
+        )
+    return {
+        "checkpoint": str(args.checkpoint),
+        **_summary(results),
+        "folds": results,
+        "classes": classes,
+        "predictions": str(out),
+        "not_held_out": len(not_held_out),
+        "done": done,
+        "skipped": skipped,
+    }

@@ -1,0 +1,149 @@
+"""``foundation finetune slide-classification`` and ``foundation evaluate slide-classification``.
+
+Multiple-instance learning on the tile features ``foundation embed`` wrote (one HDF5 per slide): a slide's label
+(subtype, grade, mutation) comes from a bag of tiles, as in CLAM, TRIDENT and slideflow. All folds of a patient-
+level cross-validation train in one run of the engine (resume, ``--nproc``, SIGTERM checkpoints as any task);
+what evaluation needs (classes, head shape, each fold's slides, the features' width and backbone) is stored with
+the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domains.pathology.slide_classification.bags import scan_features
+from domains.pathology.slide_classification.data import BagDataset, TrainSlide, collate_bags
+from domains.pathology.slide_classification.labels import read_labels, sort_labels
+from domains.pathology.slide_classification.loss import SlideLoss
+from domains.pathology.slide_classification.matching import match
+from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
+from domains.pathology.slide_classification.options import TASK_NAME, SlideOptions
+from domains.pathology.slide_classification.splits import Fold, check_folds, fixed_split, kfold
+from domains.pathology.slide_classification.validation import make_validator
+from foundation.config import Config
+from foundation.errors import ConfigError
+from foundation.tasks.base import TaskParts
+
+log = logging.getLogger(__name__)
+
+CONFIG = Path(__file__).resolve().parents[3] / "configs" / "pathology" / "slide_mil_tiny.yaml"
+
+
+def _log_skipped(skipped: list[dict[str, str]]) -> None:
+    for item in skipped[:20]:
+        log.warning("skipping slide %s: %s", item["slide"], item["reason"])
+    if len(skipped) > 20:
+        log.warning("... and %d more slides skipped", len(skipped) - 20)
+
+
+def _class_weights(folds: list[Fold], labels: dict[str, int], n_classes: int) -> torch.Tensor:
+    """``folds x classes``: ``n / (C n_c)`` over each fold's training slides (0 for a label it lacks)."""
+    weights = torch.zeros(len(folds), n_classes)
+    for k, fold in enumerate(folds):
+        counts = torch.bincount(torch.tensor([labels[s] for s in fold.train]), minlength=n_classes).float()
+        weights[k] = torch.where(counts > 0, len(fold.train) / (n_classes * counts.clamp(min=1)), 0.0)
+    return weights
+
+
+class SlideClassificationTask:
+    """Slide (or patient) labels from bags of tile features: gated-attention MIL, or mean pooling."""
+
+    name = TASK_NAME
+    domain = "pathology"
+    default_config = CONFIG
+    uses_backbone = False  # trains on the features `foundation embed` made
+
+    def add_finetune_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--features", required=True, help="the --out folder of `foundation embed` (*.h5)")
+        parser.add_argument("--labels", required=True, help="CSV: slide_id,label[,case_id][,split]")
+
+    def build(
+        self, cfg: Config, args: argparse.Namespace, backbone: Any, backbone_meta: dict[str, Any]
+    ) -> TaskParts:
+        if getattr(args, "backbone", None) or getattr(args, "random_init", False):
+            raise ConfigError(
+                f"finetune {TASK_NAME} trains on features: give --features (the backbone is the one "
+                "`foundation embed` used), not --backbone or --random-init"
+            )
+        opts = SlideOptions.from_dict(cfg.task.options)
+        table = read_labels(args.labels)
+        folder = scan_features(args.features)
+        matched = match(table, folder)
+        _log_skipped(matched.skipped)
+        if not matched.rows:
+            raise ConfigError(f"no slide of {table.path} has a usable feature file in {args.features}")
+        classes = sort_labels({r.label for r in matched.rows})
+        if len(classes) < 2:
+            raise ConfigError(
+                f"{table.path}: the slides with features have one label ({classes[0]!r}); need 2+"
+            )
+        if table.has_split:
+            log.info("%s has a split column: one fold from it (task.options.folds not used)", table.path)
+            folds = fixed_split(matched.rows)
+        else:
+            folds = kfold(matched.rows, opts.folds, cfg.seed)
+        for warning in check_folds(folds, {r.slide_id: r.label for r in matched.rows}, classes):
+            log.warning("%s: its metrics cover the other labels", warning)
+        index = {c: i for i, c in enumerate(classes)}
+        label_of = {r.slide_id: index[r.label] for r in matched.rows}
+        path_of = {s: b.path for s, b in matched.bags.items()}
+        head = HeadConfig(
+            in_dim=folder.dim, n_classes=len(classes), head=opts.head, hidden=opts.hidden,
+            attention_dim=opts.attention_dim, dropout=opts.dropout, instance_loss=opts.instance_loss,
+        )  # fmt: skip
+        net = SlideMIL(head, len(folds))
+        weights = _class_weights(folds, label_of, len(classes)) if opts.balance == "weights" else None
+        loss = SlideLoss(weights, opts.instance_weight if opts.instance_loss else 0.0, opts.instance_k)
+        dataset = BagDataset(
+            [[TrainSlide(path_of[s], label_of[s]) for s in fold.train] for fold in folds],
+            cfg.seed, max_tiles=opts.max_tiles, balanced=opts.balance == "sampling",
+        )  # fmt: skip
+        validate = make_validator([[(path_of[s], label_of[s]) for s in f.val] for f in folds], opts.patience)
+        if validate is None:
+            log.warning("no validation slides: no early stopping, the last weights are kept")
+        cases = {r.slide_id: r.case_id for r in matched.rows}
+        log.info(
+            "%s: %d slides (%d cases), %d classes, %d fold(s), %d-wide features",
+            TASK_NAME, len(matched.rows), len(set(cases.values())), len(classes), len(folds), folder.dim,
+        )  # fmt: skip
+        meta = {
+            "head": head.to_dict(),
+            "folds": len(folds),
+            "classes": classes,
+            "splits": [f.to_dict() for f in folds],
+            "feature_dim": folder.dim,
+            "feature_backbone": folder.backbone,
+            "features": str(Path(args.features).resolve()),
+            "labels": str(table.path.resolve()),
+            "skipped": matched.skipped,
+        }
+        return TaskParts(
+            net=net,
+            loss=loss,
+            dataset=dataset,
+            collate=collate_bags,
+            validate=validate,
+            meta=meta,
+            input_key=("features", "mask", "fold"),
+        )
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="RUN folder, RUN/model.pt or a checkpoint")
+        parser.add_argument("--features", required=True, help="the --out folder of `foundation embed` (*.h5)")
+        parser.add_argument("--labels", required=True, help="CSV: slide_id,label[,case_id][,split]")
+        parser.add_argument(
+            "--out",
+            help="predictions CSV (slide, case, fold, label, probabilities); default RUN/predictions.csv; an "
+            "existing file is replaced only if this command wrote it",
+        )
+        parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
+
+    def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
+        from domains.pathology.slide_classification.evaluate import evaluate_run
+
+        return evaluate_run(args)
