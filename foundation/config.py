@@ -201,7 +201,9 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_nonfinite_in_a_row: int = 5
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (student and teacher)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    parallel: str = "ddp"  # ddp: a full copy per rank; fsdp: FSDP2 shards per block, sharded DCP checkpoints
     eval_every: int = 0  # fine-tuning: validate every N steps (0: only at the end)
     collapse_patience: int = (
         20  # DINOv2: this many collapsed steps in a row are reported (log, metrics.jsonl)
@@ -210,6 +212,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         for key in (
             "steps",
             "batch_size",

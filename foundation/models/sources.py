@@ -2,7 +2,8 @@
 
 Accepted (no network at run time, ever):
 
-- this project's run folder (its ``export/``, else its latest checkpoint), export folder or checkpoint file;
+- this project's run folder (its ``export/``, else its latest checkpoint), export folder, checkpoint file or
+  sharded checkpoint folder (``train.parallel=fsdp``);
 - a timm / Hugging Face model folder: ``config.json`` with ``architecture`` (+ ``model_args``,
   ``pretrained_cfg``) and ``model.safetensors`` or ``pytorch_model.bin`` (``timm.models.save_for_hf``, hub
   snapshots);
@@ -121,6 +122,17 @@ def _from_file(path: Path, given: str) -> BackboneSource:
     return BackboneSource(given, "meta-dinov2", args, path, _timm_pretrained_cfg(name), state=state)
 
 
+def _from_sharded(path: Path, given: str) -> BackboneSource:
+    """A sharded (FSDP/DCP) checkpoint folder: its exported backbone assembled from every rank's shards, in
+    this process alone (no process group)."""
+    from foundation.train import dcp  # the training package imports models; import late
+
+    meta = dcp.read_meta(path)
+    state = dcp.read_tensors(path, meta["export_prefix"])
+    extra = {"step": meta.get("step"), **meta.get("normalization", {})}
+    return BackboneSource(given, "checkpoint", dict(meta["backbone_args"]), None, state=state, extra=extra)
+
+
 def _checkpoint_of_ours(path: Path) -> dict[str, Any] | None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -167,6 +179,8 @@ def parse_source(spec: str | Path) -> BackboneSource:
         raise CheckpointError(f"{given!r} does not exist{hint}")
     if path.is_file():
         return _from_file(path, given)
+    if (path / ".metadata").is_file():
+        return _from_sharded(path, given)
     if (path / "config.json").is_file():
         return _from_folder(path, given)
     if (path / "export" / "config.json").is_file():
@@ -175,7 +189,7 @@ def parse_source(spec: str | Path) -> BackboneSource:
 
     latest = ckpt.latest_checkpoint(path)
     if latest is not None:
-        return _from_file(latest, given)
+        return _from_sharded(latest, given) if latest.is_dir() else _from_file(latest, given)
     if any((path / name).is_file() for name in WEIGHT_FILES):
         raise CheckpointError(f"{path}: holds weights but no config.json; give it as timm:NAME:{path}")
     raise CheckpointError(

@@ -18,6 +18,7 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from foundation.errors import ConfigError
 from foundation.models.patch_embed import PatchEmbed3d
@@ -211,7 +212,13 @@ class ViT(VisionTransformer):
         return self._pos_embed(tokens), grid
 
     def _run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.norm_pre(tokens)))
+        tokens = self.norm_pre(tokens)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # timm's switch (set_grad_checkpointing): each block's activations are recomputed in backward
+            for block in self.blocks:
+                tokens = checkpoint(block, tokens, use_reentrant=False)
+            return self.norm(tokens)
+        return self.norm(self.blocks(tokens))
 
     # -- forwards ------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:

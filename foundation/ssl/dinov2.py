@@ -20,6 +20,7 @@ from foundation.ssl.indicators import TeacherIndicators
 from foundation.ssl.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from foundation.ssl.losses.centering import SoftmaxCenter
 from foundation.ssl.masking import BlockMaskGenerator
+from foundation.train.parallel import local
 from foundation.train.schedules import cosine_schedule, warmup_then_constant
 
 
@@ -166,8 +167,9 @@ class DINOv2(nn.Module):
     def update_teacher(self, step: int) -> dict[str, float]:
         """EMA: teacher <- m * teacher + (1 - m) * student."""
         m = float(self.momentum[min(step, len(self.momentum) - 1)])
-        t_params = list(self.teacher.parameters())
-        s_params = [p.detach() for p in self.student.parameters()]
+        # on this rank's shards when FSDP shards both (student and teacher are sharded alike)
+        t_params = [local(p) for p in self.teacher.parameters()]
+        s_params = [local(p.detach()) for p in self.student.parameters()]
         torch._foreach_mul_(t_params, m)
         torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
         return {

@@ -1,9 +1,13 @@
-"""Checkpoints that resume exactly: written atomically, the last k kept, read with ``weights_only=True``."""
+"""Checkpoints that resume exactly: written atomically, the last k kept, read with ``weights_only=True``.
+
+One file ``step_XXXXXXXX.pt`` (DDP), or a folder ``step_XXXXXXXX/`` of shards (FSDP, :mod:`foundation.train.dcp`).
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,10 +16,11 @@ import torch
 
 from foundation.errors import CheckpointError
 from foundation.outputs import write_verified
+from foundation.train import dcp
 
 log = logging.getLogger(__name__)
 
-_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+_PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -23,11 +28,16 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary files are ignored)."""
+    """Checkpoints of a run, oldest first: files and sharded folders (temporary ones are ignored; a sharded
+    folder with a missing file is listed, and refused by name when it is loaded)."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _PATTERN.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in d.iterdir()
+        if (m := _PATTERN.match(p.name)) and (p.is_dir() if m.group(2) is None else p.is_file())
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -43,9 +53,17 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) 
     _remove_stale_temporaries(d)
     path = d / f"step_{step:08d}.pt"
     write_verified(path, lambda tmp: torch.save(state, tmp), _verify_archive)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(run_dir, keep)
     return path
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the last ``keep`` checkpoints of the run (its own files and shard folders only)."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def _verify_archive(path: Path) -> None:
@@ -64,11 +82,14 @@ def _remove_stale_temporaries(d: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint safely (tensors and plain containers only).
+    """Read a checkpoint safely (tensors and plain containers only). A sharded checkpoint gives its metadata
+    only (``sharded: True``); the trainer loads its tensors into its own layout.
 
     Raises:
-        CheckpointError: unreadable or truncated file.
+        CheckpointError: unreadable or truncated file; a sharded checkpoint with a missing file.
     """
+    if Path(path).is_dir():
+        return dcp.read_meta(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -100,10 +100,16 @@ def broadcast_object(obj: object) -> object:
 
 @contextlib.contextmanager
 def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
-    """DDP ``no_sync`` for all but the last micro-batch of gradient accumulation."""
+    """DDP ``no_sync`` (FSDP2: no gradient reduction) for all but the last micro-batch of accumulation."""
     if skip_sync and hasattr(model, "no_sync"):
         with model.no_sync():
             yield
+    elif skip_sync and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
     else:
         yield
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from foundation.config import Config, config_to_dict, save_config
@@ -32,9 +31,11 @@ from foundation.domain import Domain, get_domain, resolve_data_path
 from foundation.errors import CheckpointError, ConfigError, TrainingError
 from foundation.export import export_backbone
 from foundation.models.factory import backbone_args, build_backbone
+from foundation.models.vit import ViT, build_vit_to_load
 from foundation.ssl.registry import get_objective_factory
 from foundation.threads import configure_threads, worker_threads
 from foundation.train import checkpoint as ckpt
+from foundation.train import dcp, parallel
 from foundation.train.collapse import CollapseWatch, warn_collapse_prone_settings
 from foundation.train.distributed import (
     DistInfo,
@@ -178,6 +179,14 @@ class Trainer:
         self.objective = setup.objective
         self.objective.to(self.device)
         self.dataset = setup.dataset
+        precision = (
+            tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
+        self.amp_dtype = torch.bfloat16 if precision == "bf16" else None
+        prepare_blocks(self.objective, compile_blocks=tc.compile, checkpointing=tc.activation_checkpointing)
+        # FSDP replaces the parameters by shards: the optimiser is built on what the wrapping left
+        self.model: torch.nn.Module = parallel.wrap(self.objective, tc.parallel, self.device, self.amp_dtype)
+        self.sharded = parallel.is_sharded(self.objective)
 
         param_groups = build_param_groups(
             list(self.objective.trainable_named_parameters()),
@@ -194,19 +203,9 @@ class Trainer:
         peak_lr = scaled_lr(oc.lr, tc.batch_size, oc.reference_batch_size, oc.lr_scaling)
         self.lr = cosine_schedule(peak_lr, oc.min_lr, tc.steps, oc.warmup_steps)
         self.wd = cosine_schedule(oc.weight_decay, oc.weight_decay_end, tc.steps)
-        self.model: torch.nn.Module = self.objective
         torch.manual_seed(
             derive_seed(cfg.seed, dist_info.rank)
         )  # drop-path and other model randomness, per rank
-        if cfg.train.compile and self.objective.student_backbone is not None:
-            self.objective.student_backbone.compile()
-        if dist_info.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.objective, device_ids=ids, broadcast_buffers=False)
-        precision = (
-            tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        )
-        self.amp_dtype = torch.bfloat16 if precision == "bf16" else None
         self.start_step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -218,9 +217,15 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:
         return {
-            "step": step,
             "model": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **self.meta_state(step),
+        }
+
+    def meta_state(self, step: int) -> dict[str, Any]:
+        """Everything but the tensors of model and optimiser (collective: the RNG states of every rank)."""
+        return {
+            "step": step,
             "rng": all_gather_objects(ckpt.rng_state()),
             "world_size": self.dist.world_size,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -235,8 +240,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         refuse_other_backbone(state, path, self.backbone_args)
         try:
-            self.objective.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("sharded"):  # any world size, into this run's own layout
+                dcp.load_sharded(path, self.objective, self.optimizer)
+            else:
+                self.objective.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path} does not match this model/objective: {e}") from e
         self.start_step = int(state["step"])
@@ -252,6 +260,16 @@ class Trainer:
             )
 
     def save(self, step: int) -> None:
+        if self.cfg.train.parallel == "fsdp":  # every rank writes its own shards
+            meta = self.meta_state(step)
+            path = dcp.save_sharded(
+                self.objective, self.optimizer, meta, ckpt.checkpoint_dir(self.run_dir), step
+            )
+            if self.dist.is_main:
+                ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
+                log.info("checkpoint: %s", path)
+            barrier()
+            return
         state = self.state_dict(step)  # collective (RNG states), so every rank calls it
         if self.dist.is_main:
             path = ckpt.save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints)
@@ -262,6 +280,19 @@ class Trainer:
         self.load_state_dict(state, path)
         if self.dist.is_main:
             log.warning("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.train.steps)
+
+    def plain_backbone(self) -> ViT | None:
+        """The backbone to export or evaluate, as one ordinary module on the main rank (None elsewhere when
+        sharded). Sharded, its full weights are gathered into a fresh copy: a collective, every rank calls it."""
+        backbone = self.objective.export_backbone()
+        if backbone is None or not self.sharded:
+            return backbone
+        state = parallel.full_state_dict(backbone)
+        if not self.dist.is_main:
+            return None
+        plain = build_vit_to_load(**self.backbone_args)
+        plain.load_state_dict(state)
+        return plain.to(self.device)
 
     # -- data ------------------------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -327,7 +358,9 @@ class Trainer:
             for p in self.last_layer_params:
                 p.grad = None
         metrics = dict(sums)
-        if oc.clip_grad:
+        if oc.clip_grad and self.sharded:
+            metrics["grad_norm"] = parallel.clip_grad_norm(self.params, oc.clip_grad)
+        elif oc.clip_grad:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, oc.clip_grad))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -351,10 +384,9 @@ class Trainer:
 
     def run_monitor(self, step: int, logger: MetricsLogger) -> None:
         """kNN (and the PCA picture) of the exported backbone on the main rank; the others wait."""
+        backbone = self.plain_backbone()
         if self.dist.is_main:
-            values, pictures = self.setup.monitor.evaluate(
-                self.objective.export_backbone(), self.device, step, self.run_dir
-            )
+            values, pictures = self.setup.monitor.evaluate(backbone, self.device, step, self.run_dir)
             logger.log(step, values)
             self.pictures += [(step, tag, png) for tag, png in pictures]
             log.info("step %d: kNN top-1 %.4f", step + 1, values["knn/top1"])
@@ -434,6 +466,19 @@ class Trainer:
             logger.close()
 
 
+def prepare_blocks(objective: nn.Module, *, compile_blocks: bool, checkpointing: bool) -> None:
+    """Per transformer block, before any wrapping: activation checkpointing on the student backbone (its
+    activations are recomputed in backward; the teacher runs without gradients) and ``torch.compile`` of every
+    block (student, teacher, MAE decoder). Neither changes a parameter name nor the numbers beyond float
+    rounding."""
+    student = getattr(objective, "student_backbone", None)
+    if checkpointing and student is not None:
+        student.set_grad_checkpointing(True)
+    if compile_blocks:
+        for block in parallel.transformer_blocks(objective):
+            block.compile()
+
+
 def _take_run_folder(out: Path, identity: dict, lock: RunLock) -> bool:
     """Main rank: create ``out`` if needed, lock it, mark it as a run. Returns whether this call created it."""
     created = not out.exists()
@@ -503,11 +548,11 @@ def run_training(
             trainer.train()
         elif dist_info.is_main:
             log.info("run %s already finished %d steps", out, cfg.train.steps)
+        backbone = trainer.plain_backbone()  # gathered when sharded: every rank takes part
         if dist_info.is_main:
             if finish is not None:
                 finish(trainer)
             setup = trainer.setup
-            backbone = trainer.objective.export_backbone()
             if backbone is not None:  # a head on precomputed features has none
                 export_backbone(
                     backbone,

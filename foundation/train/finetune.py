@@ -83,6 +83,10 @@ def finetune(
     task: Task, cfg: Config, args: argparse.Namespace, out: Path, dist_info: DistInfo, *, quiet: bool = False
 ) -> Path:
     """Fine-tune (or resume) into ``out``; returns ``out/model.pt``, the deployable model file."""
+    if cfg.train.parallel != "ddp":  # validation and the task model run on the main rank alone
+        raise ConfigError(
+            f"train.parallel={cfg.train.parallel!r} is for pretraining; fine-tune with train.parallel=ddp"
+        )
 
     def write_model(trainer: Trainer) -> None:
         meta = trainer.setup.checkpoint_meta
