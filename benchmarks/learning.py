@@ -21,7 +21,7 @@ own library and read back before use; only the train split is pretrained on:
   yet, so these are read with :class:`domains.medical.slices.LabelledSliceDataset` and probed here with
   ``foundation evaluate``'s own functions and defaults.
 
-    python benchmarks/learning.py                                    # every small recipe, both datasets
+    python benchmarks/learning.py                                    # every small recipe, both datasets (hours)
     python benchmarks/learning.py --recipes pathology --datasets digits --steps 50
     python benchmarks/learning.py --recipes configs/images/tiny.yaml --datasets digits --steps 150
 """
