@@ -100,7 +100,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:  # the default location is ours to create
         out = Path("runs") / f"{cfg.domain}-{cfg._name}"
         out.parent.mkdir(exist_ok=True)
-    dist_info = init_distributed(args.device)
+    dist_info = init_distributed(args.device, group_of_one=cfg.train.parallel == "fsdp")
     try:
         export_dir = pretrain(cfg, out, dist_info, quiet=args.quiet)
     finally:

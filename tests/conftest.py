@@ -28,6 +28,12 @@ train: {steps: 6, batch_size: 8, checkpoint_every: 2, log_every: 1}
 """
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device (skipped without one; benchmarks/gpu_check.sh runs them)"
+    )
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three classes of 8 small PNGs each."""

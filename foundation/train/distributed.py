@@ -30,11 +30,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", *, group_of_one: bool = False) -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun or ``--nproc``) and initialise the process group.
 
     Args:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        group_of_one: also make a group for a single process that torchrun started (FSDP on one GPU shards
+            over a 1-rank mesh, so its mixed precision runs as on many).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -45,7 +47,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    if (world > 1 or (group_of_one and launched)) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)

@@ -70,13 +70,14 @@ def wrap(
     (and still writes sharded checkpoints); under torchrun with one process it shards over a 1-rank mesh.
     """
     if parallel == "fsdp":
-        if can_shard():
-            return apply_fsdp(objective, device, amp_dtype)
-        log.warning(
-            "train.parallel=fsdp with a world size of 1: nothing to shard, training as one DDP process would "
-            "(checkpoints are still sharded DCP folders)"
-        )
-        return objective
+        sharded = can_shard()
+        if not sharded or dist.get_world_size() == 1:
+            log.warning(
+                "train.parallel=fsdp with a world size of 1: DDP-equivalent, each rank would hold everything "
+                "anyway (%s; checkpoints are still sharded DCP folders)",
+                "FSDP over a 1-rank mesh" if sharded else "not wrapped: no process group",
+            )
+        return apply_fsdp(objective, device, amp_dtype) if sharded else objective
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         ids = [device.index] if device.type == "cuda" else None
         return DDP(objective, device_ids=ids, broadcast_buffers=False)

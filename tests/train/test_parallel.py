@@ -133,9 +133,41 @@ def test_fsdp_equals_ddp(runs):
 def test_fsdp_in_one_process_is_ddp_equivalent(recipe, image_folder, runs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="foundation.train.parallel"):
         one = _in_process(recipe, image_folder, tmp_path / "one", "train.parallel=fsdp")
-    assert "world size of 1" in caplog.text and "as one DDP process" in caplog.text
+    assert "train.parallel=fsdp with a world size of 1: DDP-equivalent" in caplog.text
     assert (one / "checkpoints" / "step_00000004" / "__0_0.distcp").is_file()
     _assert_same_run(one, runs["fsdp2"], rel=1e-4, atol=1e-5)  # 1 and 2 ranks: float rounding only
+
+
+def test_fsdp_on_one_rank_under_torchrun_shards_over_a_mesh_of_one(recipe, image_folder, runs, tmp_path):
+    # the path benchmarks/gpu_check.sh takes on one GPU: a process group of one, fully_shard over it
+    proc = _torchrun(recipe, image_folder, tmp_path / "run", "train.parallel=fsdp", nproc=1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "DDP-equivalent" in err and "FSDP over a 1-rank mesh" in err
+    _assert_same_run(tmp_path / "run", runs["fsdp2"], rel=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fsdp_bf16_on_one_rank(recipe, image_folder, tmp_path):
+    # bf16 gathered weights and compute, fp32 shards and reduction: close to DDP's bf16 autocast, not equal
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        proc = _torchrun(
+            recipe,
+            image_folder,
+            tmp_path / parallel,
+            f"train.parallel={parallel}",
+            "--device",
+            "cuda",
+            nproc=1,
+        )
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        runs[parallel] = _losses(tmp_path / parallel)
+    for step, loss in runs["ddp"].items():
+        assert runs["fsdp"][step] == pytest.approx(loss, rel=2e-2), step
+    assert (tmp_path / "fsdp" / "checkpoints" / "step_00000004" / "__0_0.distcp").is_file()
 
 
 # -- part 2: sharded checkpoints ----------------------------------------------------------------------------
