@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import DataError
+from foundation.train.metrics import read_records
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,8 @@ def read_run_log(run: Path) -> RunLog:
         raise DataError(f"{path}: no metrics file; is {str(run)!r} a run folder that has trained a step?")
     columns: dict[str, tuple[list[int], list[float]]] = {}
     events = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            log.warning("%s line %d is not a whole JSON record; skipped", path, number)
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    for _, record in read_records(path):
+        if not isinstance(record.get("step"), int):
             continue
         step = record["step"]
         for key, value in record.items():

@@ -12,7 +12,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
-def _records(path: Path) -> list[tuple[str, dict]]:
+def read_records(path: Path) -> list[tuple[str, dict]]:
     """The readable lines of ``metrics.jsonl``; a line cut by a kill during a write is dropped with a warning."""
     records = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
@@ -33,7 +33,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after ``last_step`` (they were written before a crash and will be replayed)."""
     if not path.is_file():
         return
-    kept = [line for line, record in _records(path) if record.get("step", -1) <= last_step]
+    kept = [line for line, record in read_records(path) if record.get("step", -1) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
