@@ -100,16 +100,18 @@ class SlideMIL(nn.Module):
     ) -> dict[str, torch.Tensor]:
         b = features.shape[0]
         out: dict[str, torch.Tensor] = {}
-        for k in fold.unique().tolist():
+        present = fold.unique().tolist()
+        for k in present:
             idx = (fold == k).nonzero().squeeze(1)
             part = self.heads[k](features[idx], mask[idx])
             for name, value in part.items():
                 if name not in out:
                     out[name] = value.new_zeros((b, *value.shape[1:]))
                 out[name] = out[name].index_copy(0, idx, value)
-        # every head's parameters join the graph (with zero weight), so DDP finds a gradient for all of them
-        # even when a batch holds no bag of some fold
-        out["zero"] = sum(p.sum() for p in self.heads.parameters()) * 0.0
+        # the heads of folds without a bag in this batch join the graph with zero weight, so DDP finds a
+        # gradient for every parameter
+        absent = [p.sum() for k, head in enumerate(self.heads) if k not in present for p in head.parameters()]
+        out["zero"] = torch.stack(absent).sum() * 0.0 if absent else features.new_zeros(())
         return out
 
     def snapshot(self, k: int) -> None:

@@ -20,6 +20,7 @@ class SlideOptions:
     hidden, attention_dim, dropout: the head's widths and dropout.
     instance_loss: add CLAM's instance loss with weight ``instance_weight`` on ``instance_k`` tiles per end.
     folds: patient-level k-fold cross-validation (ignored when the labels CSV has a ``split`` column).
+    val_fraction: share of each label's non-test cases that validate a fold (early stopping); 0: none.
     balance: ``weights`` (class-weighted loss), ``sampling`` (labels drawn uniformly) or ``none``.
     max_tiles: a training bag larger than this is sampled to this many tiles per step (evaluation: whole).
     patience: validations without a better validation loss before a fold stops; training ends when every
@@ -34,6 +35,7 @@ class SlideOptions:
     instance_weight: float = 0.3
     instance_k: int = 8
     folds: int = 5
+    val_fraction: float = 0.2
     balance: str = "weights"
     max_tiles: int | None = 4096
     patience: int = 5
@@ -52,8 +54,9 @@ class SlideOptions:
                 raise ConfigError(f"task.options.{key}={getattr(opts, key)!r} must be >= 1")
         if opts.max_tiles is not None and opts.max_tiles < 1:
             raise ConfigError(f"task.options.max_tiles={opts.max_tiles!r} must be >= 1 (or null: whole bags)")
-        if not 0 <= opts.dropout < 1 or not 0 <= opts.instance_weight < 1:
-            raise ConfigError("task.options.dropout and task.options.instance_weight must be in [0, 1)")
+        for key in ("dropout", "instance_weight", "val_fraction"):
+            if not 0 <= getattr(opts, key) < 1:
+                raise ConfigError(f"task.options.{key}={getattr(opts, key)!r} must be in [0, 1)")
         if opts.patience < 0:
             raise ConfigError(f"task.options.patience={opts.patience!r} must be >= 0")
         return opts

@@ -1,8 +1,9 @@
 """Patient-level splits: no case (patient) has slides in two splits of a fold.
 
 ``k`` folds: cases are dealt to ``k`` groups stratified by label (shuffled by the seed); fold ``i`` tests on group
-``i``, validates (early stopping) on group ``i + 1`` and trains on the rest (with 2 folds there is no validation).
-A ``split`` column in the labels CSV gives one fixed fold instead.
+``i``; of the other cases, ``val_fraction`` of each label (drawn per fold, at least one where a label has three
+or more) validate (early stopping) and the rest train. A ``split`` column in the labels CSV gives one fixed fold
+instead.
 """
 
 from __future__ import annotations
@@ -35,7 +36,30 @@ def _case_labels(rows: list[SlideLabel]) -> dict[str, str]:
     return {case: counts.most_common(1)[0][0] for case, counts in labels.items()}
 
 
-def kfold(rows: list[SlideLabel], folds: int, seed: int) -> list[Fold]:
+def _deal(cases: dict[str, str], groups: int, rng: np.random.Generator) -> dict[str, int]:
+    """Each case's group, stratified: every label's cases are shuffled and dealt in turn."""
+    group: dict[str, int] = {}
+    offset = 0
+    for label in sorted({*cases.values()}):
+        members = sorted(c for c, lab in cases.items() if lab == label)
+        for j, i in enumerate(rng.permutation(len(members))):
+            group[members[i]] = (offset + j) % groups
+        offset += len(members)  # the next label starts where this one ended: group sizes stay even
+    return group
+
+
+def _validation_cases(cases: dict[str, str], fraction: float, rng: np.random.Generator) -> set[str]:
+    """``fraction`` of each label's cases (rounded; at least one of a label with three or more)."""
+    chosen: set[str] = set()
+    for label in sorted({*cases.values()}):
+        members = sorted(c for c, lab in cases.items() if lab == label)
+        n = round(fraction * len(members))
+        n = max(n, 1) if fraction > 0 and len(members) >= 3 else n
+        chosen |= {members[i] for i in rng.permutation(len(members))[:n]}
+    return chosen
+
+
+def kfold(rows: list[SlideLabel], folds: int, seed: int, val_fraction: float = 0.2) -> list[Fold]:
     """``folds`` patient-level folds stratified by label.
 
     Raises:
@@ -48,20 +72,14 @@ def kfold(rows: list[SlideLabel], folds: int, seed: int) -> list[Fold]:
         raise ConfigError(
             f"task.options.folds={folds} but the labels hold {len(cases)} case(s); use fewer folds"
         )
-    rng = np.random.default_rng(seed)
-    group: dict[str, int] = {}
-    offset = 0
-    for label in sorted({*cases.values()}):
-        members = sorted(c for c, lab in cases.items() if lab == label)
-        for j, i in enumerate(rng.permutation(len(members))):
-            group[members[i]] = (offset + j) % folds
-        offset += len(members)  # the next label starts where this one ended: fold sizes stay even
+    group = _deal(cases, folds, np.random.default_rng(seed))
     out = []
     for k in range(folds):
-        val_group = (k + 1) % folds if folds > 2 else None
+        pool = {c: lab for c, lab in cases.items() if group[c] != k}
+        val_cases = _validation_cases(pool, val_fraction, np.random.default_rng([seed, k]))
         test = tuple(r.slide_id for r in rows if group[r.case_id] == k)
-        val = tuple(r.slide_id for r in rows if group[r.case_id] == val_group)
-        train = tuple(r.slide_id for r in rows if group[r.case_id] not in (k, val_group))
+        val = tuple(r.slide_id for r in rows if r.case_id in val_cases)
+        train = tuple(r.slide_id for r in rows if group[r.case_id] != k and r.case_id not in val_cases)
         out.append(Fold(k, train, val, test))
     return out
 

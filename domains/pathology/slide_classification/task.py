@@ -86,7 +86,7 @@ class SlideClassificationTask:
             log.info("%s has a split column: one fold from it (task.options.folds not used)", table.path)
             folds = fixed_split(matched.rows)
         else:
-            folds = kfold(matched.rows, opts.folds, cfg.seed)
+            folds = kfold(matched.rows, opts.folds, cfg.seed, opts.val_fraction)
         for warning in check_folds(folds, {r.slide_id: r.label for r in matched.rows}, classes):
             log.warning("%s: its metrics cover the other labels", warning)
         index = {c: i for i, c in enumerate(classes)}

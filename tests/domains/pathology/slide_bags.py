@@ -1,6 +1,6 @@
 """Synthetic ``foundation embed`` outputs with a planted signal: a slide of class ``c`` has a few tiles whose
-feature ``c`` is high; its other tiles are shifted so every class has the same mean feature (mean pooling sees
-nothing it could separate linearly; attention on the planted tiles does)."""
+feature ``c`` is high; all its tiles are shifted so every class has the same mean feature (what sets a class apart
+is a few tiles, not the bag's average)."""
 
 from __future__ import annotations
 
