@@ -116,7 +116,7 @@ def model_only(ckpt: Path, scene: Path, tile: int, overlap: int, batch: int, dev
     opts = MapOptions(tile=tile, overlap=overlap, device=dev)
     with open_scene(scene, meta, opts) as s:
         grid = TileGrid(s.ds.height, s.ds.width, tile, overlap)
-        image, _ = s.read(0, grid.height, 0, grid.width)
+        image = s.read(0, grid.height, 0, grid.width)[0]  # pixels (the masks are not needed)
     tiles = np.stack([image[:, y : y + tile, x : x + tile] for y in grid.ys for x in grid.xs])
     amp = autocast_dtype(precision, dev)
 

@@ -7,6 +7,10 @@ size concatenated, as ours) and teacher forward on the global crops under ``no_g
 
     python benchmarks/ssl_step.py                       # ViT-S/14, 224/98 px, 2+8 crops, batch 8, CPU fp32
     python benchmarks/ssl_step.py --arch vit_base --batch 64 --device cuda --dtype bf16
+
+Model FLOP utilisation (``mfu``): the step's matmul/attention FLOPs, counted once by PyTorch's
+``FlopCounterMode`` (forward and backward, teacher and heads included), per second of a step, over the device's
+dense peak for the dtype (``--peak-tflops``; known for H100/H200/A100 in bf16, none on CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_median  # noqa: E402
@@ -26,6 +31,17 @@ from foundation.config import load_config  # noqa: E402
 from foundation.models.vit import ARCHS  # noqa: E402
 from foundation.train.distributed import DistInfo  # noqa: E402
 from foundation.train.engine import Trainer, ssl_setup  # noqa: E402
+
+# Dense bf16 peaks (TFLOP/s, no sparsity) from the vendor's data sheets, matched on the device name.
+_BF16_PEAKS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, dtype: str) -> float | None:
+    """The device's dense peak for ``dtype``, when known (bf16 on the GPUs above); None otherwise."""
+    if device.type != "cuda" or dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _BF16_PEAKS.items() if key in name), None)
 
 
 def main() -> None:
@@ -41,6 +57,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--tmp", default="/tmp/foundation-bench")
+    ap.add_argument(
+        "--peak-tflops", type=float, help="dense peak of the device in --dtype (default: known GPUs)"
+    )
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -107,6 +126,11 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    with FlopCounterMode(display=False) as counter:
+        ours()
+    step_flops = counter.get_total_flops()
+    peak = args.peak_tflops or peak_tflops(device, args.dtype)
+
     times = interleaved_median(
         {"ours": lambda: (ours(), sync()), "bare": lambda: (bare(), sync())}, args.repeats
     )
@@ -123,6 +147,10 @@ def main() -> None:
                 "bare_s": round(times["bare"], 4),
                 "ratio": round(times["ours"] / times["bare"], 3),
                 "img_s": round(images / times["ours"], 2),
+                "step_tflop": round(step_flops / 1e12, 4),
+                "tflops": round(step_flops / times["ours"] / 1e12, 3),
+                "peak_tflops": peak,
+                "mfu": round(step_flops / times["ours"] / 1e12 / peak, 4) if peak else None,
             }
         )
     )
