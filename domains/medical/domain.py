@@ -100,7 +100,7 @@ class MedicalDomain:
         """
         _require_medical()
         from domains.medical.options import VolumeOptions
-        from domains.medical.slices import SliceSampleSource
+        from domains.medical.slices import SliceSampleSource, slice_statistics
         from domains.medical.source import VolumeSampleSource
         from domains.medical.volume import channel_count, find_volumes, read_image
 
@@ -124,7 +124,10 @@ class MedicalDomain:
             "2D axial slices" if slices else "3D crops",
         )  # fmt: skip
         if slices:
-            return SliceSampleSource(volumes, opts, cfg.data.crops.global_size)
+            source = SliceSampleSource(volumes, opts, cfg.data.crops.global_size)
+            self.mean, self.std = slice_statistics(source, cfg.seed)
+            log.info("medical: 2D views standardised with the slices' mean %s, std %s", self.mean, self.std)
+            return source
         return VolumeSampleSource(volumes, opts, cfg.data.crops.global_size)
 
     def ssl_transform(self, cfg: Config) -> ViewTransform:
@@ -142,11 +145,20 @@ class MedicalDomain:
         return ImageViews(views)
 
     def eval_dataset(self, path: str, cfg: Config):
-        raise NotAvailableYetError(
-            "the medical domain has no evaluation dataset yet for kNN/linear probes (volumes carry no class "
-            "labels); judge a backbone by organ segmentation: `foundation finetune organ-segmentation "
-            "--backbone RUN --data DATALIST.json`, then `foundation evaluate organ-segmentation`"
-        )
+        """Slice backbones: ``ROOT/<class>/<volume>``, every axial slice an item of its folder's class, read as
+        pretraining reads it. 3D backbones have no kNN/linear protocol here (volumes carry no class labels)."""
+        if not slice_mode(cfg):
+            raise NotAvailableYetError(
+                "kNN/linear probes of 3D medical backbones are not available (volumes carry no class labels); "
+                "judge one by organ segmentation: `foundation finetune organ-segmentation --backbone RUN --data "
+                "DATALIST.json`, then `foundation evaluate organ-segmentation`"
+            )
+        _require_medical()
+        from domains.medical.options import VolumeOptions
+        from domains.medical.slices import LabelledSliceDataset
+
+        opts = VolumeOptions.from_config(cfg.data.options)
+        return LabelledSliceDataset(path, opts, cfg.data.crops.global_size, self.mean, self.std)
 
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
         """``foundation visualize`` inputs: axial/coronal/sagittal planes of volumes (see ``visualize.py``)."""

@@ -24,6 +24,8 @@ from foundation.errors import DataError
 FOREGROUND_LEVEL = 0.05  # after the preset: above the bottom of the CT window / MR percentile range
 MIN_FOREGROUND = 0.1  # fraction of the slice that must be foreground (else another slice is drawn)
 SLICE_TRIES = 8
+STATS_SLICES = 16  # slices drawn (as training draws them) to estimate the 2D views' mean and std
+STATS_SEED = 0x5715  # their own generator: the training stream is untouched
 
 
 class SliceSampleSource(VolumeSampleSource):
@@ -39,6 +41,23 @@ class SliceSampleSource(VolumeSampleSource):
         return {"image": display_slice(image)}
 
 
+def slice_statistics(
+    source: SliceSampleSource, seed: int, n: int = STATS_SLICES
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``n`` slices drawn as pretraining draws them.
+
+    Why: windowed slices sit in [0, 1] with a small spread (std ~0.1-0.3); fed as they are, a random ViT gives
+    every slice nearly the same CLS feature (mean pairwise cosine 0.99 measured on grey slices, 0.93 once
+    standardised), so a DINOv2 teacher starts on uniform targets. Standardising with the data's own statistics
+    (as torchgeo does per band) gives the objective image-dependent targets from the first step.
+    """
+    generator = torch.Generator().manual_seed(seed ^ STATS_SEED)
+    images = [source.sample(i, generator)["image"] for i in range(n)]
+    pixels = np.concatenate([x.reshape(-1, x.shape[-1]) for x in images]).astype(np.float64)
+    mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 def display_slice(image: torch.Tensor) -> np.ndarray:
     """An axial ``C x X x Y`` RAS slice as ``H x W x C`` float32 in radiological display (anterior at the top,
     the patient's right on the viewer's left), so pretraining and evaluation see slices the same way."""
@@ -49,7 +68,7 @@ def display_slice(image: torch.Tensor) -> np.ndarray:
 class LabelledSliceDataset:
     """``ROOT/<class>/<volume>.nii.gz``: every axial slice of a volume is one item of its folder's class, read
     as pretraining reads it (RAS, ``spacing``, intensity preset), for kNN and linear probes of slice backbones.
-    ``mean``/``std`` are the backbone's (0 and 1 per channel for this domain's runs).
+    ``mean``/``std`` are the backbone's (the slices' own statistics, see :func:`slice_statistics`).
 
     Volumes are preprocessed once and their slices kept in memory: meant for labelled sets of slices, not for
     a whole archive of CTs. ``dataset[i] -> {"image": C x size x size, "label", "id": "FILE:z"}``.

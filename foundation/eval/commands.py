@@ -43,6 +43,7 @@ def _eval_config(meta: dict[str, Any], size: int, domain: str):
         f"data.crops.local_size={patch}",
         f"model.patch_size={patch}",
         f"model.img_size={meta['backbone_args']['img_size']}",
+        f"model.spatial_dims={meta['backbone_args'].get('spatial_dims', 2)}",
     ]
     return load_config(None, overrides, domain=domain)
 

@@ -54,12 +54,12 @@ def test_mae_view_flips_and_normalises_deterministically() -> None:
     assert a.shape == (1, 16, 16, 16) and a.dtype == torch.float32 and torch.equal(a, b)
 
 
-def test_dinov2_on_3d_and_eval_are_refused_clearly() -> None:
+def test_dinov2_on_3d_and_3d_eval_are_refused_clearly() -> None:
     domain = MedicalDomain()
     with pytest.raises(ConfigError, match="runs DINOv2 on 2D slices"):
         domain.ssl_transform(load_config(RECIPE, ["ssl.method=dinov2", "model.spatial_dims=3"]))
-    with pytest.raises(NotAvailableYetError, match="no evaluation dataset yet"):
-        domain.eval_dataset("anything", load_config(RECIPE))
+    with pytest.raises(NotAvailableYetError, match="probes of 3D medical backbones are not available"):
+        domain.eval_dataset("anything", load_config(RECIPE))  # the 3D MAE recipe
 
 
 def test_mixed_channel_counts_are_refused(tmp_path: Path) -> None:

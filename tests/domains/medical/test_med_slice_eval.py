@@ -42,3 +42,31 @@ def test_volumes_outside_class_folders_are_refused(tmp_path: Path) -> None:
     write_nifti(tmp_path / "a.nii.gz", _volume(20.0, 2), np.eye(4))
     with pytest.raises(DataError, match="class sub-folders"):
         LabelledSliceDataset(tmp_path, CT, 12, (0.0,), (1.0,))
+
+
+def test_slice_runs_standardise_with_the_slices_own_statistics(tmp_path: Path) -> None:
+    from domains.medical.domain import MedicalDomain
+    from domains.medical.slices import slice_statistics
+    from foundation.config import load_config
+
+    write_nifti(tmp_path / "train" / "a.nii.gz", _volume(20.0, 4), np.eye(4))
+    cfg = load_config(
+        None,
+        ["model.spatial_dims=2", "data.options.spacing=null", "data.options.window=[0,100]", "seed=3"],
+        domain="medical",
+    )
+    domain = MedicalDomain()
+    source = domain.sample_source(str(tmp_path / "train"), cfg)
+    # every slice: 0.2 except the bright 4x4 corner (1.0) of 12x12: mean 0.289, std 0.251
+    assert domain.mean[0] == pytest.approx(0.2 + 0.8 * 16 / 144, abs=1e-4)
+    assert domain.std[0] == pytest.approx(0.8 * np.sqrt(16 / 144 * (1 - 16 / 144)), abs=1e-4)
+    assert (domain.mean, domain.std) == slice_statistics(source, 3)  # deterministic, own generator
+    state = torch.random.get_rng_state()
+    slice_statistics(source, 3)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global stream is untouched
+    # the evaluation hook reads labelled slices with those statistics
+    write_nifti(tmp_path / "eval" / "liver" / "b.nii.gz", _volume(20.0, 2), np.eye(4))
+    data = domain.eval_dataset(str(tmp_path / "eval"), cfg)
+    assert data.classes == ["liver"] and data[0]["image"][0, -1, -1] == pytest.approx(
+        (0.2 - domain.mean[0]) / domain.std[0]
+    )
