@@ -115,10 +115,17 @@ def recipe(tmp_path_factory, tiny_recipe_text) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(recipe, image_folder, tmp_path_factory) -> dict[str, Path]:
-    """Reference runs, 2 processes each, made side by side: DDP and FSDP."""
+    """Reference runs, 2 processes each, made side by side: DDP and FSDP (which also runs the kNN monitor on its
+    gathered teacher backbone; monitoring changes no loss)."""
     root = tmp_path_factory.mktemp("runs")
     ddp = _torchrun(recipe, image_folder, root / "ddp2")
-    fsdp = _torchrun(recipe, image_folder, root / "fsdp2", "train.parallel=fsdp")
+    knn = [
+        f"eval.knn.train={image_folder}",
+        f"eval.knn.val={image_folder}",
+        "eval.every=2",
+        "eval.images=false",
+    ]
+    fsdp = _torchrun(recipe, image_folder, root / "fsdp2", "train.parallel=fsdp", *knn)
     _finish(ddp, fsdp)
     return {"ddp2": root / "ddp2", "fsdp2": root / "fsdp2"}
 
@@ -126,6 +133,8 @@ def runs(recipe, image_folder, tmp_path_factory) -> dict[str, Path]:
 # -- part 1: FSDP2 ------------------------------------------------------------------------------------------
 def test_fsdp_equals_ddp(runs):
     _assert_same_run(runs["fsdp2"], runs["ddp2"])
+    records = [json.loads(x) for x in (runs["fsdp2"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn/top1" in r] == [1, 3]
     shards = sorted(p.name for p in (runs["fsdp2"] / "checkpoints" / "step_00000004").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
