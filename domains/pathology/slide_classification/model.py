@@ -98,20 +98,29 @@ class SlideMIL(nn.Module):
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor, fold: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        b = features.shape[0]
-        out: dict[str, torch.Tensor] = {}
         present = fold.unique().tolist()
+        if len(present) == 1:  # one fold in the batch (always, with one fold): the bags are not copied
+            out = dict(self.heads[present[0]](features, mask))
+        else:
+            out = self._routed(features, mask, fold, present)
+        # the heads of folds without a bag in this batch join the graph with zero weight, so DDP finds a
+        # gradient for every parameter
+        absent = [p.sum() for k, head in enumerate(self.heads) if k not in present for p in head.parameters()]
+        out["zero"] = torch.stack(absent).sum() * 0.0 if absent else features.new_zeros(())
+        return out
+
+    def _routed(
+        self, features: torch.Tensor, mask: torch.Tensor, fold: torch.Tensor, present: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """Each fold's bags through its head, the outputs put back in batch order."""
+        out: dict[str, torch.Tensor] = {}
         for k in present:
             idx = (fold == k).nonzero().squeeze(1)
             part = self.heads[k](features[idx], mask[idx])
             for name, value in part.items():
                 if name not in out:
-                    out[name] = value.new_zeros((b, *value.shape[1:]))
+                    out[name] = value.new_zeros((features.shape[0], *value.shape[1:]))
                 out[name] = out[name].index_copy(0, idx, value)
-        # the heads of folds without a bag in this batch join the graph with zero weight, so DDP finds a
-        # gradient for every parameter
-        absent = [p.sum() for k, head in enumerate(self.heads) if k not in present for p in head.parameters()]
-        out["zero"] = torch.stack(absent).sum() * 0.0 if absent else features.new_zeros(())
         return out
 
     def snapshot(self, k: int) -> None:
