@@ -211,7 +211,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.collapse = CollapseWatch(cfg.train.collapse_patience, cfg.train.stop_on_collapse)
         self.pictures: list[tuple[int, str, bytes]] = []  # (step, tag, PNG) made in a step, for TensorBoard
-        if dist_info.is_main:
+        pretraining = "task" not in setup.checkpoint_meta  # a fine-tuning recipe's ssl section is unused
+        if dist_info.is_main and pretraining:
             warn_collapse_prone_settings(cfg, dist_info.world_size)
 
     # -- state -----------------------------------------------------------------------------------------------
