@@ -118,6 +118,8 @@ def save_sharded(
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale(folder)
     _barrier()
+    if final.exists():  # this step is saved already (SIGTERM right after a checkpoint): the same state
+        return final
     model_state, optim_state = get_state_dict(model, optimizer)
     with _quiet():
         dcp.save(
@@ -130,13 +132,7 @@ def save_sharded(
         write_verified(tmp / META_FILE, lambda p: torch.save(meta, p))
         _fsync_folder(tmp)
         check_complete(tmp)
-        if final.exists():  # the same step saved again (SIGTERM right after a checkpoint): the newer one wins
-            old = folder / f"{_TMP_PREFIX}old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
     _barrier()
     return final
 
