@@ -3,7 +3,8 @@
 A slide is scored by fold ``k`` when it was in fold ``k``'s test split, or is new to the run (another cohort:
 then every fold scores it). Bags are read one at a time and evaluated whole, so memory does not grow with the
 number of slides. Per fold: AUROC, balanced accuracy and weighted F1 with bootstrap 95% intervals; the top-level
-values are their means over folds (``*_std`` beside them).
+values are their means over folds (``*_std`` beside them); a metric undefined on a fold (AUROC of a fold whose
+held-out slides have one label) is null there and left out of the mean.
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def _summary(per_fold: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (a metric undefined on a fold, e.g. AUROC with one class) as JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     """See the module docstring. The result holds ``done`` (slides scored) and ``skipped`` (the others, with
     reasons), from which the CLI derives the exit status.
@@ -169,13 +181,15 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
             len(skipped),
             skipped[0]["reason"],
         )
-    return {
-        "checkpoint": str(args.checkpoint),
-        **_summary(results),
-        "folds": results,
-        "classes": classes,
-        "predictions": str(out),
-        "not_held_out": len(not_held_out),
-        "done": done,
-        "skipped": skipped,
-    }
+    return _json_safe(
+        {
+            "checkpoint": str(args.checkpoint),
+            **_summary(results),
+            "folds": results,
+            "classes": classes,
+            "predictions": str(out),
+            "not_held_out": len(not_held_out),
+            "done": done,
+            "skipped": skipped,
+        }
+    )
