@@ -139,6 +139,16 @@ def test_fsdp_equals_ddp(runs):
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
 
+def test_mae_fsdp_equals_one_process(recipe, image_folder, tmp_path):
+    # MAE's loss is a mean over samples: 2 sharded ranks give the single process's numbers (its decoder blocks
+    # are FSDP units too)
+    mae = ["ssl.method=mae", "ssl.decoder_dim=32", "ssl.decoder_depth=2", "ssl.decoder_heads=2"]
+    proc = _torchrun(recipe, image_folder, tmp_path / "fsdp", "train.parallel=fsdp", *mae)
+    one = _in_process(recipe, image_folder, tmp_path / "one", *mae)
+    _finish(proc)
+    _assert_same_run(tmp_path / "fsdp", one, rel=1e-4, atol=1e-5)
+
+
 def test_fsdp_in_one_process_is_ddp_equivalent(recipe, image_folder, runs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="foundation.train.parallel"):
         one = _in_process(recipe, image_folder, tmp_path / "one", "train.parallel=fsdp")
