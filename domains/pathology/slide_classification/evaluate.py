@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from domains.pathology.slide_classification.bags import read_bag, scan_features
+from domains.pathology.slide_classification.heatmap import check_heatmap_dir, write_heatmap
 from domains.pathology.slide_classification.inference import run_bag
 from domains.pathology.slide_classification.labels import read_labels
 from domains.pathology.slide_classification.matching import match
@@ -109,6 +110,16 @@ def _summary(per_fold: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _heatmap(folder: Path, feature_file: Path, slide: str, attention: np.ndarray) -> int:
+    """Draw one slide's heatmap (mean attention of the folds that scored it); a failure is logged, not fatal."""
+    try:
+        write_heatmap(folder / f"{slide}.png", feature_file, attention, f"{slide}: attention percentiles")
+    except (DataError, OutputError) as e:
+        log.warning("no heatmap for %s: %s", slide, e)
+        return 0
+    return 1
+
+
 def _json_safe(value: Any) -> Any:
     """NaN (a metric undefined on a fold, e.g. AUROC with one class) as JSON null."""
     if isinstance(value, float) and math.isnan(value):
@@ -130,6 +141,9 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     net, meta, run = load_slide_model(args.checkpoint)
     out = Path(args.out) if args.out else run / "predictions.csv"
     _check_out(out, [Path(args.labels), Path(args.checkpoint)])
+    heatmaps = Path(args.heatmaps) if getattr(args, "heatmaps", None) else None
+    if heatmaps is not None:
+        check_heatmap_dir(heatmaps, [Path(args.features), Path(args.labels), Path(args.checkpoint)])
     table = read_labels(args.labels)
     folder = scan_features(args.features)
     _check_features(meta, folder.dim, folder.backbone, args.features)
@@ -142,7 +156,9 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     net.to(device).eval()
     index = {c: i for i, c in enumerate(classes)}
     per_fold: list[dict[str, list]] = [{"labels": [], "probs": []} for _ in splits]
-    rows, skipped, not_held_out = [], list(matched.skipped), []
+    rows, skipped, not_held_out, drawn = [], list(matched.skipped), [], 0
+    if heatmaps is not None:
+        heatmaps.mkdir(exist_ok=True)
     for row in tqdm(matched.rows, desc=TASK_NAME, unit="slide", disable=getattr(args, "quiet", False)):
         folds = [k for k in range(len(splits)) if row.slide_id in tests[k] or row.slide_id not in in_run]
         if not folds:
@@ -153,12 +169,20 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         except DataError as e:
             skipped.append({"slide": row.slide_id, "reason": str(e)})
             continue
+        attention = []
         for k in folds:
-            probs = run_bag(net.head_for_inference(k), features, device)["probs"].numpy()
+            result = run_bag(net.head_for_inference(k), features, device)
+            # kept as Python floats: a small tensor kept per slide would pin glibc's heap above the freed bag
+            # (RSS then grows by a bag's temporaries with every slide)
+            probs = result["probs"].tolist()
+            if heatmaps is not None:
+                attention.append(result["attention"].numpy())
             per_fold[k]["labels"].append(index[row.label])
             per_fold[k]["probs"].append(probs)
             rows.append([row.slide_id, row.case_id, k, row.label, *(f"{p:.6g}" for p in probs)])
         del features
+        if heatmaps is not None:
+            drawn += _heatmap(heatmaps, matched.bags[row.slide_id].path, row.slide_id, np.mean(attention, 0))
     done = len({r[0] for r in rows})
     if not done:
         first = f" (first skipped: {skipped[0]['reason']})" if skipped else ""
@@ -167,7 +191,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     for k, fold in enumerate(per_fold):
         if not fold["labels"]:
             continue
-        y, p = np.array(fold["labels"]), np.stack(fold["probs"])
+        y, p = np.array(fold["labels"]), np.array(fold["probs"], np.float64)
         results.append({"fold": k, **scores(y, p, bootstrap=args.bootstrap, seed=k)})
     _check_out(out, [Path(args.labels), Path(args.checkpoint)])  # again: it may have appeared meanwhile
     _write_predictions(out, classes, rows)
@@ -188,6 +212,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
             "folds": results,
             "classes": classes,
             "predictions": str(out),
+            **({"heatmaps": str(heatmaps), "heatmaps_drawn": drawn} if heatmaps is not None else {}),
             "not_held_out": len(not_held_out),
             "done": done,
             "skipped": skipped,

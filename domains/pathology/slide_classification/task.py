@@ -142,6 +142,11 @@ class SlideClassificationTask:
             "existing file is replaced only if this command wrote it",
         )
         parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
+        parser.add_argument(
+            "--heatmaps",
+            help="also DIR/<slide>.png per scored slide: attention percentiles over the tiles, on the slide's "
+            "thumbnail when the slide can be opened (DIR new, empty or holding only heatmaps of ours)",
+        )
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
         from domains.pathology.slide_classification.evaluate import evaluate_run

@@ -84,8 +84,9 @@ def test_multiclass_cohort_with_cases_and_missing_slides(
         parts = [{case[s] for s in split[name]} for name in ("train", "val", "test")]
         assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
 
-    code, result = _evaluate(run, feats, labels, capsys)
+    code, result = _evaluate(run, feats, labels, capsys, "--heatmaps", str(tmp_path / "heat"))
     assert code == EXIT_SOME_SKIPPED  # scored the rest, said which were skipped
+    assert result["heatmaps_drawn"] == 24 and len(list((tmp_path / "heat").glob("s*.png"))) == 24
     assert {s["slide"] for s in result["skipped"]} == {"unlabelled", "empty", "ghost"}
     assert "empty.h5: empty bag" in next(s["reason"] for s in result["skipped"] if s["slide"] == "empty")
     assert result["done"] == 24 and [f["fold"] for f in result["folds"]] == [0, 1, 2]

@@ -1,0 +1,63 @@
+"""Attention heatmaps of slide classification: tiles painted by attention percentile, on the slide when it opens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TISSUE, write_svs
+from PIL import Image
+
+from domains.pathology.slide_classification.heatmap import check_heatmap_dir, percentiles, write_heatmap
+from foundation.errors import OutputError
+
+
+def _feature_file(path: Path, coords: np.ndarray, side: int, slide: Path | None, size=(2048, 1536)) -> Path:
+    with h5py.File(path, "w") as f:
+        dset = f.create_dataset("coords", data=coords.astype(np.int64))
+        dset.attrs.update({"patch_size_level0": side, "level0_width": size[0], "level0_height": size[1]})
+        f.create_dataset("features", data=np.zeros((len(coords), 4), np.float32))
+        f.attrs.update({"complete": True, "n_tiles": len(coords), **({"slide": str(slide)} if slide else {})})
+    return path
+
+
+def test_percentiles_rank_within_the_bag() -> None:
+    np.testing.assert_allclose(percentiles(np.array([0.1, 0.7, 0.2])), [0.0, 1.0, 0.5])
+    assert percentiles(np.array([3.0])).tolist() == [1.0]
+
+
+def test_heatmap_paints_the_most_attended_tile_hot_on_the_slide(tmp_path: Path) -> None:
+    slide = write_svs(tmp_path / "s.svs")  # 2048 x 1536, tissue in TISSUE
+    coords = np.array([[512, 512], [768, 512], [1024, 768]])
+    feats = _feature_file(tmp_path / "s.h5", coords, 256, slide)
+    out = write_heatmap(tmp_path / "s.png", feats, np.array([0.1, 0.8, 0.1]), "s")
+    with Image.open(out) as image:
+        assert image.text["foundation"] == "slide-heatmap"
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    assert rgb.shape[:2] == (768, 1024)  # longer side 1024: level-0 / 2
+    hot, cold = rgb[256 + 64, 384 + 64], rgb[256 + 64, 256 + 64]  # centres of tiles 1 and 0
+    assert hot[0] > hot[2] + 40 and cold[2] > cold[0] + 40
+    # off the tiles the slide shows through: pink tissue inside the rectangle, glass outside
+    inside = rgb[(TISSUE[3] - 64) // 2, (TISSUE[2] - 64) // 2]
+    assert inside[0] > inside[1] + 30 and (rgb[10, 10] > 230).all()
+    # without the slide (moved away) the same tiles are drawn on white
+    slide.unlink()
+    out = write_heatmap(tmp_path / "s.png", feats, np.array([0.1, 0.8, 0.1]), "s")
+    with Image.open(out) as image:
+        assert (np.asarray(image.convert("RGB"))[(TISSUE[3] - 64) // 2, (TISSUE[2] - 64) // 2] == 255).all()
+
+
+def test_heatmap_folder_holds_only_ours(tmp_path: Path) -> None:
+    folder = tmp_path / "heat"
+    check_heatmap_dir(folder, [])  # new: fine
+    folder.mkdir()
+    feats = _feature_file(tmp_path / "a.h5", np.array([[0, 0]]), 256, None)
+    write_heatmap(folder / "a.png", feats, np.array([1.0]), "a")
+    check_heatmap_dir(folder, [])  # only ours: fine
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not heatmaps of ours \\(notes.txt\\)"):
+        check_heatmap_dir(folder, [])
+    with pytest.raises(OutputError, match="is \\(or holds\\) an input"):
+        check_heatmap_dir(tmp_path, [tmp_path / "a.h5"])
