@@ -288,7 +288,7 @@ class Trainer:
         backbone = self.objective.export_backbone()
         if backbone is None or not self.sharded:
             return backbone
-        state = parallel.full_state_dict(backbone)
+        state = parallel.full_state_dict(backbone, keep=self.dist.is_main)
         if not self.dist.is_main:
             return None
         plain = build_vit_to_load(**self.backbone_args)

@@ -103,11 +103,13 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
     return float(total)
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's full state on CPU, every shard gathered (a collective: every rank calls it)."""
+def full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The module's full state on CPU, gathered one tensor at a time (a collective: every rank calls it). With
+    ``keep=False`` this rank only takes part and returns nothing (a node's ranks need not each hold a copy)."""
     out = {}
     for key, value in module.state_dict().items():
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        out[key] = value.detach().to("cpu", copy=True)
+        if keep:
+            out[key] = value.detach().to("cpu", copy=True)
     return out

@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 from foundation.cli import main as cli_main
 from foundation.config import load_config
 from foundation.errors import CheckpointError, ConfigError
+from foundation.export import load_backbone
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import pretrain
+from foundation.train.finetune import finetune
 
 CPU1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # KoLeo is per rank (as in DINOv2): the one term that differs between world sizes, so it is off here.
@@ -254,14 +256,10 @@ def test_checkpoint_with_a_missing_rank_file_is_refused(recipe, image_folder, ru
         _in_process(recipe, image_folder, run, "train.parallel=fsdp")
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # nothing resumed, nothing lost
     with pytest.raises(CheckpointError, match="__1_0.distcp"):
-        from foundation.export import load_backbone
-
-        load_backbone(run)
+        load_backbone(run)  # foundation export refuses it the same way
 
 
 def test_finetune_refuses_fsdp(tiny_recipe):
-    from foundation.train.finetune import finetune
-
     cfg = load_config(tiny_recipe, ["train.parallel=fsdp"])
     with pytest.raises(ConfigError, match="train.parallel='fsdp' is for pretraining"):
         finetune(None, cfg, None, Path("unused"), CPU1)
