@@ -68,7 +68,10 @@ def engine_trainer(dim: int, work: Path) -> tuple[Trainer, HeadConfig]:
     net = SlideMIL(head, folds=1)
     loss = SlideLoss(torch.ones(1, 2))
     objective = TaskModel(net, loss, input_key=("features", "mask", "fold"), uses_backbone=False)
-    setup = TrainingSetup(objective, dataset=None, backbone_args={}, mean=(), std=(), collate=collate_bags)
+    setup = TrainingSetup(
+        objective, dataset=None, backbone_args={}, mean=(), std=(), collate=collate_bags,
+        checkpoint_meta={"task": "slide-classification"},  # as finetune's: a task run
+    )  # fmt: skip
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     return Trainer(cfg, work, dist, setup, quiet=True), head
 
