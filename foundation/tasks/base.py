@@ -41,6 +41,9 @@ class TaskParts:
             to run inference later (normalisation, bands, spacing, class names, head arguments, ...).
         input_key: the batch key fed to ``net``, or a tuple of keys fed as positional arguments (a bag of
             features and its padding mask).
+        inputs_identity: for a task without a backbone, what its inputs are (the features' backbone and width,
+            the splits): stored in checkpoints where the backbone's arguments go, so resuming on other inputs is
+            refused before anything changes.
     """
 
     net: nn.Module
@@ -50,6 +53,7 @@ class TaskParts:
     validate: Validate | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     input_key: str | tuple[str, ...] = "image"
+    inputs_identity: dict[str, Any] | None = None
 
 
 @runtime_checkable

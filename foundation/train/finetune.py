@@ -69,7 +69,7 @@ def task_setup(task: Task, cfg: Config, args: argparse.Namespace) -> TrainingSet
     return TrainingSetup(
         objective=objective,
         dataset=parts.dataset,
-        backbone_args=meta["backbone_args"],
+        backbone_args=meta["backbone_args"] if uses_backbone else (parts.inputs_identity or {}),
         mean=mean,
         std=std,
         collate=parts.collate or torch.utils.data.default_collate,

@@ -10,6 +10,8 @@ the model.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,17 @@ def _class_weights(folds: list[Fold], labels: dict[str, int], n_classes: int) ->
         counts = torch.bincount(torch.tensor([labels[s] for s in fold.train]), minlength=n_classes).float()
         weights[k] = torch.where(counts > 0, len(fold.train) / (n_classes * counts.clamp(min=1)), 0.0)
     return weights
+
+
+def _identity(dim: int, backbone: str, folds: list[Fold], classes: list[str]) -> dict[str, Any]:
+    """What a resumed run must train on again: the features' width and backbone, the classes and the splits (a
+    digest: another labels CSV or seed gives other splits)."""
+    splits = json.dumps([f.to_dict() for f in folds], sort_keys=True).encode()
+    return {
+        "features": {"dim": dim, "backbone": backbone},
+        "classes": classes,
+        "splits_sha256": hashlib.sha256(splits).hexdigest()[:16],
+    }
 
 
 class SlideClassificationTask:
@@ -130,6 +143,7 @@ class SlideClassificationTask:
             validate=validate,
             meta=meta,
             input_key=("features", "mask", "fold"),
+            inputs_identity=_identity(folder.dim, folder.backbone, folds, classes),
         )
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:

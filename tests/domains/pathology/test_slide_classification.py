@@ -117,7 +117,7 @@ def test_multiclass_cohort_with_cases_and_missing_slides(
 
 
 def test_early_stopping_ends_the_run_and_a_rerun_is_finished(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, single_thread: None
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture, single_thread: None
 ) -> None:
     feats, labels = tmp_path / "feats", tmp_path / "labels.csv"
     planted_cohort(feats, labels, per_class=6, tiles=(20, 30))
@@ -140,3 +140,8 @@ def test_early_stopping_ends_the_run_and_a_rerun_is_finished(
     caplog.clear()
     assert _finetune(feats, labels, run, *args) == 0
     assert "(step 400 of 400)" in caplog.text  # resumed at its end: nothing more to train
+    # other labels give other splits: that run is not resumed on them
+    labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:-1]))
+    stamp = (run / "model.pt").stat().st_mtime_ns
+    assert _finetune(feats, labels, run, *args) == EXIT_NOTHING_DONE
+    assert "splits_sha256" in capsys.readouterr().err and (run / "model.pt").stat().st_mtime_ns == stamp
