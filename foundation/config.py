@@ -204,6 +204,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (student and teacher)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     parallel: str = "ddp"  # ddp: a full copy per rank; fsdp: FSDP2 shards per block, sharded DCP checkpoints
+    checkpoint_async: bool = (
+        True  # fsdp: checkpoints are written by a background thread while training goes on
+    )
     eval_every: int = 0  # fine-tuning: validate every N steps (0: only at the end)
     collapse_patience: int = (
         20  # DINOv2: this many collapsed steps in a row are reported (log, metrics.jsonl)

@@ -15,7 +15,9 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,34 +109,103 @@ def _remove_stale(d: Path) -> None:
             shutil.rmtree(p)
 
 
+@dataclass
+class _Pending:
+    """A checkpoint being written in the background, renamed into place when done."""
+
+    upload: Future
+    tmp: Path
+    final: Path
+    meta: dict[str, Any]
+    after: Callable[[Path], None] | None
+
+
+class ShardedSaver:
+    """Writes ``folder/step_XXXXXXXX/`` checkpoints; every call is a collective (every rank makes it).
+
+    Asynchronous (``dcp.async_save``): the state is first copied to CPU memory, then the files are written by a
+    background thread while training goes on, over a gloo group of its own (no collective of the training loop
+    waits for the disk). The folder becomes ``step_XXXXXXXX`` only when every rank's shards are written: the main
+    rank renames it when it finds the write done (:meth:`poll`), at the next save, or in :meth:`finish`, which the
+    loop calls before it ends or exits. A kill before that leaves a ``.tmp-`` folder, never listed.
+    """
+
+    def __init__(self, *, asynchronous: bool) -> None:
+        self.asynchronous = asynchronous and _distributed()  # one process (DDP-equivalent): written in place
+        self.pending: _Pending | None = None
+        # its own group: the writer thread's collectives never interleave with the training loop's
+        self.group = dist.new_group(backend="gloo") if asynchronous and _distributed() else None
+
+    def save(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        meta: dict[str, Any],
+        folder: Path,
+        step: int,
+        after: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Start (or, synchronous, write) the checkpoint of ``step``; ``after(path)`` runs on the main rank once
+        it is in place (pruning, logging). Returns its final path."""
+        self.finish()
+        final = folder / f"step_{step:08d}"
+        tmp = folder / f"{_TMP_PREFIX}{final.name}"
+        if _is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_stale(folder)
+        _barrier()
+        if final.exists():  # this step is saved already (SIGTERM right after a checkpoint): the same state
+            return final
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        with _quiet():
+            if self.asynchronous:
+                upload = dcp.async_save(
+                    state, checkpoint_id=str(tmp), process_group=self.group, no_dist=not _distributed()
+                )
+                self.pending = _Pending(upload, tmp, final, meta, after)
+                return final
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+        _barrier()  # every rank's shard file is closed
+        _commit(tmp, final, meta, after)
+        _barrier()
+        return final
+
+    def poll(self) -> None:
+        """Rename a finished background write into place (no collective: each rank looks at its own write)."""
+        if self.pending is not None and self.pending.upload.done():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the background write, then rename it into place (main rank)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        pending.upload.result()  # the coordinator's future ends after every rank's shards and the metadata
+        _commit(pending.tmp, pending.final, pending.meta, pending.after)
+
+
+def _is_main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _commit(tmp: Path, final: Path, meta: dict[str, Any], after: Callable[[Path], None] | None) -> None:
+    """Main rank: ``meta.pt``, every file on disk and checked, then the rename that makes the checkpoint."""
+    if not _is_main():
+        return
+    write_verified(tmp / META_FILE, lambda p: torch.save(meta, p))
+    _fsync_folder(tmp)
+    check_complete(tmp)
+    os.replace(tmp, final)
+    if after is not None:
+        after(final)
+
+
 def save_sharded(
     model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], folder: Path, step: int
 ) -> Path:
-    """Write ``folder/step_XXXXXXXX/`` (a collective: every rank calls it); returns its path."""
-    final = folder / f"step_{step:08d}"
-    tmp = folder / f"{_TMP_PREFIX}{final.name}"
-    main = not _distributed() or dist.get_rank() == 0
-    if main:
-        folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale(folder)
-    _barrier()
-    if final.exists():  # this step is saved already (SIGTERM right after a checkpoint): the same state
-        return final
-    model_state, optim_state = get_state_dict(model, optimizer)
-    with _quiet():
-        dcp.save(
-            {"model": model_state, "optimizer": optim_state},
-            checkpoint_id=str(tmp),
-            no_dist=not _distributed(),
-        )
-    _barrier()  # every rank's shard file is closed
-    if main:
-        write_verified(tmp / META_FILE, lambda p: torch.save(meta, p))
-        _fsync_folder(tmp)
-        check_complete(tmp)
-        os.replace(tmp, final)
-    _barrier()
-    return final
+    """Write ``folder/step_XXXXXXXX/`` now (a collective: every rank calls it); returns its path."""
+    return ShardedSaver(asynchronous=False).save(model, optimizer, meta, folder, step)
 
 
 def _fsync_folder(path: Path) -> None:

@@ -187,6 +187,7 @@ class Trainer:
         # FSDP replaces the parameters by shards: the optimiser is built on what the wrapping left
         self.model: torch.nn.Module = parallel.wrap(self.objective, tc.parallel, self.device, self.amp_dtype)
         self.sharded = parallel.is_sharded(self.objective)
+        self.saver = dcp.ShardedSaver(asynchronous=tc.checkpoint_async) if tc.parallel == "fsdp" else None
 
         param_groups = build_param_groups(
             list(self.objective.trainable_named_parameters()),
@@ -261,15 +262,15 @@ class Trainer:
             )
 
     def save(self, step: int) -> None:
-        if self.cfg.train.parallel == "fsdp":  # every rank writes its own shards
-            meta = self.meta_state(step)
-            path = dcp.save_sharded(
-                self.objective, self.optimizer, meta, ckpt.checkpoint_dir(self.run_dir), step
-            )
-            if self.dist.is_main:
+        if self.saver is not None:  # every rank writes its own shards, in the background when asynchronous
+
+            def placed(path: Path) -> None:  # main rank, once the folder is complete and in place
                 ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
                 log.info("checkpoint: %s", path)
-            barrier()
+
+            meta = self.meta_state(step)
+            folder = ckpt.checkpoint_dir(self.run_dir)
+            self.saver.save(self.objective, self.optimizer, meta, folder, step, after=placed)
             return
         state = self.state_dict(step)  # collective (RNG states), so every rank calls it
         if self.dist.is_main:
@@ -408,10 +409,12 @@ class Trainer:
         try:
             with _StopFlag() as stop:
                 for step in range(self.start_step, tc.steps):
+                    if self.saver is not None:
+                        self.saver.poll()  # a checkpoint written in the background is renamed into place
                     if any_rank(stop.requested, self.device):
                         log.warning("SIGTERM: writing a checkpoint at step %d, then exiting", step)
                         self.save(step)
-                        raise SystemExit(143)
+                        raise SystemExit(143)  # the background write is finished below
                     metrics = self.train_step(step, batches)
                     if metrics is None:
                         self.nonfinite_in_a_row += 1
@@ -464,6 +467,8 @@ class Trainer:
                     if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
                         self.save(step + 1)
         finally:
+            if self.saver is not None:
+                self.saver.finish()  # the last checkpoint is complete before the run goes on or ends
             logger.close()
 
 

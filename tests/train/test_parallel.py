@@ -22,6 +22,7 @@ from foundation.cli import main as cli_main
 from foundation.config import load_config
 from foundation.errors import CheckpointError, ConfigError
 from foundation.export import load_backbone
+from foundation.train import dcp
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import pretrain
 from foundation.train.finetune import finetune
@@ -208,6 +209,31 @@ def test_fsdp_resume_after_sigkill_is_exact(recipe, image_folder, runs, tmp_path
     assert "resuming from" in err
     _assert_same_run(out, runs["fsdp2"])
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_fsdp_sigterm_writes_a_complete_sharded_checkpoint(recipe, image_folder, tmp_path):
+    # as a scheduler sends it: to the launcher and both workers; each rank writes its shards, then they exit
+    out = tmp_path / "run"
+    proc = _torchrun(
+        recipe,
+        image_folder,
+        out,
+        "train.parallel=fsdp",
+        "train.steps=400",
+        "train.checkpoint_every=1000",
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "SIGTERM: writing a checkpoint" in err
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert ckpt.name.startswith("step_") and 0 < int(ckpt.name.split("_")[1]) < 400
+    dcp.check_complete(ckpt)
+    assert not (out / "export").exists()
 
 
 def test_two_ranks_checkpoint_resumes_in_one_process(recipe, image_folder, runs, tmp_path, caplog):
