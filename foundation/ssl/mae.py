@@ -339,7 +339,12 @@ class MAE(nn.Module):
         tokens, grid = self.encoder.forward_visible(image, keep_idx)
         pred = self.decoder(tokens, restore_idx, grid)
         loss = masked_patch_loss(pred, target, mask, self.cfg.norm_pix_loss)
-        return {"loss": loss, "mse": loss.detach()}
+        # MAE drops masked patches instead of replacing them, so the encoder's mask token (iBOT's) never reaches
+        # the loss, and DDP, waiting for a gradient of every parameter, stopped at the second step. A zero term
+        # gives it an exact zero gradient: the loss is unchanged, AdamW leaves the token as it is (it has no
+        # weight decay), and the optimiser's parameter list, so every checkpoint's layout, stays the same.
+        unused = self.encoder.mask_token.sum() * 0.0
+        return {"loss": loss + unused, "mse": loss.detach()}
 
     def update_teacher(self, step: int) -> dict[str, float]:
         """Nothing to do: MAE has no teacher."""

@@ -142,13 +142,15 @@ def test_fsdp_equals_ddp(runs):
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
 
-def test_mae_fsdp_equals_one_process(recipe, image_folder, tmp_path):
-    # MAE's loss is a mean over samples: 2 sharded ranks give the single process's numbers (its decoder blocks
-    # are FSDP units too)
+def test_mae_ddp_and_fsdp_equal_one_process(recipe, image_folder, tmp_path):
+    # MAE's loss is a mean over samples: 2 ranks give the single process's numbers, with DDP and sharded (its
+    # decoder blocks are FSDP units too). DDP once refused MAE: the encoder's mask token had no gradient.
     mae = ["ssl.method=mae", "ssl.decoder_dim=32", "ssl.decoder_depth=2", "ssl.decoder_heads=2"]
-    proc = _torchrun(recipe, image_folder, tmp_path / "fsdp", "train.parallel=fsdp", *mae)
+    ddp = _torchrun(recipe, image_folder, tmp_path / "ddp", *mae)
+    fsdp = _torchrun(recipe, image_folder, tmp_path / "fsdp", "train.parallel=fsdp", *mae)
     one = _in_process(recipe, image_folder, tmp_path / "one", *mae)
-    _finish(proc)
+    _finish(ddp, fsdp)
+    _assert_same_run(tmp_path / "ddp", one, rel=1e-4, atol=1e-5)
     _assert_same_run(tmp_path / "fsdp", one, rel=1e-4, atol=1e-5)
 
 
