@@ -2,7 +2,8 @@
 
 1. Per step: a DINOv2 training step with the collapse indicators (teacher entropy, max probability, CLS
    effective rank; computed every step) and the collapse watch, against the same step with the indicators
-   replaced by nothing. Goal: overhead <= 3 %.
+   replaced by nothing; and the indicators alone on tensors of the step's shapes, as a fraction of the step
+   (the steps' own noise on a shared machine is larger than the difference). Goal: overhead <= 3 %.
 2. The kNN pass of ``eval.knn`` (features of the train and val folders, the kNN vote) against one embedding
    pass over the same images (``extract_features`` alone). Goal: <= 2x. The PCA picture is timed apart.
 
@@ -95,6 +96,12 @@ def main() -> None:
             {"on": lambda: step(real), "off": lambda: step(_NoIndicators)}, args.repeats, warmup=2
         )
 
+        # the indicators alone, on tensors of this step's shapes: a figure machine noise cannot swamp
+        k, e = cfg.ssl.head_prototypes, trainer.objective.export_backbone().embed_dim
+        probs = torch.softmax(torch.randn(2 * args.batch, k, device=device), dim=-1)
+        cls_features = torch.randn(2 * args.batch, e, device=device)
+        alone = interleaved_median({"measure": lambda: real.measure(probs, cls_features)}, 50, warmup=3)
+
         backbone = trainer.objective.export_backbone()
         images_on = cfg.eval.images
         monitor.cfg.eval.images = False  # the kNN pass alone; the picture is timed below
@@ -123,6 +130,8 @@ def main() -> None:
                 "step_on_s": round(steps["on"], 4),
                 "step_off_s": round(steps["off"], 4),
                 "step_overhead": round(steps["on"] / steps["off"] - 1, 4),
+                "indicators_s": round(alone["measure"], 5),
+                "indicators_vs_step": round(alone["measure"] / steps["off"], 4),
                 "knn_images": n_images,
                 "knn_pass_s": round(passes["knn"], 3),
                 "embedding_pass_s": round(passes["embed"], 3),
