@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ def prune(run_dir: Path, keep: int) -> None:
     """Keep the last ``keep`` checkpoints of the run (its own files and shard folders only)."""
     for old in list_checkpoints(run_dir)[:-keep]:
         if old.is_dir():
-            shutil.rmtree(old)
+            dcp.remove_shard_folder(old)
         else:
             old.unlink(missing_ok=True)
 

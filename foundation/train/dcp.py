@@ -11,6 +11,7 @@ one process without a process group (``foundation export``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ META_FILE = "meta.pt"
 METADATA_FILE = ".metadata"
 _TMP_PREFIX = ".tmp-"
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+log = logging.getLogger(__name__)
 
 
 def _distributed() -> bool:
@@ -102,11 +105,28 @@ def read_meta(path: Path) -> dict[str, Any]:
     return {**meta, "sharded": True}
 
 
+def holds_only_shards(path: Path) -> bool:
+    """Every entry of ``path`` is a file this writer makes (``.metadata``, ``meta.pt``, rank shards): a folder
+    that may be removed. Anything else put there (a user's file, a sub-folder) keeps the folder."""
+    return all(
+        p.is_file() and (p.name in (METADATA_FILE, META_FILE) or _RANK_FILE.match(p.name))
+        for p in Path(path).iterdir()
+    )
+
+
+def remove_shard_folder(path: Path) -> None:
+    """Remove a checkpoint folder of ours; one holding anything else is left, with a warning."""
+    if holds_only_shards(path):
+        shutil.rmtree(path)
+    else:
+        log.warning("%s holds files that are not checkpoint shards; left in place", path)
+
+
 def _remove_stale(d: Path) -> None:
     """Half-written checkpoint folders of a killed run (the run lock makes this process the only writer)."""
     for p in d.iterdir():
         if p.name.startswith(f"{_TMP_PREFIX}step_") and p.is_dir():
-            shutil.rmtree(p)
+            remove_shard_folder(p)
 
 
 @dataclass

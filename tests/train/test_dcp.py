@@ -67,3 +67,21 @@ def test_incomplete_folders_are_refused_by_name(tmp_path):
     (path / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"not a sharded checkpoint \(.metadata is missing\)"):
         ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+
+
+def test_only_folders_of_shards_are_removed(tmp_path):
+    from foundation.train.checkpoint import prune
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        folder = ckpts / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        for name in (".metadata", "meta.pt", "__0_0.distcp", "__1_0.distcp"):
+            (folder / name).write_bytes(b"x")
+    (ckpts / "step_00000002" / "notes.txt").write_text("a user's file")
+    prune(tmp_path, keep=1)
+    assert not (ckpts / "step_00000001").exists()  # ours: removed
+    assert (
+        ckpts / "step_00000002" / "notes.txt"
+    ).read_text() == "a user's file"  # holds something else: kept
+    assert (ckpts / "step_00000003").is_dir()
