@@ -13,7 +13,7 @@ from foundation.config import load_config
 from foundation.domain import get_domain
 from foundation.errors import ConfigError, DataError
 from foundation.eval.embed import embed_dataset
-from foundation.eval.features import cached_features, extract_features, feature_cache_key
+from foundation.eval.features import cached_features, extract_features, feature_cache_key, remap_labels
 from foundation.eval.knn import knn_evaluate
 from foundation.eval.linear import linear_probe
 from foundation.export import load_backbone, random_like, resolve_backbone_source
@@ -21,18 +21,6 @@ from foundation.models.fingerprint import weights_fingerprint
 from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def _remap_labels(
-    train_classes: list[str], val_classes: list[str], labels: torch.Tensor, path: str
-) -> torch.Tensor:
-    """Validation labels in the training set's class order (classes are matched by name)."""
-    index = {c: i for i, c in enumerate(train_classes)}
-    missing = [c for c in val_classes if c not in index]
-    if missing:
-        raise DataError(f"{path}: classes {missing} do not occur in the training data")
-    table = torch.tensor([index[c] for c in val_classes], dtype=torch.long)
-    return table[labels]
 
 
 def _eval_config(meta: dict[str, Any], size: int, domain: str):
@@ -138,7 +126,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed)
     train_f, train_l, _ = features(train_set, args.data)
     val_f, val_l, _ = features(val_set, args.val_data)
-    val_l = _remap_labels(list(train_set.classes), list(val_set.classes), val_l, args.val_data)
+    val_l = remap_labels(list(train_set.classes), list(val_set.classes), val_l, args.val_data)
     num_classes = len(train_set.classes)
     if num_classes < 2:
         raise DataError(f"{args.data}: needs at least two classes (class sub-folders) for evaluation")

@@ -190,3 +190,15 @@ def cached_features(cache_dir: Path, key: str, compute: Callable[[], tuple]) -> 
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write(path, features, labels, ids)
     return features, labels, ids
+
+
+def remap_labels(
+    train_classes: list[str], val_classes: list[str], labels: torch.Tensor, path: str
+) -> torch.Tensor:
+    """Validation labels in the training set's class order (classes are matched by name)."""
+    index = {c: i for i, c in enumerate(train_classes)}
+    missing = [c for c in val_classes if c not in index]
+    if missing:
+        raise DataError(f"{path}: classes {missing} do not occur in the training data")
+    table = torch.tensor([index[c] for c in val_classes], dtype=torch.long)
+    return table[labels]

@@ -17,7 +17,7 @@ from foundation.config import load_config
 from foundation.data.seeding import generator_for
 from foundation.domain import get_domain, resolve_data_path
 from foundation.plotting import new_figure, png_bytes
-from foundation.visualize.inputs import VisualInput
+from foundation.visualize.inputs import VisualInput, from_normalised
 
 CROP_SEED = 0x5EE
 
@@ -91,16 +91,7 @@ def crop_grid(samples: list[CropSample]) -> bytes:
 
 def first_views(samples: list[CropSample]) -> list[VisualInput]:
     """The first (global) view of each sample as a visualize input, de-normalised back to model units."""
-    items = []
-    for k, sample in enumerate(samples):
-        name, view = sample.views[0]
-        c = view.shape[0]
-        shape = (c,) + (1,) * (view.ndim - 1)
-        pixels = view * torch.tensor(sample.std).view(shape) + torch.tensor(sample.mean).view(shape)
-        display = (0, 1, 2) if c >= 3 else (0,)
-        items.append(
-            VisualInput(
-                f"sample{k}", f"sample {k + 1}, {name}", pixels, sample.mean, sample.std, display, c != 3
-            )
-        )
-    return items
+    return [
+        from_normalised(f"sample{k}", f"sample {k + 1}, {s.views[0][0]}", s.views[0][1], s.mean, s.std)
+        for k, s in enumerate(samples)
+    ]

@@ -19,11 +19,11 @@ from torch import nn
 from foundation.config import Config
 from foundation.domain import Domain
 from foundation.errors import DataError
-from foundation.eval.features import extract_features
+from foundation.eval.features import extract_features, remap_labels
 from foundation.eval.knn import knn_top1
 from foundation.plotting import write_png
 from foundation.report.crops import CropSample, crop_grid
-from foundation.visualize.inputs import VisualInput
+from foundation.visualize.inputs import from_normalised
 from foundation.visualize.pipeline import fit, overview, see
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ class KnnSets:
 
     train: Any
     val: Any
-    val_labels_remap: torch.Tensor  # the val set's label index -> the train set's (classes matched by name)
     num_classes: int
 
 
@@ -69,12 +68,10 @@ def load_knn_sets(domain: Domain, cfg: Config) -> KnnSets | None:
             f"eval.knn.train={knn.train!r}: {len(classes)} class ({', '.join(classes)}); the kNN protocol needs "
             "two or more class sub-folders"
         )
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = [c for c in val.classes if c not in index]
+    unknown = sorted(set(val.classes) - set(classes))
     if unknown:
         raise DataError(f"eval.knn.val={knn.val!r}: classes {unknown} do not occur in eval.knn.train")
-    remap = torch.tensor([index[c] for c in val.classes], dtype=torch.long)
-    return KnnSets(train, val, remap, len(classes))
+    return KnnSets(train, val, len(classes))
 
 
 def _png_path(run_dir: Path, name: str, step: int) -> Path:
@@ -157,7 +154,9 @@ class PretrainMonitor:
                 train_f,
                 train_l,
                 val_f,
-                knn.val_labels_remap[val_l],
+                remap_labels(
+                    list(knn.train.classes), list(knn.val.classes), val_l, str(self.cfg.eval.knn.val)
+                ),
                 knn.num_classes,
                 k=self.cfg.eval.knn.k,
                 temperature=self.cfg.eval.knn.temperature,
@@ -171,19 +170,13 @@ class PretrainMonitor:
         backbone.eval()
         try:
             n = min(self.cfg.eval.pca_inputs, len(self.knn.val))
-            items = [self._visual_input(self.knn.val[i], i) for i in range(n)]
+            items = [
+                from_normalised(f"val{i}", f"val {i + 1}", self.knn.val[i]["image"], self.mean, self.std)
+                for i in range(n)
+            ]
             seen = see(backbone, items, mean=self.mean, std=self.std, device=device)
             png = overview(seen, fit(seen), f"teacher after step {step + 1}: PCA of patch tokens")
         finally:
             backbone.train(was_training)
         _write(_png_path(run_dir, "pca", step + 1), png)
         return [("pca", png)]
-
-    def _visual_input(self, item: dict[str, Any], index: int) -> VisualInput:
-        """An evaluation item back in model units (before mean/std), as visualize takes it."""
-        x = item["image"].float()
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        pixels = x * torch.tensor(self.std).view(shape) + torch.tensor(self.mean).view(shape)
-        c = x.shape[0]
-        display = (0, 1, 2) if c >= 3 else (0,)
-        return VisualInput(f"val{index}", f"val {index + 1}", pixels, self.mean, self.std, display, c != 3)

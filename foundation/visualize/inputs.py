@@ -120,3 +120,15 @@ def fit_to_patches(image: torch.Tensor, longer_side: int, patch: int) -> torch.T
 def rgb_channels(channels: int) -> tuple[int, ...]:
     """Channels shown by default: the first three, or the only one."""
     return (0, 1, 2) if channels >= 3 else (0,)
+
+
+def from_normalised(
+    name: str, title: str, view: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> VisualInput:
+    """A view the model was given (after mean/std) back in model units, as visualize takes it: three or more
+    channels shown as RGB, others as grey with a stretch."""
+    c = view.shape[0]
+    shape = (c,) + (1,) * (view.ndim - 1)
+    pixels = view.float() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+    display = (0, 1, 2) if c >= 3 else (0,)
+    return VisualInput(name, title, pixels, tuple(mean), tuple(std), display, c != 3)
