@@ -212,9 +212,6 @@ class Trainer:
         self.nonfinite_total = 0
         self.collapse = CollapseWatch(cfg.train.collapse_patience, cfg.train.stop_on_collapse)
         self.pictures: list[tuple[int, str, bytes]] = []  # (step, tag, PNG) made in a step, for TensorBoard
-        pretraining = "task" not in setup.checkpoint_meta  # a fine-tuning recipe's ssl section is unused
-        if dist_info.is_main and pretraining:
-            warn_collapse_prone_settings(cfg, dist_info.world_size)
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -592,6 +589,8 @@ def resolve_augment_on(cfg: Config, device: torch.device) -> Config:
 
 def pretrain(cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False) -> Path:
     """Pretrain (or resume) into ``out``; returns the exported backbone folder."""
+    if dist_info.is_main:
+        warn_collapse_prone_settings(cfg, dist_info.world_size)
     run_training(
         cfg,
         out,
