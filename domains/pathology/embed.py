@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,10 +42,12 @@ from domains.pathology.feature_file import is_complete, is_ours, write_feature_f
 from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, ensure_pt_bag, write_pt_bag
 from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
 from domains.pathology.slide import SlideCache, open_slide
+from domains.pathology.slide_refs import SlideRef, slide_name
 from domains.pathology.source import PathologyOptions, list_slides, mpp_override, read_mpp_csv
 from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
 from foundation.batch import EXIT_DONE, exit_status
 from foundation.config import load_config
+from foundation.data.listing import is_url
 from foundation.errors import CheckpointError, ConfigError, DataError, OutputError
 from foundation.eval.features import POOLINGS, _pool
 from foundation.models.fingerprint import weights_fingerprint
@@ -77,23 +82,34 @@ class TileDataset(Dataset):
         self.handles.discard(self.path)
 
 
-def output_names(slides: tuple[Path, ...], root: Path) -> list[str]:
-    """``<stem>.h5`` per slide (a DICOM folder keeps its whole name: UIDs are full of dots). Stems that repeat
-    get their folders joined by ``__`` (``x__s.h5``); names that still repeat (``a.svs`` next to ``a.tif``) keep
-    their suffix too (``x__a.svs.h5``)."""
+def output_names(slides: Sequence[SlideRef], root: Path) -> list[str]:
+    """``<stem>.h5`` per slide (a DICOM folder keeps its whole name: UIDs are full of dots; a URL gives its file's
+    stem). Stems that repeat get their folders joined by ``__`` (``x__s.h5``); names that still repeat (``a.svs``
+    next to ``a.tif``) keep their suffix too (``x__a.svs.h5``). In a list file, whose slides share no folder, a
+    stem that repeats gets a short hash of its entry (``s__1f2e3d4c.h5``)."""
 
     def relative(path: Path, keep_suffix: bool) -> str:
         rel = path.relative_to(root)
         last = rel.name if keep_suffix or path.is_dir() else rel.stem
         return "__".join((*rel.parent.parts, last))
 
-    names = [p.name if p.is_dir() else p.stem for p in slides]
+    def own(slide: SlideRef) -> str:
+        name = slide_name(slide)
+        return name if not is_url(slide) and Path(slide).is_dir() else Path(name).stem
+
+    names = [own(p) for p in slides]
     if root.is_dir():
         for keep_suffix in (False, True):
+            counts = Counter(names)  # not names.count: quadratic, seconds for 10,000 slides
             names = [
-                relative(p, keep_suffix) if names.count(n) > 1 else n
-                for p, n in zip(slides, names, strict=True)
+                relative(p, keep_suffix) if counts[n] > 1 else n for p, n in zip(slides, names, strict=True)
             ]
+    else:
+        counts = Counter(names)
+        names = [
+            f"{n}__{hashlib.sha1(str(p).encode()).hexdigest()[:8]}" if counts[n] > 1 else n
+            for p, n in zip(slides, names, strict=True)
+        ]
     return [f"{n}.h5" for n in names]
 
 
@@ -214,9 +230,15 @@ def slide_identity(path: Path) -> dict[str, Any]:
     """Which slide a feature file was made from: its resolved path, size and mtime (a DICOM folder: the total
     size and latest mtime of its files), so another slide under the same name, or one rewritten, is redone.
 
+    A URL's identity is the URL and its size (:func:`domains.pathology.remote.remote_identity`).
+
     Raises:
-        DataError: the slide cannot be looked at (gone, no permission).
+        DataError: the slide cannot be looked at (gone, no permission, unreachable).
     """
+    if is_url(path):
+        from domains.pathology.remote import remote_identity
+
+        return remote_identity(str(path))
     resolved = path.resolve()
     try:
         files = [p for p in resolved.iterdir() if p.is_file()] if resolved.is_dir() else [resolved]
@@ -329,7 +351,9 @@ class SlideEmbedder:
         n = len(started.tiling)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         out: np.ndarray | None = None
-        bar = tqdm(total=n, desc=started.path.name, unit="tile", leave=False, disable=not self.progress)
+        bar = tqdm(
+            total=n, desc=slide_name(started.path), unit="tile", leave=False, disable=not self.progress
+        )
         try:
             with bar:
                 for images, index in started.batches:
@@ -411,14 +435,15 @@ def plan(
     the slide skipped, saying why."""
     todo = []
     for path, out in work:
+        if not out.exists():  # nothing to compare with: the slide is looked at when it starts
+            todo.append((path, out))
+            continue
         try:
             slide_key = embedder.slide_key(path)
         except DataError as e:
             report.skip(path, str(e))
             continue
-        if not out.exists():  # nothing to compare with: no need to wait for the weights' fingerprint
-            todo.append((path, out))
-        elif is_complete(out, {**embedder.key, **slide_key}):
+        if is_complete(out, {**embedder.key, **slide_key}):
             if embedder.bags == "pt" and not _bag_of_complete(out, path, report):
                 continue
             report.complete.append({"slide": str(path), "out": str(out)})

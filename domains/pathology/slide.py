@@ -1,8 +1,9 @@
 """Whole-slide images: one :class:`Slide` over OpenSlide and a tifffile fallback, with a physical resolution.
 
 OpenSlide (https://openslide.org) reads the vendor formats; OME-TIFF / SubIFD pyramids and stripped TIFFs,
-which it sees as one level or not at all, go through :mod:`domains.pathology.tiffread`. Every slide has a
-microns-per-pixel value or is refused: tiles at a target resolution are meaningless without one.
+which it sees as one level or not at all, go through :mod:`domains.pathology.tiffread`; a slide by URL goes
+through :mod:`domains.pathology.remote` (fsspec + tiffslide). Every slide has a microns-per-pixel value or is
+refused: tiles at a target resolution are meaningless without one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import tifffile
 
 from domains.pathology.tiffread import SegmentCache, TiffReader, composite_on_white
+from foundation.data.listing import is_url
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ def find_mpp(props: dict[str, str]) -> tuple[float | None, str]:
     seen = []
     candidates: list[tuple[str, str | None, float]] = [
         ("openslide.mpp-x", props.get("openslide.mpp-x"), 1.0),
+        ("tiffslide.mpp-x", props.get("tiffslide.mpp-x"), 1.0),  # a slide by URL (remote.py)
         ("aperio.MPP", props.get("aperio.MPP"), 1.0),
     ]
     match = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", props.get("tiff.ImageDescription", ""))
@@ -79,7 +82,11 @@ def find_mpp(props: dict[str, str]) -> tuple[float | None, str]:
         if res_unit in _UNIT_UM and per_unit > 0 and _plausible(_UNIT_UM[res_unit] / per_unit):
             return _UNIT_UM[res_unit] / per_unit, f"TIFF resolution ({res} per {res_unit})"
         seen.append(f"TIFF resolution {res} per {res_unit}")
-    power = props.get("openslide.objective-power") or props.get("aperio.AppMag")
+    power = (
+        props.get("openslide.objective-power")
+        or props.get("tiffslide.objective-power")
+        or props.get("aperio.AppMag")
+    )
     if power is None and (
         m := re.search(r"\bAppMag\s*=\s*([0-9.]+)", props.get("tiff.ImageDescription", ""))
     ):
@@ -213,18 +220,26 @@ class Slide:
     def __init__(
         self, path: str | os.PathLike, mpp: float | None = None, cache: TileCache | None = None
     ) -> None:
-        """Open ``path``; ``mpp`` overrides the file's own resolution.
+        """Open ``path`` (a local file or folder, or a URL); ``mpp`` overrides the file's own resolution.
 
         Raises:
-            DataError: missing or unreadable file, or no usable resolution (the message says how to supply one).
+            DataError: missing or unreadable file (or URL), or no usable resolution (the message says how to
+                supply one).
         """
-        self.path = Path(path)
-        if not self.path.exists():
+        remote = is_url(path)
+        # a URL stays a string: Path() would fold "https://" to "https:/"
+        self.path: Path | str = str(path) if remote else Path(path)
+        if not remote and not self.path.exists():
             raise DataError(f"slide {str(self.path)!r} does not exist")
         osl = _openslide()
         errors = (osl.OpenSlideError,) if osl is not None else ()
         try:
-            self._reader = _open_reader(self.path, cache)
+            if remote:
+                from domains.pathology.remote import RemoteSlideReader
+
+                self._reader = RemoteSlideReader(str(path))
+            else:
+                self._reader = _open_reader(self.path, cache)
         except errors as e:
             raise DataError(f"{self.path}: OpenSlide cannot open it ({e})") from e
         self.level_dimensions: tuple[tuple[int, int], ...] = self._reader.level_dimensions

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 
 from domains.pathology.slide import SlideCache
+from domains.pathology.slide_refs import SlideList, SlideRef, slide_name
 from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
 from foundation.config import Config, reject_unknown_keys
+from foundation.data.listing import is_list_file, is_url, read_list
 from foundation.data.seeding import generator_for
 from foundation.errors import ConfigError, DataError
 
@@ -111,19 +114,25 @@ class PathologyOptions:
         return cls(**options)
 
 
-def list_slides(path: str | Path) -> tuple[Path, ...]:
-    """Slides under ``path`` (recursive, sorted), or ``path`` itself when it is a file.
+def list_slides(path: str | Path) -> Sequence[SlideRef]:
+    """Slides under ``path`` (recursive, sorted), ``path`` itself when it is a slide file or a URL, or the
+    entries of a list file (``.txt``/``.csv``, read on demand: :class:`~domains.pathology.slide_refs.SlideList`).
 
     A DICOM slide is a folder of ``.dcm`` instances (one per level, plus label and overview), so the FOLDER
     is the slide: one entry, named after the folder in outputs (:func:`domains.pathology.slide.open_slide`
-    opens it). Every other slide is a file.
+    opens it). Every other slide is a file. A URL is a string (``https://``, ``s3://``), read by
+    :mod:`domains.pathology.remote`; entries of a list file are checked when they are read, not here.
 
     Raises:
-        DataError: the path does not exist or holds no slide.
+        DataError: the path does not exist or holds no slide; a list file names none.
     """
+    if is_url(path):
+        return (str(path),)
     root = Path(path)
     if not root.exists():
         raise DataError(f"slide path {str(root)!r} does not exist")
+    if is_list_file(root):
+        return SlideList(read_list(root))
     if root.is_file():
         return (root,)
     files = (
@@ -174,8 +183,9 @@ def mpp_override(
     absolute path, path relative to ``root``, file name or stem), else None (the file's own)."""
     if slide_mpp is not None:
         return slide_mpp
-    keys = [str(path), path.name, path.stem]
-    if root is not None and root.is_dir():
+    name = slide_name(path)
+    keys = [str(path), name, Path(name).stem]
+    if root is not None and not is_url(path) and root.is_dir():
         keys.insert(1, str(path.relative_to(root)))
     return next((table[k] for k in keys if k in table), None)
 

@@ -1,0 +1,197 @@
+"""Slides by URL (``https://``, ``s3://``, any fsspec protocol): byte ranges through fsspec, the pyramid
+through tiffslide (https://github.com/Bayer-Group/tiffslide), for the TIFF-based formats it reads.
+
+OpenSlide needs a local file, so it stays the reader of local slides; a URL is never downloaded whole. Every
+network read is retried (a dropped connection, a timeout) with a growing pause, then given up with one
+:class:`DataError` naming the URL, which the stream and ``embed`` treat like any broken slide: skipped and
+reported. Credentials and endpoints come from the usual places of each protocol (for S3: the ``AWS_*``
+environment variables, ``~/.aws``; ``AWS_ENDPOINT_URL`` for an S3-compatible server).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from domains.pathology.tiffread import _ome_physical_size, composite_on_white
+from foundation.errors import DataError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+# The TIFF-based formats tiffslide reads (Aperio, Leica, Ventana, Hamamatsu NDPI, generic / OME pyramids).
+REMOTE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+BLOCK_SIZE = 1 << 20  # bytes per range request: a few tiles, not a whole level
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``tries`` attempts per network read, pausing ``delay_s``, then twice that, ... in between."""
+
+    tries: int = 4
+    delay_s: float = 0.5
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def _tiffslide() -> Any:
+    try:
+        import fsspec  # noqa: F401
+        import tiffslide
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"slides by URL are read with fsspec and tiffslide ({e.name} is missing): "
+            'pip install "foundation[remote]"'
+        ) from e
+    return tiffslide
+
+
+def retrying(url: str, what: str, action: Callable[[], T], retry: RetryPolicy | None = None) -> T:
+    """``action()``, retried on any error but ours; the last one becomes a DataError naming ``url``.
+
+    Raises:
+        DataError: a 404 at once; anything else after ``retry.tries`` attempts.
+    """
+    retry = retry or DEFAULT_RETRY
+    error: Exception | None = None
+    for attempt in range(retry.tries):
+        if attempt:
+            time.sleep(retry.delay_s * 2 ** (attempt - 1))
+        try:
+            return action()
+        except DataError:
+            raise
+        except FileNotFoundError as e:  # a 404 does not get better by asking again
+            raise DataError(f"{url}: not found ({e})") from e
+        except Exception as e:  # aiohttp, botocore, tifffile, zarr: each has its own error types
+            error = e
+            log.debug("%s: %s failed (try %d of %d): %s", url, what, attempt + 1, retry.tries, e)
+    raise DataError(
+        f"{url}: {what} failed after {retry.tries} tries ({type(error).__name__}: {error})"
+    ) from error
+
+
+def remote_identity(url: str) -> dict[str, Any]:
+    """Which slide a feature file was made from, for a URL: the URL and its size (one HEAD / stat request).
+
+    Raises:
+        DataError: unreachable after the retries, or not found.
+    """
+    import fsspec
+
+    _tiffslide()
+
+    def info() -> dict[str, Any]:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.info(path)
+
+    found = retrying(url, "looking it up", info)
+    return {"slide": url, "slide_bytes": int(found.get("size") or 0), "slide_mtime_ns": 0}
+
+
+def check_remote_format(url: str) -> None:
+    """Refuse a URL whose suffix names a format tiffslide does not read, before any request.
+
+    Raises:
+        DataError: e.g. ``.mrxs`` (many files) or ``.vms``; the message says to copy it to a local disk.
+    """
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].lower()
+    if not name.endswith(REMOTE_SUFFIXES):
+        raise DataError(
+            f"{url}: slides by URL are read with tiffslide, which reads {', '.join(REMOTE_SUFFIXES)} files; "
+            "copy this one to a local disk (OpenSlide reads it there)"
+        )
+
+
+def _properties(raw: dict[str, Any]) -> dict[str, str]:
+    """tiffslide's properties as strings, with what our resolution chain (``slide.find_mpp``) looks for."""
+    props = {k: str(v) for k, v in raw.items() if v is not None and not k.startswith("tiffslide.level[")}
+    if "tiff.ResolutionUnit" in props:  # tiffslide says CENTIMETER, OpenSlide centimeter
+        props["tiff.ResolutionUnit"] = props["tiff.ResolutionUnit"].lower()
+    description = props.get("tiff.ImageDescription", "")
+    if description.lstrip().startswith("<?xml") or "<OME" in description[:512]:
+        size = _ome_physical_size(description)
+        if size is not None:
+            props["ome.PhysicalSizeX"], props["ome.PhysicalSizeXUnit"] = size
+    return props
+
+
+class RemoteSlideReader:
+    """One slide at a URL, read region by region (OpenSlide's ``read_region`` convention, white outside)."""
+
+    backend = "tiffslide"
+
+    def __init__(self, url: str, retry: RetryPolicy | None = None) -> None:
+        """Raises: DataError: unreachable after the retries, or not a slide tiffslide reads."""
+        self.url = url
+        self.retry = retry or DEFAULT_RETRY
+        check_remote_format(url)
+        self._tiffslide = _tiffslide()
+        self._slide = self._retrying("open", self._open)
+        try:
+            self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
+            self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+            self.properties = _properties(dict(self._slide.properties))
+        except Exception as e:  # tiffslide parses lazily: a TIFF it cannot lay out fails here
+            self.close()
+            raise DataError(f"{url}: tiffslide cannot read it as a slide ({type(e).__name__}: {e})") from e
+        self._axes = self._slide.properties.get("tiffslide.series-axes")
+
+    def _open(self) -> Any:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.url)
+        handle = fs.open(path, "rb", block_size=BLOCK_SIZE)
+        try:
+            slide = self._tiffslide.TiffSlide(handle)
+            _ = slide.properties  # reads the header now, inside the retries
+        except BaseException:
+            handle.close()
+            raise
+        return slide
+
+    def _retrying(self, what: str, action: Callable[[], T]) -> T:
+        return retrying(self.url, what, action, self.retry)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """``size[1] x size[0] x 3`` uint8; outside the image reads as white glass (tiffslide pads black)."""
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        rx, ry = int(location[0] / ds), int(location[1] / ds)  # tiffslide's (and OpenSlide's) rounding
+        w, h = int(size[0]), int(size[1])
+        x0, y0, x1, y1 = max(rx, 0), max(ry, 0), min(rx + w, lw), min(ry + h, lh)
+        if x0 >= x1 or y0 >= y1:
+            return np.full((h, w, 3), 255, np.uint8)
+        loc = (int(location[0]), int(location[1]))
+        region = self._retrying(
+            f"reading level {level} at {loc}",
+            lambda: np.asarray(self._slide.read_region(loc, level, (w, h), as_array=True)),
+        )
+        if region.ndim == 2:
+            region = region[..., None]
+        if region.dtype != np.uint8 or region.shape[:2] != (h, w) or region.shape[-1] not in (1, 3, 4):
+            raise DataError(
+                f"{self.url}: level {level} gave {region.dtype} pixels of shape {region.shape} "
+                "(only 8-bit RGB/grey slides are read)"
+            )
+        if region.shape[-1] == 1:
+            region = np.repeat(region, 3, axis=-1)
+        elif region.shape[-1] == 4:
+            region = composite_on_white(np.ascontiguousarray(region))
+        if (x0, y0, x1, y1) != (rx, ry, rx + w, ry + h):  # padded: glass, not black
+            out = np.full((h, w, 3), 255, np.uint8)
+            out[y0 - ry : y1 - ry, x0 - rx : x1 - rx] = region[y0 - ry : y1 - ry, x0 - rx : x1 - rx]
+            return out
+        return region
+
+    def close(self) -> None:
+        slide = getattr(self, "_slide", None)
+        if slide is not None:
+            slide.close()
+            self._slide = None

@@ -1,0 +1,47 @@
+"""The slides of a list file: entries read on demand (:class:`foundation.data.listing.ListFile`), each a local
+``Path`` (a file, or a DICOM folder) or a URL string, so 100,000 slides cost an offset array, not 100,000 paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from foundation.data.listing import ListFile, is_url
+
+SlideRef = Path | str  # a local slide, or a URL (kept a string: Path() would fold "https://" to "https:/")
+
+
+def slide_ref(entry: str) -> SlideRef:
+    """A list entry as the slide readers take it."""
+    return entry if is_url(entry) else Path(entry)
+
+
+def slide_name(slide: SlideRef) -> str:
+    """The file (or DICOM folder) name of a slide, for outputs and progress bars; a URL's last path part."""
+    if isinstance(slide, str) and is_url(slide):
+        return slide.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(slide).name
+
+
+class SlideList(Sequence[SlideRef]):
+    """``slides[i]`` of a list file, read from it when asked for (see :class:`ListFile`)."""
+
+    def __init__(self, entries: ListFile) -> None:
+        self.entries = entries
+
+    @property
+    def path(self) -> Path:
+        return self.entries.path
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> SlideRef:  # type: ignore[override]
+        return slide_ref(self.entries[index])
+
+    def __iter__(self) -> Iterator[SlideRef]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"SlideList({str(self.path)!r}, {len(self)} slides)"

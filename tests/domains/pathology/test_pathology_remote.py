@@ -1,0 +1,199 @@
+"""Slides by URL (fsspec + tiffslide) and list files of slides: the same pixels as the local reference reader,
+retries through a dropped connection, a URL that never reads skipped and reported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import write_generic, write_ome, write_svs
+from range_server import serve
+
+import domains.pathology.remote as remote
+from domains.pathology.embed import output_names
+from domains.pathology.slide import Slide, SlideCache
+from domains.pathology.source import PathologyOptions, SlideSampleSource, list_slides
+from foundation.batch import EXIT_SOME_SKIPPED
+from foundation.cli import main
+from foundation.errors import DataError
+from foundation.export import export_backbone
+from foundation.models.vit import build_vit
+
+pytest.importorskip("tiffslide")
+pytest.importorskip("aiohttp")
+
+REGIONS = [  # (level-0 location, level, size): inside, on tissue, across the right/bottom edges, outside
+    ((0, 0), 0, (300, 200)),
+    ((600, 520), 0, (256, 256)),
+    ((1900, 1400), 0, (300, 300)),
+    ((700, 600), 1, (200, 150)),
+    ((1800, 1300), 1, (300, 300)),
+    ((4000, 4000), 0, (64, 64)),
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_retry_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote, "DEFAULT_RETRY", remote.RetryPolicy(tries=3, delay_s=0.0))
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    root = tmp_path / "served"
+    root.mkdir()
+    write_svs(root / "a.svs")
+    write_generic(root / "g.tif")
+    write_ome(root / "o.ome.tif")
+    with serve(root) as server:
+        yield root, server
+
+
+@pytest.mark.parametrize("name", ["a.svs", "g.tif", "o.ome.tif"])
+def test_pixels_by_url_equal_the_local_reference_reader(served, name: str) -> None:
+    root, server = served
+    with Slide(root / name) as local, Slide(server.url_of(name)) as by_url:
+        assert by_url.backend == "tiffslide" and local.backend in ("openslide", "tifffile")
+        assert by_url.mpp == pytest.approx(local.mpp)
+        assert by_url.dimensions == local.dimensions
+        for location, level, size in REGIONS:
+            if level >= by_url.level_count:
+                continue
+            assert by_url.level_dimensions[level] == local.level_dimensions[level]
+            np.testing.assert_array_equal(
+                by_url.read_region(location, level, size), local.read_region(location, level, size)
+            )
+
+
+def test_url_pixels_equal_tifffile_on_the_whole_level(served) -> None:
+    root, server = served
+    with Slide(server.url_of("g.tif")) as by_url:
+        w, h = by_url.dimensions
+        np.testing.assert_array_equal(
+            by_url.read_region((0, 0), 0, (w, h)), tifffile.imread(root / "g.tif", key=0)
+        )
+
+
+def test_a_dropped_connection_is_retried(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, server = served
+    monkeypatch.setattr(remote, "BLOCK_SIZE", 4096)  # reads after opening go to the network
+    with Slide(server.url_of("g.tif")) as by_url, Slide(root / "g.tif") as local:
+        server.drop("g.tif", after_bytes=500, times=2)  # the next two reads are cut; the third goes through
+        before = server.gets("g.tif")
+        region = by_url.read_region((512, 512), 0, (512, 512))
+        assert server.gets("g.tif") - before >= 3
+        np.testing.assert_array_equal(region, local.read_region((512, 512), 0, (512, 512)))
+
+
+def test_a_url_that_never_reads_is_one_error_naming_it(served) -> None:
+    _, server = served
+    server.drop("g.tif", after_bytes=100)
+    url = server.url_of("g.tif")
+    with pytest.raises(DataError, match=rf"{url}: open failed after 3 tries \(ClientPayloadError"):
+        Slide(url)
+    with pytest.raises(DataError, match="not found"):
+        Slide(server.url_of("missing.svs"))
+    with pytest.raises(DataError, match=r"x\.mrxs: slides by URL are read with tiffslide.*local disk"):
+        Slide(server.url_of("x.mrxs"))
+
+
+def test_list_file_of_paths_and_urls_streams_and_skips_the_broken_url(served, caplog) -> None:
+    root, server = served
+    listing = root.parent / "slides.txt"
+    listing.write_text(f"# archive\nserved/g.tif\n{server.url_of('a.svs')}\n{server.url_of('gone.svs')}\n")
+    slides = list_slides(listing)
+    assert len(slides) == 3 and slides[0] == root / "g.tif" and slides[1] == server.url_of("a.svs")
+    options = PathologyOptions(mpp=1.0, tile_size=64, samples_per_slide=1)
+    source = SlideSampleSource(slides, options, seed=0, root=listing)
+    seen = set()
+    for i in range(24):
+        sample = source.sample(i, torch.Generator().manual_seed(i))
+        assert sample["image"].shape == (64, 64, 3)
+        seen.add(sample["path"])
+    assert seen == {str(root / "g.tif"), server.url_of("a.svs")}
+    assert source.broken == {server.url_of("gone.svs")}
+    assert "gone.svs: not found" in caplog.text
+
+
+def test_s3_slide_equals_the_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    path = write_generic(tmp_path / "g.tif")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="slides")
+        s3.upload_file(str(path), "slides", "cases/g.tif")
+        import fsspec
+
+        fsspec.filesystem("s3").clear_instance_cache()
+        with Slide("s3://slides/cases/g.tif") as by_s3, Slide(path) as local:
+            assert by_s3.mpp == pytest.approx(local.mpp)
+            for location, level, size in REGIONS:
+                np.testing.assert_array_equal(
+                    by_s3.read_region(location, level, size), local.read_region(location, level, size)
+                )
+    finally:
+        server.stop()
+
+
+def test_output_names_of_urls_and_list_entries(tmp_path: Path) -> None:
+    listing = tmp_path / "l.txt"
+    slides = ["https://h/x/a.svs?sig=1", "https://h/y/a.svs", "s3://b/c.ome.tif", tmp_path / "d.tif"]
+    names = output_names(slides, listing)
+    assert names[2:] == ["c.ome.h5", "d.h5"]
+    assert names[0] != names[1] and all(n.startswith("a__") and n.endswith(".h5") for n in names[:2])
+
+
+ARGS = dict(arch="vit_tiny", in_chans=3, spatial_dims=2, img_size=64, patch_size=16, reg_tokens=0)
+
+
+def test_embed_by_url_equals_embed_of_the_local_file(served, tmp_path: Path, capsys) -> None:
+    root, server = served
+    backbone = export_backbone(build_vit(**ARGS), ARGS, tmp_path / "bb", mean=(0.5,) * 3, std=(0.5,) * 3)
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(root / "g.tif", local / "g.tif")
+    listing = tmp_path / "remote.csv"
+    listing.write_text(f"slide,label\n{server.url_of('g.tif')},1\n{server.url_of('broken.svs')},0\n")
+    (root / "broken.svs").write_bytes(b"II*\x00 not really a slide" * 10)
+
+    def embed(data: Path, out: Path) -> int:
+        argv = ["embed", "--domain", "pathology", "--data", str(data), "--backbone", str(backbone)]
+        argv += ["--out", str(out), "--num-workers", "0", "--quiet", "--batch-size", "16"]
+        return main([*argv, "data.options.mpp=1.0"])
+
+    assert embed(local, tmp_path / "ref") == 0
+    assert embed(listing, tmp_path / "feats") == EXIT_SOME_SKIPPED
+    summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
+    assert [s["slide"] for s in summary["slides_processed"]] == [server.url_of("g.tif")]
+    assert summary["slides_skipped"][0]["slide"] == server.url_of("broken.svs")
+    assert server.url_of("broken.svs") in summary["slides_skipped"][0]["reason"]
+    with h5py.File(tmp_path / "ref" / "g.h5") as ref, h5py.File(tmp_path / "feats" / "g.h5") as got:
+        np.testing.assert_array_equal(got["coords"][:], ref["coords"][:])
+        np.testing.assert_allclose(got["features"][:], ref["features"][:], rtol=1e-5, atol=1e-5)
+        assert got.attrs["slide"] == server.url_of("g.tif")
+        assert got.attrs["slide_bytes"] == (root / "g.tif").stat().st_size
+
+
+def test_slide_cache_opens_urls(served) -> None:
+    _, server = served
+    cache = SlideCache(max_open=1)
+    assert cache.get(server.url_of("g.tif")).backend == "tiffslide"
+    cache.discard(server.url_of("g.tif"))
