@@ -53,7 +53,15 @@ class PathologyDomain:
     def sample_source(self, path: str, cfg: Config) -> SlideSampleSource:
         options = PathologyOptions.from_config(cfg)
         table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else None
-        return SlideSampleSource(list_slides(path), options, cfg.seed, root=Path(path), mpp_table=table)
+        slides = list_slides(path)
+        if options.slides_csv:  # only the slides the list names; the others it names are reported
+            from domains.pathology.slide_list import select_slides
+
+            choice = select_slides(options.slides_csv, list(slides), Path(path))
+            for item in choice.missing:
+                log.warning("slide list: %s", item["reason"])
+            slides = choice.chosen
+        return SlideSampleSource(slides, options, cfg.seed, root=Path(path), mpp_table=table)
 
     def ssl_transform(self, cfg: Config) -> ViewTransform:
         """The pathology recipe. With ``data.augment_on`` resolving to the device (a CUDA run), workers only

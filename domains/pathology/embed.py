@@ -41,10 +41,11 @@ from tqdm import tqdm
 from domains.pathology.feature_file import is_complete, is_ours, write_feature_file
 from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, ensure_pt_bag, write_pt_bag
 from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
+from domains.pathology.regions import region_digest, region_for
 from domains.pathology.slide import SlideCache, open_slide
 from domains.pathology.slide_refs import SlideRef, slide_name
 from domains.pathology.source import PathologyOptions, list_slides, mpp_override, read_mpp_csv
-from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
+from domains.pathology.tissue import OTSU, Tiling, read_tile, tile_slide
 from foundation.batch import EXIT_DONE, exit_status
 from foundation.config import load_config
 from foundation.data.listing import is_url
@@ -55,6 +56,8 @@ from foundation.outputs import pid_running, write_verified
 from foundation.train.distributed import barrier, destroy_distributed, init_distributed
 
 log = logging.getLogger(__name__)
+# what a feature file without these attributes (written before they existed) was made with
+KEY_DEFAULTS = {"tissue_threshold": OTSU, "otsu_clip": (8, 30), "overlap": 0, "region_sha256": ""}
 
 
 class TileDataset(Dataset):
@@ -149,17 +152,17 @@ class StartedSlide:
         # this slide's part of its key (identity, resolution override), taken before any tile is read: a slide
         # rewritten meanwhile does not look complete
         self.key = key
+        region = region_for(path, o.regions)
         with open_slide(path, slide_mpp) as slide:
-            self.tiling = plan_tiles(
-                slide, mask_for_tiles(slide, o.mpp, o.tile_size), o.mpp, o.tile_size, o.min_tissue
-            )
+            _, self.tiling = tile_slide(slide, o.mpp, o.tile_size, o.rules, region)
             self.scanned_mpp = float(slide.mpp)
             self.level0_size = tuple(int(v) for v in slide.dimensions)
             self.mpp_source = slide.mpp_source
             self.downsample = float(slide.level_downsamples[self.tiling.level])
         if len(self.tiling) == 0:
+            inside = f" inside {region.path}" if region is not None else ""
             raise DataError(
-                f"{path}: no {o.tile_size} px tile at {o.mpp} um/px has tissue fraction >= {o.min_tissue} "
+                f"{path}: no {o.tile_size} px tile at {o.mpp} um/px has tissue fraction >= {o.min_tissue}{inside} "
                 "(look at it with `foundation pathology-qc`)"
             )
         self.dataset = TileDataset(path, slide_mpp, self.tiling)
@@ -266,9 +269,17 @@ def feature_key(
         "tile_size": int(options.tile_size),
         "mpp": float(options.mpp),
         "min_tissue": float(options.min_tissue),
+        "tissue_threshold": _threshold_text(options.tissue_threshold),
+        "otsu_clip": np.asarray(options.otsu_clip, np.int64),
+        "overlap": int(options.overlap),
         "mean": np.asarray(meta.get("mean") or PathologyDomain.mean, np.float64),
         "std": np.asarray(meta.get("std") or PathologyDomain.std, np.float64),
     }
+
+
+def _threshold_text(threshold: str | float) -> str:
+    """``otsu`` or the fixed value written one way (20 and 20.0 are the same setting)."""
+    return threshold if threshold == OTSU else f"{float(threshold):g}"
 
 
 def fingerprint_in_background(backbone: torch.nn.Module) -> Future[str]:
@@ -330,7 +341,8 @@ class SlideEmbedder:
             DataError: the slide cannot be looked at.
         """
         override = float(self.slide_mpp(path) or 0.0)
-        return {**slide_identity(path), "slide_mpp_override": override}
+        region = region_digest(region_for(path, self.options.regions))
+        return {**slide_identity(path), "slide_mpp_override": override, "region_sha256": region}
 
     def start(self, path: Path) -> StartedSlide | DataError:
         try:
@@ -443,7 +455,7 @@ def plan(
         except DataError as e:
             report.skip(path, str(e))
             continue
-        if is_complete(out, {**embedder.key, **slide_key}):
+        if is_complete(out, {**embedder.key, **slide_key}, KEY_DEFAULTS):
             if embedder.bags == "pt" and not _bag_of_complete(out, path, report):
                 continue
             report.complete.append({"slide": str(path), "out": str(out)})
@@ -579,7 +591,15 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
     slides = list_slides(root)
     check_out_dir(out_dir, [root], summary_key="slides_processed")
     table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else {}
-    names = output_names(slides, root)
+    names = output_names(slides, root)  # of every slide found: a slide list does not change its file's name
+    not_listed: list[dict[str, str]] = []
+    if options.slides_csv:
+        from domains.pathology.slide_list import select_slides
+
+        choice = select_slides(options.slides_csv, list(slides), root)
+        keep = set(choice.chosen)
+        names = [n for s, n in zip(slides, names, strict=True) if s in keep]
+        slides, not_listed = choice.chosen, list(choice.missing)
     make_out_dir(out_dir)
     fingerprint = fingerprint_in_background(backbone)
 
@@ -591,6 +611,9 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         source = str(Path(meta["source"]).resolve())
         embedder = SlideEmbedder(backbone, fingerprint, args, options, table, dist.device, source, meta)
         report = ShardReport()
+        if dist.is_main:  # names of the slide list that match no slide: reported once, by rank 0
+            for item in not_listed:
+                report.skip(Path(item["slide"]), item["reason"])
         work = [(slides[i], out_dir / names[i]) for i in mine]
         todo = plan(embedder, work, report, overwrite=bool(getattr(args, "overwrite", False)))
         embed_all(embedder, todo, report, dist.rank)
@@ -622,7 +645,7 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
             barrier()  # every rank's summary is on disk
             if dist.is_main:
                 _merge_summaries(out_dir, dist.world_size)
-        _finish(report, len(mine), summary_path)
+        _finish(report, len(mine) + (len(not_listed) if dist.is_main else 0), summary_path)
         return result
     finally:
         if not was_initialised:

@@ -43,13 +43,18 @@ def is_ours(path: Path) -> bool:
         return False
 
 
-def is_complete(path: Path, key: dict[str, Any]) -> bool:
-    """``path`` is a finished feature file whose attributes match every item of ``key``."""
+def is_complete(path: Path, key: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
+    """``path`` is a finished feature file whose attributes match every item of ``key``; an attribute the file
+    lacks (written before it existed) counts as its value in ``defaults``."""
     if not path.is_file():
         return False
+    defaults = defaults or {}
     try:
         with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("complete")) and all(_same(f.attrs.get(k), v) for k, v in key.items())
+            attrs = f.attrs
+            return bool(attrs.get("complete")) and all(
+                _same(attrs.get(k, defaults.get(k)), v) for k, v in key.items()
+            )
     except OSError:  # damaged or not HDF5: not complete (whether it may be replaced is is_ours' call)
         return False
 

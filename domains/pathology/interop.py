@@ -53,7 +53,7 @@ def coords_attributes(
         "patch_size_level0": int(tiling.extent),  # TRIDENT: side in level-0 pixels
         "level0_magnification": magnification(slide_mpp),  # TRIDENT
         "target_magnification": magnification(tiling.mpp),  # TRIDENT
-        "overlap": 0,  # TRIDENT: pixels shared by neighbours (our grid does not overlap)
+        "overlap": int(tiling.overlap),  # TRIDENT: pixels at the target resolution shared by neighbours
         "name": name,  # both: the slide's name (our file's stem)
         "level0_width": width,  # TRIDENT
         "level0_height": height,

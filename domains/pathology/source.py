@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from domains.pathology.regions import region_for
 from domains.pathology.slide import SlideCache
 from domains.pathology.slide_refs import SlideList, SlideRef, slide_name
-from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
+from domains.pathology.tissue import OTSU, TileRules, Tiling, read_tile, tile_slide
 from foundation.config import Config, reject_unknown_keys
 from foundation.data.listing import is_list_file, is_url, read_list
 from foundation.data.seeding import generator_for
@@ -54,6 +55,15 @@ class PathologyOptions:
             coarser tiles cover more tissue. ``embed`` always uses ``mpp``.
         tile_size: tile side in pixels; default ``data.crops.global_size``.
         min_tissue: smallest tissue fraction of a tile that is sampled.
+        tissue_threshold: ``otsu`` (Otsu's threshold of the saturation, clipped to ``otsu_clip``) or a fixed
+            saturation value 0-255 above which a mask pixel is tissue.
+        otsu_clip: ``[low, high]`` bounds of Otsu's threshold (default ``[8, 30]``).
+        overlap: pixels at the target resolution that neighbouring tiles share (grid step
+            ``tile_size - overlap``, as TRIDENT and CLAM); 0 to ``tile_size - 1``.
+        regions: a folder of GeoJSON regions, ``<slide stem>.geojson`` (QuPath's annotation export, level-0
+            pixels): only tiles whose centre lies inside are kept; a slide without one is skipped.
+        slides_csv: a CSV naming the slides to use (column ``slide_id``, ``slide`` or ``path``; CLAM's
+            ``process_list``); names that match no slide are reported.
         slide_mpp: the resolution of every slide, overriding the files (for slides without one).
         mpp_csv: a CSV with columns ``slide,mpp`` (file name, relative or absolute path) per slide.
         samples_per_slide: consecutive stream indices drawn from one slide.
@@ -65,6 +75,11 @@ class PathologyOptions:
     mpps: tuple[float, ...] | None = None
     tile_size: int = 224
     min_tissue: float = 0.25
+    tissue_threshold: str | float = OTSU
+    otsu_clip: tuple[int, int] = (8, 30)
+    overlap: int = 0
+    regions: str | None = None
+    slides_csv: str | None = None
     slide_mpp: float | None = None
     mpp_csv: str | None = None
     samples_per_slide: int = 8
@@ -78,6 +93,12 @@ class PathologyOptions:
             "mpps": self.mpps is None or (len(self.mpps) > 0 and all(m > 0 for m in self.mpps)),
             "tile_size": isinstance(self.tile_size, int) and self.tile_size >= 8,
             "min_tissue": 0 <= self.min_tissue <= 1,
+            "tissue_threshold": self.tissue_threshold == OTSU
+            or (not isinstance(self.tissue_threshold, (str, bool)) and 0 <= self.tissue_threshold <= 255),
+            "otsu_clip": len(self.otsu_clip) == 2 and 0 <= self.otsu_clip[0] <= self.otsu_clip[1] <= 255,
+            "overlap": isinstance(self.overlap, int)
+            and not isinstance(self.overlap, bool)
+            and 0 <= self.overlap < self.tile_size,
             "slide_mpp": self.slide_mpp is None or self.slide_mpp > 0,
             "samples_per_slide": isinstance(self.samples_per_slide, int) and self.samples_per_slide >= 1,
             "max_open_slides": isinstance(self.max_open_slides, int) and self.max_open_slides >= 1,
@@ -87,6 +108,12 @@ class PathologyOptions:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"data.options.{key}={getattr(self, key)!r} is out of range")
+
+    @property
+    def rules(self) -> TileRules:
+        """How tissue is found and tiles kept (one rule for pretraining, ``embed`` and ``pathology-qc``)."""
+        threshold = None if self.tissue_threshold == OTSU else float(self.tissue_threshold)
+        return TileRules(self.min_tissue, threshold, self.otsu_clip, self.overlap)
 
     @classmethod
     def from_config(cls, cfg: Config) -> PathologyOptions:
@@ -111,6 +138,20 @@ class PathologyOptions:
             ):
                 raise ConfigError(f"data.options.mpps={mpps!r} must be a list of numbers (um/px)")
             options["mpps"] = tuple(float(m) for m in mpps)
+        threshold = options.get("tissue_threshold", OTSU)
+        if isinstance(threshold, bool) or not (threshold == OTSU or isinstance(threshold, (int, float))):
+            raise ConfigError(
+                f"data.options.tissue_threshold={threshold!r} must be {OTSU!r} or a saturation value 0-255"
+            )
+        clip = options.get("otsu_clip")
+        if clip is not None:
+            if (
+                not isinstance(clip, (list, tuple))
+                or len(clip) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in clip)
+            ):
+                raise ConfigError(f"data.options.otsu_clip={clip!r} must be [low, high], integers 0-255")
+            options["otsu_clip"] = (int(clip[0]), int(clip[1]))
         return cls(**options)
 
 
@@ -238,10 +279,12 @@ class SlideSampleSource:
             self._tilings.move_to_end(key)
             return cached
         slide = self.handles.get(path, self.mpp_override(path))
-        tiling = plan_tiles(slide, mask_for_tiles(slide, mpp, o.tile_size), mpp, o.tile_size, o.min_tissue)
+        region = region_for(path, o.regions)
+        _, tiling = tile_slide(slide, mpp, o.tile_size, o.rules, region)
         if not len(tiling):
+            inside = f" inside {region.path}" if region is not None else ""
             raise DataError(
-                f"{path}: no {o.tile_size} px tile at {mpp} um/px has tissue fraction >= {o.min_tissue} "
+                f"{path}: no {o.tile_size} px tile at {mpp} um/px has tissue fraction >= {o.min_tissue}{inside} "
                 "(look at it with `foundation pathology-qc`)"
             )
         if slide.mpp > mpp * 1.01:

@@ -1,16 +1,18 @@
 """Tissue detection on a low-resolution image of a slide, the tile grid at a target resolution, and a QC picture.
 
 The mask is HSV saturation on a thumbnail (glass is grey-white, stained tissue is coloured): median blur,
-Otsu threshold, morphological close, small specks and holes removed. Tiles form a grid in level-0 pixels
-whose side covers ``tile_size * mpp`` microns; each keeps its tissue fraction.
+Otsu threshold (clipped) or a fixed one, morphological close, small specks and holes removed. Tiles form a grid
+in level-0 pixels whose side covers ``tile_size * mpp`` microns, with a step of ``tile_size - overlap`` target
+pixels (TRIDENT's and CLAM's overlap); each keeps its tissue fraction.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -19,6 +21,10 @@ from domains.pathology.slide import Slide
 from foundation.errors import OutputError
 from foundation.outputs import output_error, write_verified
 
+if TYPE_CHECKING:
+    from domains.pathology.regions import Region
+
+OTSU = "otsu"
 MASK_MAX_SIDE = 4096  # mask pixels on the longer side, whatever the slide size
 QC_MARK = ("foundation", "pathology-qc")  # PNG text chunk of our QC pictures: only those may be replaced
 
@@ -33,6 +39,24 @@ class TissueMask:
 
 
 @dataclass(frozen=True)
+class TileRules:
+    """How tissue is found and which tiles are kept (``data.options`` / ``pathology-qc`` flags).
+
+    Attributes:
+        min_tissue: smallest tissue fraction of a kept tile.
+        threshold: a fixed saturation threshold (0-255; pixels above it are tissue), or None: Otsu's threshold
+            clipped to ``otsu_clip``.
+        otsu_clip: bounds of Otsu's threshold (a blank slide and a strongly stained one stay sensible).
+        overlap: pixels at the target resolution that neighbouring tiles share (grid step ``tile_size - overlap``).
+    """
+
+    min_tissue: float = 0.25
+    threshold: float | None = None
+    otsu_clip: tuple[int, int] = (8, 30)
+    overlap: int = 0
+
+
+@dataclass(frozen=True)
 class Tiling:
     """Tiles of one slide at a target resolution; ``coords`` are level-0 ``(x, y)`` top-left corners."""
 
@@ -43,24 +67,36 @@ class Tiling:
     level: int  # pyramid level read
     read_size: int  # tile side in pixels of that level (resized to tile_size)
     extent: int  # tile side in level-0 pixels
+    overlap: int = 0  # pixels at the target resolution shared by neighbouring tiles
 
     def __len__(self) -> int:
         return len(self.coords)
 
+    def subset(self, keep: np.ndarray) -> Tiling:
+        """The tiles where ``keep`` (N bool) is true, in their order."""
+        return replace(self, coords=self.coords[keep], tissue=self.tissue[keep])
+
 
 def detect_tissue(
-    rgb: np.ndarray, min_area: int = 16, *, min_threshold: int = 8, max_threshold: int = 30
+    rgb: np.ndarray,
+    min_area: int = 16,
+    *,
+    min_threshold: int = 8,
+    max_threshold: int = 30,
+    threshold: float | None = None,
 ) -> np.ndarray:
     """Boolean tissue mask of a low-resolution ``H x W x 3`` uint8 image.
 
     Otsu adapts to the stain; clipping its threshold keeps a blank slide (where Otsu splits JPEG noise)
-    and a strongly stained one (where Otsu would drop pale stroma) sensible. Components and holes smaller
-    than ``min_area`` pixels are removed.
+    and a strongly stained one (where Otsu would drop pale stroma) sensible. A fixed ``threshold`` replaces
+    it (faint stains, or a cohort tuned once with ``pathology-qc``). Components and holes smaller than
+    ``min_area`` pixels are removed.
     """
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     saturation = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), 7)
-    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    threshold = float(np.clip(otsu, min_threshold, max_threshold))
+    if threshold is None:
+        otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = float(np.clip(otsu, min_threshold, max_threshold))
     # Near-black pixels (unscanned borders, dust) have a meaningless hue and saturation.
     value = cv2.medianBlur(np.ascontiguousarray(hsv[..., 2]), 7)
     mask = ((saturation > threshold) & (value > 40)).astype(np.uint8)
@@ -85,38 +121,57 @@ def mask_mpp_for(slide: Slide, tile_microns: float) -> float:
     return max(min(tile_microns / 16, 8.0), slide.mpp, longest_microns / MASK_MAX_SIDE)
 
 
-def tissue_mask(slide: Slide, mpp: float, min_area: int = 16) -> TissueMask:
-    """Read the slide at ``mpp`` microns per pixel and detect tissue on it."""
+def tissue_mask(slide: Slide, mpp: float, min_area: int = 16, rules: TileRules | None = None) -> TissueMask:
+    """Read the slide at ``mpp`` microns per pixel and detect tissue on it (threshold from ``rules``)."""
+    rules = rules or TileRules()
     thumb = slide.read_at_mpp(mpp)
     h, w = thumb.shape[:2]
     w0, h0 = slide.dimensions
-    return TissueMask(detect_tissue(thumb, min_area), mpp, (w0 / w, h0 / h))
+    lo, hi = rules.otsu_clip
+    mask = detect_tissue(thumb, min_area, min_threshold=lo, max_threshold=hi, threshold=rules.threshold)
+    return TissueMask(mask, mpp, (w0 / w, h0 / h))
 
 
-def mask_for_tiles(slide: Slide, mpp: float, tile_size: int) -> TissueMask:
+def mask_for_tiles(slide: Slide, mpp: float, tile_size: int, rules: TileRules | None = None) -> TissueMask:
     """The tissue mask suited to tiles of ``tile_size`` pixels at ``mpp``: specks under a quarter tile dropped."""
     tile_microns = tile_size * mpp
     mask_mpp = mask_mpp_for(slide, tile_microns)
-    return tissue_mask(slide, mask_mpp, min_area=max(4, round((tile_microns / mask_mpp) ** 2 / 4)))
+    min_area = max(4, round((tile_microns / mask_mpp) ** 2 / 4))
+    return tissue_mask(slide, mask_mpp, min_area=min_area, rules=rules)
 
 
 def plan_tiles(
-    slide: Slide, mask: TissueMask, mpp: float, tile_size: int, min_tissue: float = 0.25
+    slide: Slide, mask: TissueMask, mpp: float, tile_size: int, min_tissue: float = 0.25, overlap: int = 0
 ) -> Tiling:
     """The full tiles of the level-0 grid whose tissue fraction is at least ``min_tissue``.
 
-    The level read is the coarsest one at least as fine as ``mpp``; the region read there is resized to
-    ``tile_size``.
+    Neighbours share ``overlap`` pixels at the target resolution: the grid step is ``tile_size - overlap``
+    target pixels in level-0 pixels. The level read is the coarsest one at least as fine as ``mpp``; the region
+    read there is resized to ``tile_size``.
     """
     extent = max(1, round(tile_size * mpp / slide.mpp))
+    step = max(1, round((tile_size - overlap) * mpp / slide.mpp))
     level = slide.best_level(mpp)
     read_size = max(1, round(extent / slide.level_downsamples[level]))
     w0, h0 = slide.dimensions
-    xs, ys = np.arange(w0 // extent) * extent, np.arange(h0 // extent) * extent
+    xs, ys = np.arange(0, w0 - extent + 1, step), np.arange(0, h0 - extent + 1, step)
     fraction = _area_fraction(mask, xs, ys, extent)
     iy, ix = np.nonzero(fraction >= min_tissue)
     coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64)
-    return Tiling(coords, fraction[iy, ix].astype(np.float32), mpp, tile_size, level, read_size, extent)
+    tissue = fraction[iy, ix].astype(np.float32)
+    return Tiling(coords, tissue, mpp, tile_size, level, read_size, extent, int(overlap))
+
+
+def tile_slide(
+    slide: Slide, mpp: float, tile_size: int, rules: TileRules, region: Region | None = None
+) -> tuple[TissueMask, Tiling]:
+    """The tissue mask and the kept tiles of one slide: the one tiling rule of pretraining, ``embed`` and
+    ``pathology-qc``. With a ``region``, only tiles whose centre lies inside it are kept."""
+    mask = mask_for_tiles(slide, mpp, tile_size, rules)
+    tiling = plan_tiles(slide, mask, mpp, tile_size, rules.min_tissue, rules.overlap)
+    if region is not None:
+        tiling = tiling.subset(region.contains(tiling.coords + tiling.extent / 2))
+    return mask, tiling
 
 
 def _area_fraction(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, extent: int) -> np.ndarray:
@@ -178,9 +233,15 @@ def _png_with_mark(rgb: np.ndarray) -> bytes:
 
 
 def write_qc(
-    path: str | os.PathLike, slide: Slide, mask: TissueMask, tiling: Tiling, max_size: int = 1024
+    path: str | os.PathLike,
+    slide: Slide,
+    mask: TissueMask,
+    tiling: Tiling,
+    max_size: int = 1024,
+    region: Region | None = None,
 ) -> Path:
-    """A PNG a person can check at a glance: thumbnail, tissue outline (green), kept tiles (blue), a caption.
+    """A PNG a person can check at a glance: thumbnail, tissue outline (green), kept tiles (blue), the region
+    tiling was restricted to (yellow, when one is given), a caption.
 
     Written to a temporary name, decoded again and renamed, so a partial picture never looks complete. It
     carries our mark, and only a picture with that mark is ever replaced: a user's file under the name is kept.
@@ -211,6 +272,9 @@ def write_qc(
             cv2.rectangle(canvas, p0, p1, (40, 90, 230), 1)
     canvas = cv2.addWeighted(shade, 0.25, canvas, 0.75, 0)
     cv2.drawContours(canvas, contours, -1, (0, 170, 0), 2)
+    for outer, holes in region.polygons if region is not None else ():
+        rings = [np.round(ring * f).astype(np.int32).reshape(-1, 1, 2) for ring in (outer, *holes)]
+        cv2.polylines(canvas, rings, True, (230, 200, 0), 2)
     caption = (
         f"{slide.path.name}  {slide.mpp:.3g} um/px ({slide.mpp_source})  tiles: {len(tiling)} x "
         f"{tiling.tile_size}px @ {tiling.mpp:g} um/px, level {tiling.level}"
