@@ -1,4 +1,4 @@
-"""Command-line parser of the ``pathology`` domain: ``foundation pathology-qc``.
+"""Command-line parsers of the ``pathology`` domain: ``foundation pathology-qc`` and ``foundation heatmap``.
 
 Registered through the entry-point group ``foundation.commands``; only argparse is imported until the command
 runs, so ``foundation --help`` stays fast.
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """``pathology-qc``: a QC picture per slide."""
+    """``pathology-qc``: a QC picture per slide; ``heatmap``: heatmaps and tile GeoJSON of a slide model."""
     p = subparsers.add_parser(
         "pathology-qc",
         help="tissue mask and tile grid of each slide as a QC picture (PNG)",
@@ -42,6 +42,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=int, default=1024, help="longer side of the picture in pixels")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     p.set_defaults(func=run_qc)
+
+    from domains.pathology.heatmap_command import add_heatmap_command
+
+    add_heatmap_command(subparsers)
 
 
 def _threshold(text: str) -> str | float:

@@ -1,9 +1,10 @@
-"""Attention heatmaps: where on the slide the model looked, one PNG per scored slide.
+"""Heatmaps: where on the slide the model looked (or what it saw there), one PNG per slide with a colour bar.
 
-Each tile's attention is turned into its percentile within the slide (CLAM's ``convert_to_percentiles``: bags of
-10 and 10,000 tiles read on one scale) and painted over the tile's level-0 square (``coords`` and
-``patch_size_level0``), on the slide's thumbnail when the slide the features came from (the file's ``slide``
-attribute) can still be opened, else on white. PNGs carry a text mark; only marked files are replaced.
+Attention is turned into its percentile within the slide (CLAM's ``convert_to_percentiles``: bags of 10 and
+10,000 tiles read on one scale); class probabilities are drawn as they are (0 to 1). Each tile's score is painted
+over its level-0 square (``coords`` and ``patch_size_level0``; where tiles overlap, the mean of their scores), on
+the slide's thumbnail when the slide can be opened, else on white, with the colour bar and its label on the
+right (matplotlib's Agg canvas, no pyplot). PNGs carry a text mark; only marked files are replaced.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from foundation.outputs import write_verified
 
 MARK = ("foundation", "slide-heatmap")
 MAX_SIDE = 1024  # thumbnail's longer side in pixels
+BAR_WIDTH = 120  # pixels of the colour bar and its labels, right of the map
+BAR_MIN_HEIGHT = 256  # a very wide slide's map is padded to this height so the bar stays readable
+CMAP = "jet"
+ATTENTION_LABEL = "attention percentile (within the slide)"
 
 
 def percentiles(attention: np.ndarray) -> np.ndarray:
@@ -53,7 +58,8 @@ def tile_geometry(feature_file: Path) -> tuple[np.ndarray, int, tuple[int, int],
 def heat_image(
     coords: np.ndarray, scores: np.ndarray, side: int, size: tuple[int, int], background: np.ndarray | None
 ) -> np.ndarray:
-    """``H x W x 3`` uint8: the tiles' scores in a colour map, half over the background (or white)."""
+    """``H x W x 3`` uint8: the tiles' scores (0 to 1) in a colour map, half over the background (or white);
+    where tiles overlap, the mean of their scores."""
     from matplotlib import colormaps
 
     width, height = size
@@ -65,26 +71,67 @@ def heat_image(
         base = np.full((h, w, 3), 255, np.uint8) if background is None else cv2.resize(background, (w, h))
     else:
         base = background
-    out = base.astype(np.float32)
-    colours = colormaps["jet"](scores)[:, :3] * 255
-    for (x, y), colour in zip(coords, colours, strict=True):
+    total = np.zeros((h, w), np.float64)
+    count = np.zeros((h, w), np.int32)
+    for (x, y), score in zip(coords, np.asarray(scores, np.float64), strict=True):
         x0, y0 = int(x * scale), int(y * scale)
         x1, y1 = max(x0 + 1, int((x + side) * scale)), max(y0 + 1, int((y + side) * scale))
-        out[y0:y1, x0:x1] = 0.5 * out[y0:y1, x0:x1] + 0.5 * colour
+        total[y0:y1, x0:x1] += score
+        count[y0:y1, x0:x1] += 1
+    painted = count > 0
+    out = base.astype(np.float32)
+    colours = colormaps[CMAP](total[painted] / count[painted])[:, :3] * 255
+    out[painted] = 0.5 * out[painted] + 0.5 * colours
     return out.clip(0, 255).astype(np.uint8)
 
 
-def thumbnail(slide: str | None) -> np.ndarray | None:
-    """The slide's thumbnail, or None when it is gone or unreadable (the heatmap is then drawn on white)."""
-    if not slide or not Path(slide).exists():
-        return None
+def colour_bar(height: int, label: str, limits: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """``height x BAR_WIDTH x 3`` uint8: the colour map from ``limits[0]`` (bottom) to ``limits[1]`` (top) with
+    ticks and ``label``, drawn by matplotlib on an Agg canvas (no pyplot, no display)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    figure = Figure(figsize=(BAR_WIDTH / dpi, height / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.12, 0.05, 0.2, 0.9))
+    mappable = ScalarMappable(norm=Normalize(*limits), cmap=colormaps[CMAP])
+    bar = figure.colorbar(mappable, cax=axes, orientation="vertical")
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(label, fontsize=8)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[:height, :BAR_WIDTH, :3])
+
+
+def with_colour_bar(image: np.ndarray, label: str) -> np.ndarray:
+    """The map with its colour bar on the right (a short map is padded with white below)."""
+    h, w = image.shape[:2]
+    height = max(h, BAR_MIN_HEIGHT)
+    out = np.full((height, w + BAR_WIDTH, 3), 255, np.uint8)
+    out[:h, :w] = image
+    out[:, w:] = colour_bar(height, label)
+    return out
+
+
+def slide_thumbnail(slide: str | Path | None) -> tuple[np.ndarray | None, str]:
+    """The slide's thumbnail and ``"slide"``, or None and why not (the heatmap is then drawn on white)."""
+    if not slide:
+        return None, "no slide known for these features"
     from domains.pathology.slide import open_slide
 
     try:
         with open_slide(slide) as s:
-            return s.thumbnail(MAX_SIDE)
-    except Exception:  # any reader error: the heatmap does not need the picture
-        return None
+            return s.thumbnail(MAX_SIDE), "slide"
+    except Exception as e:  # any reader error: the heatmap does not need the picture, the summary says why
+        return None, f"{slide}: {e}"
+
+
+def thumbnail(slide: str | None) -> np.ndarray | None:
+    """The slide's thumbnail, or None when it is gone or unreadable (the heatmap is then drawn on white)."""
+    return slide_thumbnail(slide)[0]
 
 
 def is_ours(path: Path) -> bool:
@@ -122,8 +169,23 @@ def check_heatmap_dir(folder: Path, inputs: list[Path]) -> None:
         raise OutputError(f"the parent folder of --heatmaps {str(folder)!r} does not exist")
 
 
-def write_heatmap(path: Path, feature_file: Path, attention: np.ndarray, title: str) -> Path:
-    """One slide's heatmap PNG, written atomically and read back.
+def write_heatmap(
+    path: Path,
+    feature_file: Path,
+    attention: np.ndarray,
+    title: str,
+    *,
+    label: str = ATTENTION_LABEL,
+    as_percentiles: bool = True,
+    background: np.ndarray | None = None,
+    slide_known: bool = False,
+    text: dict[str, str] | None = None,
+) -> Path:
+    """One slide's heatmap PNG with its colour bar, written atomically and read back.
+
+    ``attention`` is any per-tile score: drawn as percentiles within the slide (attention), or as they are
+    when ``as_percentiles`` is False (probabilities, 0 to 1). The background is ``background`` when the caller
+    found the slide (``slide_known``), else the thumbnail of the slide recorded in the feature file, else white.
 
     Raises:
         DataError: the feature file's tiles cannot be read or do not match ``attention``; OutputError: not written.
@@ -134,10 +196,16 @@ def write_heatmap(path: Path, feature_file: Path, attention: np.ndarray, title: 
     coords, side, size, slide = tile_geometry(feature_file)
     if len(coords) != len(attention):
         raise DataError(f"{feature_file}: {len(coords)} tiles but {len(attention)} attention values")
-    image = heat_image(coords, percentiles(attention), side, size, thumbnail(slide))
+    if not slide_known:
+        background = thumbnail(slide)
+    scores = percentiles(attention) if as_percentiles else np.clip(np.asarray(attention, np.float64), 0, 1)
+    image = with_colour_bar(heat_image(coords, scores, side, size, background), label)
     info = PngInfo()
     info.add_text(*MARK)
     info.add_text("title", title)
+    info.add_text("scale", label)
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
     data = buffer.getvalue()

@@ -10,7 +10,12 @@ import pytest
 from conftest import TISSUE, write_svs
 from PIL import Image
 
-from domains.pathology.slide_classification.heatmap import check_heatmap_dir, percentiles, write_heatmap
+from domains.pathology.slide_classification.heatmap import (
+    BAR_WIDTH,
+    check_heatmap_dir,
+    percentiles,
+    write_heatmap,
+)
 from foundation.errors import OutputError
 
 
@@ -36,7 +41,7 @@ def test_heatmap_paints_the_most_attended_tile_hot_on_the_slide(tmp_path: Path) 
     with Image.open(out) as image:
         assert image.text["foundation"] == "slide-heatmap"
         rgb = np.asarray(image.convert("RGB")).astype(int)
-    assert rgb.shape[:2] == (768, 1024)  # longer side 1024: level-0 / 2
+    assert rgb.shape[:2] == (768, 1024 + BAR_WIDTH)  # longer side 1024: level-0 / 2; the colour bar right
     hot, cold = rgb[256 + 64, 384 + 64], rgb[256 + 64, 256 + 64]  # centres of tiles 1 and 0
     assert hot[0] > hot[2] + 40 and cold[2] > cold[0] + 40
     # off the tiles the slide shows through: pink tissue inside the rectangle, glass outside
