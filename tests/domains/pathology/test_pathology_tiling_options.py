@@ -10,6 +10,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import HEIGHT, WIDTH, tissue_image, write_svs
 
 from domains.pathology.regions import read_region, region_for
@@ -264,3 +265,24 @@ def test_files_from_before_the_tiling_options_stay_complete(
     assert code == EXIT_DONE and result["complete_before"] == 2
     code, result = _embed(two_slides, backbone, out, capsys, "data.options.tissue_threshold=15")
     assert code == EXIT_NOTHING_DONE  # other tiles: made otherwise, kept without --overwrite
+
+
+def test_pretraining_uses_the_slide_list_and_regions(two_slides: Path, tmp_path: Path) -> None:
+    from domains.pathology.domain import PathologyDomain
+
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    _geojson(regions / "b.geojson", [[LEFT]])
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\nb.svs\nghost.svs\n")
+    overrides = [
+        f"data.options.slides_csv={listing}",
+        f"data.options.regions={regions}",
+        "data.options.mpp=1.0",
+    ]
+    cfg = load_config(None, [*overrides, "data.options.tile_size=64"], domain="pathology")
+    source = PathologyDomain().sample_source(str(two_slides), cfg)
+    assert source.slides == (two_slides / "b.svs",)  # ghost reported in the log, a.svs not listed
+    generator = torch.Generator().manual_seed(0)
+    centres = np.array([source.sample(i, generator)["coords"] + 128 for i in range(16)])
+    assert ((centres >= 512) & (centres <= 1024)).all()  # every tile drawn inside the annotated half

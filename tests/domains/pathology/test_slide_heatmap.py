@@ -66,3 +66,16 @@ def test_heatmap_folder_holds_only_ours(tmp_path: Path) -> None:
         check_heatmap_dir(folder, [])
     with pytest.raises(OutputError, match="is \\(or holds\\) an input"):
         check_heatmap_dir(tmp_path, [tmp_path / "a.h5"])
+
+
+def test_overlapping_tiles_show_the_mean_of_their_scores() -> None:
+    from matplotlib import colormaps
+
+    from domains.pathology.slide_classification.heatmap import heat_image
+
+    # two 100-px tiles sharing 50 px on a 200 x 100 slide (drawn 1:1), scores 0 and 1
+    image = heat_image(np.array([[0, 0], [50, 0]]), np.array([0.0, 1.0]), 100, (200, 100), None).astype(int)
+    expected = [(np.array(colormaps["jet"](v)[:3]) * 255 * 0.5 + 127.5).astype(int) for v in (0.0, 0.5, 1.0)]
+    for x, colour in zip((25, 75, 125), expected, strict=True):
+        np.testing.assert_allclose(image[50, x], colour, atol=1)
+    assert (image[50, 175] == 255).all()  # no tile there
