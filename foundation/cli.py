@@ -411,6 +411,11 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
         "--bags", choices=["pt"], help="pathology: also OUT/pt_files/<slide>.pt (N x D float32, CLAM's bags)"
     )
     p.add_argument(
+        "--slides-csv",
+        help="pathology: embed only the slides this CSV names (CLAM's process_list: a slide_id, slide or path "
+        "column); same as data.options.slides_csv",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace earlier outputs of ours made with other weights or settings (never other files)",

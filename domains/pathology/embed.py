@@ -586,7 +586,12 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
     if getattr(args, "bags", None) not in (None, *BAG_FORMATS):
         raise ConfigError(f"--bags {args.bags!r}: choose one of {BAG_FORMATS}")
     img_size = int(args.img_size or meta["backbone_args"]["img_size"])
-    options = _options(list(args.overrides or []), img_size)
+    overrides = list(args.overrides or [])
+    if getattr(args, "slides_csv", None):
+        if any(o.startswith("data.options.slides_csv=") for o in overrides):
+            raise ConfigError("--slides-csv and data.options.slides_csv both given: keep one")
+        overrides.append(f"data.options.slides_csv={args.slides_csv}")
+    options = _options(overrides, img_size)
     out_dir, root = Path(args.out), Path(args.data)
     slides = list_slides(root)
     check_out_dir(out_dir, [root], summary_key="slides_processed")

@@ -64,6 +64,8 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"the {args.domain!r} domain takes no embed options, got {args.overrides}")
     if getattr(args, "bags", None):
         raise ConfigError(f"--bags: the {args.domain!r} domain writes one HDF5, not per-slide bags")
+    if getattr(args, "slides_csv", None):
+        raise ConfigError(f"--slides-csv: the {args.domain!r} domain embeds a folder, not a list of slides")
     size = args.img_size or meta["backbone_args"]["img_size"]
     dataset = _eval_dataset(args.domain, args.data, meta, size)
     device = resolve_device(args.device)

@@ -286,3 +286,23 @@ def test_pretraining_uses_the_slide_list_and_regions(two_slides: Path, tmp_path:
     generator = torch.Generator().manual_seed(0)
     centres = np.array([source.sample(i, generator)["coords"] + 128 for i in range(16)])
     assert ((centres >= 512) & (centres <= 1024)).all()  # every tile drawn inside the annotated half
+
+
+def test_embed_takes_the_slide_list_as_a_flag(
+    two_slides: Path, backbone: Path, tmp_path: Path, capsys
+) -> None:
+    listing = tmp_path / "list.csv"
+    listing.write_text("slide_id\nb\n")
+    out = tmp_path / "feats"
+    code, result = _embed(two_slides, backbone, out, capsys, "--slides-csv", str(listing))
+    assert code == 0 and result["processed"] == 1
+    assert sorted(p.name for p in out.glob("*.h5")) == ["b.h5"]
+
+    argv = ["embed", "--domain", "pathology", "--data", str(two_slides), "--backbone", str(backbone)]
+    argv += ["--out", str(tmp_path / "f2"), "--quiet", f"data.options.slides_csv={listing}"]
+    assert main([*argv, "--slides-csv", str(listing)]) == 1
+    assert "--slides-csv and data.options.slides_csv both given" in capsys.readouterr().err
+    argv = ["embed", "--data", str(two_slides), "--backbone", str(backbone), "--out", str(tmp_path / "f3.h5")]
+    assert main([*argv, "--slides-csv", str(listing), "--quiet"]) == 1  # the images domain embeds a folder
+    assert "--slides-csv: the 'images' domain embeds a folder" in capsys.readouterr().err
+    assert not (tmp_path / "f2").exists() and not (tmp_path / "f3.h5").exists()
