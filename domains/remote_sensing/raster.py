@@ -5,12 +5,20 @@ boolean ``H x W`` valid mask: a pixel is valid when GDAL's mask (nodata value, i
 says so for every selected band and all its values are finite. A NaN or infinite value is missing data, like
 nodata (:func:`read_pixels` also says which pixels were invalid only for that reason, so it can be reported).
 Callers decide what to do with invalid pixels; nothing here fills them.
+
+A raster may be a URL (``https://``, ``s3://``, read through GDAL's /vsicurl/ and /vsis3/ file systems) and a
+data path may be a list file (``.txt``/``.csv``) of paths and URLs. Remote reads run under :func:`gdal_env`: GDAL
+retries failed requests, does not list the "folder" of every file, and a stalled request times out; the user's
+own GDAL/AWS environment variables win (e.g. ``AWS_S3_ENDPOINT``, ``AWS_HTTPS=NO``,
+``AWS_VIRTUAL_HOSTING=FALSE`` for an S3-compatible server, ``AWS_NO_SIGN_REQUEST=YES`` for public buckets).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +31,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from foundation.data.listing import is_list_file, is_url, read_list
 from foundation.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,31 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 # Divisors that bring common integer encodings to reflectance-like units (Sentinel-2 L1C/L2A, Landsat
 # surface reflectance products stored as integers use 10000).
 DTYPE_SCALES = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0}
+
+
+# GDAL configuration for rasters read over the network (only options the environment does not set already).
+REMOTE_GDAL_OPTIONS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no listing of the URL's "folder" per file
+    "GDAL_HTTP_MAX_RETRY": "4",  # 429 / 5xx / dropped transfers
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_TIMEOUT": "60",  # a stalled request fails (then is retried) instead of hanging
+    "GDAL_HTTP_CONNECTTIMEOUT": "20",
+}
+REMOTE_TRIES = 3  # our own attempts at opening a URL (each with GDAL's retries), the file reopened between
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """A URL, or a GDAL virtual network path (``/vsicurl/``, ``/vsis3/``, ...)."""
+    text = str(path)
+    return is_url(text) or (text.startswith("/vsi") and not text.startswith(("/vsimem/", "/vsizip//")))
+
+
+def gdal_env(path: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """:data:`REMOTE_GDAL_OPTIONS` for a remote ``path`` (scoped, not written to ``os.environ``); nothing for a
+    local one."""
+    if not is_remote(path):
+        return contextlib.nullcontext()
+    return rasterio.Env(**{k: v for k, v in REMOTE_GDAL_OPTIONS.items() if k not in os.environ})
 
 
 class UnreadableRasterError(DataError):
@@ -53,17 +87,24 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
     """``rasterio.open`` with an error naming the file when GDAL cannot read it; the caller closes it.
 
     Rasters without georeferencing are allowed (rasterio's warning is silenced here; :func:`inspect_raster`
-    logs one of ours).
+    logs one of ours). A URL is tried :data:`REMOTE_TRIES` times (GDAL retries each request too).
 
     Raises:
-        UnreadableRasterError: not a raster GDAL can open.
+        UnreadableRasterError: not a raster GDAL can open (or a URL unreachable after the retries).
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except RasterioError as e:
-        raise UnreadableRasterError(f"{path}: not a readable raster ({e})") from e
+    tries = REMOTE_TRIES if is_remote(path) else 1
+    for attempt in range(tries):
+        try:
+            with warnings.catch_warnings(), gdal_env(path):
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                return rasterio.open(path)
+        except RasterioError as e:
+            if attempt + 1 < tries and "404" not in str(e):
+                time.sleep(float(REMOTE_GDAL_OPTIONS["GDAL_HTTP_RETRY_DELAY"]) * 2**attempt)
+                continue
+            after = f" after {tries} tries" if tries > 1 else ""
+            raise UnreadableRasterError(f"{path}: not a readable raster{after} ({e})") from e
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -176,8 +217,9 @@ def read_pixels(
         nodata: an extra nodata value (raw units) for files that do not declare theirs.
     """
     bands = list(bands)
-    raw = ds.read(bands, window=window, out_dtype="float32")
-    declared = (ds.read_masks(bands, window=window) > 0).all(axis=0)
+    with gdal_env(ds.name):
+        raw = ds.read(bands, window=window, out_dtype="float32")
+        declared = (ds.read_masks(bands, window=window) > 0).all(axis=0)
     if nodata is not None:
         declared &= ~(raw == np.float32(nodata)).any(axis=0)
     scales = np.array([ds.scales[b - 1] for b in bands], dtype=np.float32)
@@ -200,11 +242,16 @@ def read_window(
 
 
 def list_rasters(path: str | Path) -> list[Path]:
-    """A single raster file, or every file with a raster suffix under a folder (recursive, sorted).
+    """A single raster file or URL, every file with a raster suffix under a folder (recursive, sorted), or the
+    entries of a list file (``.txt``/``.csv``; URLs stay strings, relative paths resolve against its folder).
 
     Raises:
-        DataError: the path does not exist, or a folder holds no rasters.
+        DataError: the path does not exist, a folder holds no rasters, or a list file names none.
     """
+    if is_url(path):
+        return [str(path)]  # type: ignore[list-item]  # Path() would fold "https://" to "https:/"
+    if is_list_file(path):
+        return [e if is_url(e) else Path(e) for e in read_list(path)]  # type: ignore[misc]
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path {str(path)!r} does not exist")

@@ -24,8 +24,10 @@ from rasterio.windows import Window
 
 from domains.remote_sensing.raster import (
     READ_ERRORS,
+    REMOTE_TRIES,
     RasterInfo,
     UnreadableRasterError,
+    is_remote,
     open_dataset,
     read_error_text,
     read_window,
@@ -150,14 +152,29 @@ class RasterSampleSource:
         return best
 
     def _read_window(self, f: int, win: Window) -> tuple[np.ndarray, np.ndarray] | None:
-        """The window's pixels and valid mask, or None when the file fails to open or to read it."""
+        """The window's pixels and valid mask, or None when the file fails to open or to read it.
+
+        A URL's failed read is tried again on a freshly opened dataset (GDAL has retried each request
+        already; a reopen also drops what a cut transfer left in its caches) before the file counts as broken.
+        """
         if f in self._unopenable:
             return None
-        try:
-            return read_window(self._dataset(f), self.infos[f].bands, win, self.nodata)
-        except READ_ERRORS as e:
-            self._note_broken(f, e)
-            return None
+        tries = REMOTE_TRIES if is_remote(self.infos[f].path) else 1
+        for attempt in range(tries):
+            try:
+                return read_window(self._dataset(f), self.infos[f].bands, win, self.nodata)
+            except READ_ERRORS as e:
+                if attempt + 1 < tries and not isinstance(e, UnreadableRasterError):
+                    self._forget(f)
+                    continue
+                self._note_broken(f, e)
+        return None
+
+    def _forget(self, f: int) -> None:
+        """Close file ``f``'s handle, so the next read opens it again."""
+        handle = self._handles.pop(f, None)
+        if handle is not None:
+            handle.close()
 
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
         frac, f, win, image, valid = self._read(generator)

@@ -1,0 +1,140 @@
+"""Scenes by URL (GDAL /vsicurl/ and /vsis3/) and list files of scenes: the same pixels as a local read,
+dropped connections retried, a URL that never reads skipped and reported."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from range_server import serve
+from rasterio.windows import Window
+from rs_testdata import random_bands, write_raster
+
+import domains.remote_sensing.raster as raster
+from domains.remote_sensing.raster import find_rasters, list_rasters, open_raster, read_pixels, scan_rasters
+from domains.remote_sensing.sampling import RasterSampleSource
+from foundation.batch import EXIT_SOME_SKIPPED
+from foundation.cli import main
+
+WINDOWS = [Window(0, 0, 64, 64), Window(130, 200, 100, 90), Window(300, 500, 200, 100)]
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = {**raster.REMOTE_GDAL_OPTIONS, "GDAL_HTTP_RETRY_DELAY": "0.01", "GDAL_HTTP_TIMEOUT": "10"}
+    monkeypatch.setattr(raster, "REMOTE_GDAL_OPTIONS", options)
+
+
+def _scene(path: Path, seed: int = 0, nodata: int | None = None) -> Path:
+    data = random_bands(4, 600, 500, "uint16", seed)
+    if nodata is not None:
+        data[:, :40, :] = nodata
+    return write_raster(
+        path, data, nodata=nodata, tiled=True, blockxsize=128, blockysize=128, compress="deflate"
+    )
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    root = tmp_path / "served"
+    for i, name in enumerate(["a.tif", "b.tif", "c.tif", "d.tif"]):
+        _scene(root / name, seed=i, nodata=0 if name == "a.tif" else None)
+    with serve(root) as server:
+        yield root, server
+
+
+def _same_pixels(url: str, local: Path, windows=WINDOWS) -> None:
+    with open_raster(url) as remote_ds, rasterio.open(local) as local_ds:
+        assert (remote_ds.width, remote_ds.height, remote_ds.count) == (local_ds.width, local_ds.height, 4)
+        for win in windows:
+            got, want = read_pixels(remote_ds, [4, 3, 2], win), read_pixels(local_ds, [4, 3, 2], win)
+            np.testing.assert_array_equal(got.values, want.values)
+            np.testing.assert_array_equal(got.valid, want.valid)
+
+
+def test_windows_by_url_equal_the_local_read(served) -> None:
+    root, server = served
+    _same_pixels(server.url_of("a.tif"), root / "a.tif")
+    assert not any(path.endswith("/") for _, path in server.state.requests)  # no folder listing
+
+
+def test_a_dropped_transfer_is_retried(served) -> None:
+    root, server = served
+    with open_raster(server.url_of("b.tif")):
+        pass
+    server.drop("b.tif", after_bytes=300, times=2)
+    _same_pixels(server.url_of("b.tif"), root / "b.tif", [Window(200, 300, 150, 150)])
+    assert server.state.drops["b.tif"].times == 0  # both cuts happened, and the read still came out right
+
+
+def test_list_file_of_paths_and_urls(served, tmp_path: Path) -> None:
+    root, server = served
+    listing = tmp_path / "scenes.csv"
+    listing.write_text(f"url,note\nserved/a.tif,local\n{server.url_of('b.tif')},remote\n")
+    assert list_rasters(listing) == [root / "a.tif", server.url_of("b.tif")]
+    infos = scan_rasters(listing)
+    assert [i.path for i in infos] == [str(root / "a.tif"), server.url_of("b.tif")]
+    source = RasterSampleSource(infos, [10000.0] * 2, [0.0] * 4, window=96)
+    paths = {source.sample(i, torch.Generator().manual_seed(i))["path"] for i in range(16)}
+    assert paths == {str(root / "a.tif"), server.url_of("b.tif")}
+
+
+def test_a_url_that_never_reads_is_skipped_and_reported(served, tmp_path: Path, caplog) -> None:
+    root, server = served
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"{server.url_of('c.tif')}\n{server.url_of('d.tif')}\n{server.url_of('gone.tif')}\n")
+    infos, skipped = find_rasters(listing)
+    assert [i.path for i in infos] == [server.url_of("c.tif"), server.url_of("d.tif")]
+    assert skipped[0]["file"] == server.url_of("gone.tif") and "not a readable raster" in skipped[0]["reason"]
+    # d.tif opened fine, then every transfer of it is cut: its windows are skipped, named once, c.tif serves
+    server.drop("d.tif", after_bytes=200)
+    source = RasterSampleSource(infos, [10000.0] * 2, [0.0] * 4, window=96)
+    with caplog.at_level(logging.WARNING):
+        paths = {source.sample(i, torch.Generator().manual_seed(i))["path"] for i in range(12)}
+    assert paths == {server.url_of("c.tif")}
+    assert source.broken == {server.url_of("d.tif")}
+    assert caplog.text.count(f"skipping unreadable windows of {server.url_of('d.tif')}") == 1
+
+
+def test_stats_command_on_a_list_with_a_dead_url(served, tmp_path: Path, capsys) -> None:
+    root, server = served
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"# scenes\n{server.url_of('a.tif')}\nserved/b.tif\n{server.url_of('gone.tif')}\n")
+    out = tmp_path / "stats.json"
+    code = main(["stats", str(listing), "--window", "128", "--out", str(out), "--quiet"])
+    assert code == EXIT_SOME_SKIPPED
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["files"] == 2 and summary["skipped"][0]["file"] == server.url_of("gone.tif")
+    assert out.is_file()
+
+
+def test_s3_scene_equals_the_local_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    path = _scene(tmp_path / "s.tif", seed=5)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_S3_ENDPOINT": f"{host}:{port}",
+            "AWS_HTTPS": "NO",
+            "AWS_VIRTUAL_HOSTING": "FALSE",
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+        s3.create_bucket(Bucket="scenes")
+        s3.upload_file(str(path), "scenes", "tiles/s.tif")
+        _same_pixels("s3://scenes/tiles/s.tif", path)
+    finally:
+        server.stop()
