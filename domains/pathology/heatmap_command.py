@@ -87,19 +87,67 @@ class Settings:
     overwrite: bool
 
 
-def _feature_ids(names: list[str], bags: dict[str, Any]) -> tuple[list[str], list[dict[str, str]]]:
-    """The slide ids (feature file stems) a slide list names: by stem, file name, or relative path whose
-    folders ``embed`` joined with ``__``."""
+def _feature_ids(names: list[str], ids: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """The slide ids (feature file stems) a slide list names: by the name itself, the relative or absolute path
+    whose folders ``embed`` joined with ``__`` (the longest match first, so ``case1/a.svs`` is ``case1__a``, not
+    the ``a`` of another folder's ``a.svs``), the file name or the stem."""
+    known = set(ids)
     chosen, missing = [], []
     for name in names:
         path = Path(name)
-        candidates = [name, path.stem, path.name, "__".join(path.with_suffix("").parts)]
-        hit = next((c for c in candidates if c in bags), None)
+        parts = [p for p in (path.parent / path.stem).parts if p not in (path.anchor, "", ".")]
+        ends = (parts[-1], path.name) if parts else ()
+        joined = ["__".join([*parts[i:-1], end]) for i in range(len(parts)) for end in ends]
+        candidates = [name, *joined, path.name, path.stem]
+        hit = next((c for c in candidates if c in known), None)
         if hit is None:
             missing.append({"slide": name, "reason": f"{name!r} of the slide list has no feature file"})
         elif hit not in chosen:
             chosen.append(hit)
     return chosen, missing
+
+
+def _scan(features: str, meta: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The feature files of ``features`` this model can score, by slide id, and the others with their reason
+    (unreadable, or another width or backbone than the model was trained on: one such file is skipped, the rest
+    drawn).
+
+    Raises:
+        ConfigError: ``features`` is not a folder, or holds no file the model can score (the first reason shown).
+    """
+    from domains.pathology.slide_classification.bags import _look
+    from foundation.errors import ConfigError, DataError
+
+    folder = Path(features)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"--features {features!r} is not a folder (give the --out folder of `foundation embed`)"
+        )
+    bags, skipped = {}, []
+    width, backbone = meta["feature_dim"], meta.get("feature_backbone") or ""
+    for path in sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".")):
+        try:
+            bag = _look(path)
+            if bag.dim != width:
+                raise DataError(
+                    f"{path}: {bag.dim}-wide features; the model was trained on {width}-wide ones"
+                )
+            if bag.backbone and backbone and bag.backbone != backbone:
+                raise DataError(
+                    f"{path}: features of backbone {bag.backbone[:12]!r}; the model was trained on features of "
+                    f"{backbone[:12]!r}"
+                )
+        except DataError as e:
+            skipped.append({"slide": path.stem, "reason": str(e)})
+            continue
+        bags[bag.slide_id] = bag
+    if not bags:
+        first = f" (first: {skipped[0]['reason']})" if skipped else ""
+        raise ConfigError(
+            f"--features {features!r} holds no feature file this model can score{first}: embed the slides with "
+            "the backbone used for training"
+        )
+    return bags, skipped
 
 
 def _slides_by_id(slides: str) -> dict[str, Any]:
@@ -138,7 +186,8 @@ def _png_key(path: Path) -> str | None:
 
 
 def _existing(png: Path, geojson: Path, key: str, overwrite: bool) -> bool:
-    """True when both outputs are ours and made with ``key`` (nothing to do).
+    """True when both outputs are ours and made with ``key`` (nothing to do). One of ours made with ``key`` whose
+    partner is missing (a run stopped between the two) is finished without ``overwrite``.
 
     Raises:
         OutputError: a file under an output's name is not ours (left alone), or is ours but made otherwise
@@ -151,9 +200,10 @@ def _existing(png: Path, geojson: Path, key: str, overwrite: bool) -> bool:
     for path, ours in ((png, is_ours), (geojson, is_our_geojson)):
         if path.exists() and not ours(path):
             raise OutputError(f"{path} exists and is not a heatmap of ours; it was left as it is (move it)")
-    if png.exists() and geojson.exists() and _png_key(png) == key and stored_key(geojson) == key:
+    keys = {path: read(path) for path, read in ((png, _png_key), (geojson, stored_key)) if path.exists()}
+    if len(keys) == 2 and set(keys.values()) == {key}:
         return True
-    if (png.exists() or geojson.exists()) and not overwrite:
+    if any(k != key for k in keys.values()) and not overwrite:
         raise OutputError(
             f"{png.with_suffix('')}.*: made with another model, features or score; pass --overwrite"
         )
@@ -190,6 +240,7 @@ def _draw(
     )
     from domains.pathology.slide_classification.tile_geojson import tile_collection, write_tile_geojson
     from domains.pathology.slide_classification.tile_scores import tile_scores
+    from foundation.errors import DataError
 
     png, geojson = s.out / f"{slide_id}.png", s.out / f"{slide_id}.geojson"
     key = _key(s, feature_file)
@@ -197,6 +248,8 @@ def _draw(
         return None
     coords, side, _, recorded = tile_geometry(feature_file)
     features = read_bag(feature_file)
+    if len(coords) != len(features):
+        raise DataError(f"{feature_file}: {len(coords)} tiles in 'coords' but {len(features)} feature rows")
     folds, held_out = _folds(slide_id, meta)
     runs = [tile_scores(net.head_for_inference(k), features, device) for k in folds]
     attention = np.mean([r["attention"].numpy() for r in runs], 0)
@@ -241,8 +294,7 @@ def run_heatmap(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
-    from domains.pathology.slide_classification.bags import scan_features
-    from domains.pathology.slide_classification.evaluate import _check_features, load_slide_model
+    from domains.pathology.slide_classification.evaluate import load_slide_model
     from domains.pathology.slide_classification.tile_scores import class_score_source
     from domains.pathology.slide_list import read_slides_csv
     from foundation.batch import exit_status
@@ -257,18 +309,17 @@ def run_heatmap(args: argparse.Namespace) -> int:
         raise ConfigError("--class goes with --score class")
     if args.class_name is not None and args.class_name not in classes:
         raise ConfigError(f"--class {args.class_name!r} is not a class of the model; its classes: {classes}")
-    folder = scan_features(args.features)
-    _check_features(meta, folder.dim, folder.backbone, args.features)
+    bags, skipped = _scan(args.features, meta)
     out = Path(args.out)
     inputs = [Path(args.features), Path(args.checkpoint), *([Path(args.slides)] if args.slides else [])]
     check_out_dir(out, inputs, summary_key="slides_drawn")
-    ids = sorted(folder.bags)
-    skipped = [{"slide": s["slide"], "reason": s["reason"]} for s in folder.skipped]
-    if args.slides_csv:
-        ids, missing = _feature_ids(read_slides_csv(args.slides_csv), folder.bags)
-        listed = set(ids)
-        skipped = [s for s in skipped if s["slide"] in listed or s["slide"] in {m["slide"] for m in missing}]
-        skipped += missing
+    ids = sorted(bags)
+    if args.slides_csv:  # a name of a file skipped above is reported with that file's reason
+        chosen, missing = _feature_ids(
+            read_slides_csv(args.slides_csv), [*bags, *(s["slide"] for s in skipped)]
+        )
+        ids = [i for i in chosen if i in bags]
+        skipped = [s for s in skipped if s["slide"] in chosen] + missing
     slides = _slides_by_id(args.slides) if args.slides else {}
     make_out_dir(out)
     device = resolve_device(args.device)
@@ -280,7 +331,7 @@ def run_heatmap(args: argparse.Namespace) -> int:
         log.warning("skipping slide %s: %s", item["slide"], item["reason"])
     drawn, complete, disk_full = [], [], None
     for k, slide_id in enumerate(tqdm(ids, desc="heatmap", unit="slide", disable=args.quiet)):
-        bag = folder.bags[slide_id]
+        bag = bags[slide_id]
         try:
             result = _draw(slide_id, bag.path, net, meta, settings, device, slides.get(slide_id))
         except (DataError, OutputError) as e:

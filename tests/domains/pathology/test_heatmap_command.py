@@ -167,3 +167,63 @@ def test_every_slide_done_is_exit_0(cohort: dict[str, Path], tmp_path: Path, cap
     listing.write_text("slide\ns1_00\n")
     code, summary = _heatmap(cohort, tmp_path / "maps", capsys, "--slides-csv", str(listing))
     assert code == EXIT_DONE and summary["drawn"] == 1 and summary["exit_status"] == EXIT_DONE
+
+
+def test_a_slide_list_path_names_the_feature_file_of_its_folder() -> None:
+    from domains.pathology.heatmap_command import _feature_ids
+
+    # embed named a.svs and case1/a.svs "a" and "case1__a": the list's folder decides, not the bare stem
+    names = ["case1/a.svs", "/data/slides/case1/a.svs", "a.svs", "case2/b.svs"]
+    chosen, missing = _feature_ids(names, ["a", "case1__a", "b"])
+    assert chosen == ["case1__a", "a", "b"] and missing == []
+
+
+def _some_feats(cohort: dict[str, Path], folder: Path, *names: str) -> Path:
+    """A feature folder holding copies of some of the cohort's files (and room for bad ones)."""
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes((cohort["feats"] / name).read_bytes())
+    return folder
+
+
+def test_bad_feature_files_are_skipped_by_name_and_the_rest_drawn(
+    cohort: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    feats = _some_feats(cohort, tmp_path / "feats", "s0_00.h5", "s1_00.h5", "broken.h5")
+    with h5py.File(feats / "wide.h5", "w") as f:  # another backbone's width: not this model's features
+        f.create_dataset("coords", data=np.zeros((3, 2), np.int64))
+        f.create_dataset("features", data=np.zeros((3, 32), np.float32))
+    with h5py.File(feats / "short.h5", "w") as f:  # 5 tiles placed, 4 feature rows
+        f.create_dataset("coords", data=np.arange(10).reshape(5, 2) * 256)
+        f.create_dataset("features", data=np.zeros((4, 16), np.float32))
+    out = tmp_path / "maps"
+    code, summary = _heatmap({**cohort, "feats": feats}, out, capsys)
+    assert code == EXIT_SOME_SKIPPED and summary["drawn"] == 2
+    reasons = {s["slide"]: s["reason"] for s in summary["slides_skipped"]}
+    assert set(reasons) == {"broken", "wide", "short"}
+    assert "wide.h5" in reasons["wide"] and "32-wide" in reasons["wide"]
+    assert (
+        "short.h5" in reasons["short"] and "5 tiles" in reasons["short"] and "4 feature" in reasons["short"]
+    )
+    assert not (out / "short.geojson").exists() and not (out / "wide.png").exists()
+
+    # a slide list naming the broken file reports the file's own reason, once
+    listing = tmp_path / "list.csv"
+    listing.write_text("slide_id\nbroken.svs\ns0_00\n")
+    code, summary = _heatmap(
+        {**cohort, "feats": feats}, tmp_path / "maps2", capsys, "--slides-csv", str(listing)
+    )
+    assert code == EXIT_SOME_SKIPPED and [s["slide"] for s in summary["slides_skipped"]] == ["broken"]
+    assert "broken.h5: cannot be read" in summary["slides_skipped"][0]["reason"]
+
+
+def test_a_pair_left_half_written_is_finished_without_overwrite(
+    cohort: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    listing = tmp_path / "list.csv"
+    listing.write_text("slide_id\ns1_00\n")
+    out = tmp_path / "maps"
+    assert _heatmap(cohort, out, capsys, "--slides-csv", str(listing))[0] == EXIT_DONE
+    (out / "s1_00.png").unlink()  # interrupted after the GeoJSON was written
+    code, summary = _heatmap(cohort, out, capsys, "--slides-csv", str(listing))
+    assert code == EXIT_DONE and summary["drawn"] == 1 and (out / "s1_00.png").exists()
