@@ -27,7 +27,8 @@ class SlideChoice:
 
 
 def read_slides_csv(path: str | Path) -> list[str]:
-    """The slide names of a slide-list CSV (rows with ``process`` 0 left out).
+    """The slide names of a slide-list CSV (rows with ``process`` 0 left out). Cells beyond the header's columns
+    (a spreadsheet's trailing commas) are ignored; a short row's missing cells are empty.
 
     Raises:
         DataError: naming the file: unreadable, no name column, an empty name (with its line), or no row.
@@ -37,19 +38,21 @@ def read_slides_csv(path: str | Path) -> list[str]:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [c.strip() for c in reader.fieldnames or []]
-            column = next((c for c in COLUMNS if c in fields), None)
-            if column is None:
-                raise DataError(f"{path}: a slide list needs a column {' or '.join(COLUMNS)}, got {fields}")
-            names = []
-            for line, row in enumerate(reader, start=2):
-                row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                if row.get("process", "1") in ("0", "0.0"):
-                    continue
-                if not row[column]:
-                    raise DataError(f"{path}:{line}: empty {column!r}")
-                names.append(row[column])
+            rows = [(reader.line_num, row) for row in reader]  # line numbers as an editor shows them
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"slide list {str(path)!r} cannot be read: {e}") from e
+    column = next((c for c in COLUMNS if c in fields), None)
+    if column is None:
+        hint = " (an empty file)" if not fields else " (the first line must name the columns)"
+        raise DataError(f"{path}: a slide list needs a column {' or '.join(COLUMNS)}, got {fields}{hint}")
+    names = []
+    for line, row in rows:
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}  # None: extra cells
+        if row.get("process", "1") in ("0", "0.0"):
+            continue
+        if not row[column]:
+            raise DataError(f"{path}:{line}: empty {column!r}")
+        names.append(row[column])
     if not names:
         raise DataError(f"{path}: the slide list names no slide to process")
     return list(dict.fromkeys(names))

@@ -306,3 +306,27 @@ def test_embed_takes_the_slide_list_as_a_flag(
     assert main([*argv, "--slides-csv", str(listing), "--quiet"]) == 1  # the images domain embeds a folder
     assert "--slides-csv: the 'images' domain embeds a folder" in capsys.readouterr().err
     assert not (tmp_path / "f2").exists() and not (tmp_path / "f3.h5").exists()
+
+
+def test_slide_lists_as_spreadsheets_write_them(tmp_path: Path) -> None:
+    def names(text: str) -> list[str]:
+        path = tmp_path / "list.csv"
+        path.write_bytes(text.encode("utf-8"))
+        return read_slides_csv(path)
+
+    # trailing commas (a spreadsheet's empty column), a BOM, CRLF, a short row, repeated names
+    assert names("\ufeffslide_id,process\r\na.svs,1,\r\nb.svs,1,,\r\nc.svs\r\na.svs,1\r\n") == [
+        "a.svs",
+        "b.svs",
+        "c.svs",
+    ]
+    for text, message in [
+        ("", "list.csv: a slide list needs a column slide_id or slide or path, got \\[\\] \\(an empty file"),
+        ("a.svs\nb.svs\n", "got \\['a.svs'\\] \\(the first line must name the columns"),
+        ("slide_id,process\na.svs,0\n", "list.csv: the slide list names no slide to process"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            names(text)
+    (tmp_path / "latin.csv").write_bytes("slide_id\n\xe9.svs\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin.csv.*cannot be read.*utf-8"):
+        read_slides_csv(tmp_path / "latin.csv")
