@@ -2,8 +2,8 @@
 
 QuPath writes shapes in level-0 pixel coordinates, origin at the top-left corner of the full-resolution image
 (its "Export as GeoJSON": a FeatureCollection, a list of Features, or one Feature). Every Polygon and
-MultiPolygon of the file counts, whatever its classification; holes are respected; points and lines are
-ignored. A tile is kept when its centre lies inside a polygon (inside the outer ring and in none of its holes):
+MultiPolygon of the file counts, whatever its classification; holes are respected; points, lines and polygons
+without area are ignored. A tile is kept when its centre lies inside a polygon (inside the outer ring and in none of its holes):
 one rule that does not depend on how finely the annotation was drawn. Point-in-polygon tests use
 ``matplotlib.path.Path`` (already a dependency).
 """
@@ -57,6 +57,12 @@ def _ring(value: Any, where: str) -> np.ndarray:
     return ring[:, :2]
 
 
+def _area(ring: np.ndarray) -> float:
+    """The ring's area in square pixels (shoelace formula; either orientation)."""
+    x, y = ring[:, 0], ring[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+
 def _polygon(rings: Any, where: str) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     if not isinstance(rings, list) or not rings:
         raise ValueError(f"{where}: a Polygon's coordinates must be a list of rings")
@@ -108,6 +114,12 @@ def read_region(path: str | Path) -> Region:
     if not polygons:
         raise DataError(
             f"region file {path}: holds no Polygon or MultiPolygon (export the annotations from QuPath as GeoJSON)"
+        )
+    flat = len(polygons)
+    polygons = [(outer, holes) for outer, holes in polygons if _area(outer) > 0]  # a line drawn closed
+    if not polygons:
+        raise DataError(
+            f"region file {path}: its {flat} polygon(s) have no area (each outer ring is a line or a point)"
         )
     return Region(path, tuple(polygons), hashlib.sha256(data).hexdigest())
 

@@ -330,3 +330,32 @@ def test_slide_lists_as_spreadsheets_write_them(tmp_path: Path) -> None:
     (tmp_path / "latin.csv").write_bytes("slide_id\n\xe9.svs\n".encode("latin-1"))
     with pytest.raises(DataError, match="latin.csv.*cannot be read.*utf-8"):
         read_slides_csv(tmp_path / "latin.csv")
+
+
+def test_region_files_in_qupaths_other_shapes(tmp_path: Path) -> None:
+    def region(name: str, data: object):  # noqa: ANN202
+        (tmp_path / name).write_text(json.dumps(data))
+        return read_region(tmp_path / name)
+
+    line = [[600, 600], [700, 600], [800, 600], [600, 600]]  # a polygon with no area (a drawn line, closed)
+    square = {"type": "Polygon", "coordinates": [LEFT]}
+    inside = np.array([[600, 600], [1100, 600]])
+    # a bare geometry, a GeometryCollection, one annotation Feature: every polygon with an area counts
+    assert region("bare.geojson", square).contains(inside).tolist() == [True, False]
+    collection = {
+        "type": "GeometryCollection",
+        "geometries": [square, {"type": "Point", "coordinates": [1, 1]}],
+    }
+    assert region("gc.geojson", collection).contains(inside).tolist() == [True, False]
+    feature = {"type": "Feature", "geometry": square, "properties": {"objectType": "annotation"}}
+    assert region("feature.geojson", feature).contains(inside).tolist() == [True, False]
+    # an island inside a hole of a MultiPolygon's first polygon is in the region
+    hole = [[600, 600], [900, 600], [900, 900], [600, 900], [600, 600]]
+    island = [[700, 700], [800, 700], [800, 800], [700, 800], [700, 700]]
+    multi = region("multi.geojson", {"type": "MultiPolygon", "coordinates": [[LEFT, hole], [island]]})
+    assert multi.contains(np.array([[550, 550], [650, 650], [750, 750]])).tolist() == [True, False, True]
+    # a zero-area polygon next to a real one is ignored; alone it is an error naming the file
+    both = region("both.geojson", {"type": "MultiPolygon", "coordinates": [[line], [LEFT]]})
+    assert len(both.polygons) == 1
+    with pytest.raises(DataError, match="flat.geojson: its 1 polygon\\(s\\) have no area"):
+        region("flat.geojson", {"type": "Polygon", "coordinates": [line]})
