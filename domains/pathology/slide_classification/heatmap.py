@@ -36,23 +36,42 @@ def percentiles(attention: np.ndarray) -> np.ndarray:
 
 
 def tile_geometry(feature_file: Path) -> tuple[np.ndarray, int, tuple[int, int], str | None]:
-    """Level-0 corners, tile side and slide size of a feature file (from its ``coords`` attributes, or the size
-    the tiles cover when the file predates them) and the slide it was made from.
+    """Level-0 corners, tile side (:func:`_tile_side`) and slide size of a feature file (from its ``coords``
+    attributes, or the size the tiles cover when the file predates them) and the slide it was made from.
 
     Raises:
-        DataError: the file cannot be read.
+        DataError: the file cannot be read, or its ``coords`` are not ``N x 2`` (N > 0).
     """
     try:
         with h5py.File(feature_file, "r") as f:
             coords = f["coords"][()]
             attrs = dict(f["coords"].attrs)
-            side = int(attrs.get("patch_size_level0", f.attrs.get("extent", 256)))
             slide = f.attrs.get("slide")
-    except (OSError, KeyError) as e:
+            if coords.ndim != 2 or coords.shape[1] != 2 or not len(coords):
+                raise ValueError(f"'coords' of shape {coords.shape}, not N x 2")
+            side = _tile_side(coords, attrs, dict(f.attrs))
+    except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{feature_file}: cannot read its tiles ({e})") from e
     width = int(attrs.get("level0_width", coords[:, 0].max() + side))
     height = int(attrs.get("level0_height", coords[:, 1].max() + side))
     return coords, side, (width, height), str(slide) if slide else None
+
+
+def _tile_side(coords: np.ndarray, attrs: dict, root: dict) -> int:
+    """A tile's side in level-0 pixels: ``patch_size_level0`` (ours, TRIDENT's), our ``extent``, CLAM's
+    ``patch_size`` at ``patch_level`` (times its ``downsample``), else the grid step of the corners (CLAM's feature
+    files carry no attribute; with overlapping tiles the step is shorter than the side), else 256."""
+    if "patch_size_level0" in attrs:
+        return int(attrs["patch_size_level0"])
+    if "extent" in root:
+        return int(root["extent"])
+    if "patch_size" in attrs and int(attrs.get("patch_level", -1)) == 0:
+        return int(attrs["patch_size"])
+    if "patch_size" in attrs and "downsample" in attrs:
+        return round(float(attrs["patch_size"]) * float(np.ravel(attrs["downsample"])[0]))
+    steps = [np.diff(np.unique(coords[:, i])) for i in (0, 1)]
+    steps = [d[d > 0].min() for d in steps if (d > 0).any()]
+    return int(min(steps)) if steps else 256
 
 
 def heat_image(

@@ -16,7 +16,7 @@ from domains.pathology.slide_classification.heatmap import (
     percentiles,
     write_heatmap,
 )
-from foundation.errors import OutputError
+from foundation.errors import DataError, OutputError
 
 
 def _feature_file(path: Path, coords: np.ndarray, side: int, slide: Path | None, size=(2048, 1536)) -> Path:
@@ -79,3 +79,25 @@ def test_overlapping_tiles_show_the_mean_of_their_scores() -> None:
     for x, colour in zip((25, 75, 125), expected, strict=True):
         np.testing.assert_allclose(image[50, x], colour, atol=1)
     assert (image[50, 175] == 255).all()  # no tile there
+
+
+def test_tile_side_of_feature_files_without_patch_size_level0(tmp_path: Path) -> None:
+    from domains.pathology.slide_classification.heatmap import tile_geometry
+
+    coords = np.array([[0, 0], [512, 0], [1024, 512], [1536, 1024]])
+
+    def side(attrs: dict) -> int:
+        with h5py.File(tmp_path / "f.h5", "w") as f:
+            f.create_dataset("coords", data=coords).attrs.update(attrs)
+            f.create_dataset("features", data=np.zeros((len(coords), 4), np.float32))
+        return tile_geometry(tmp_path / "f.h5")[1]
+
+    assert side({"patch_size_level0": 640, "patch_size": 320, "patch_level": 1}) == 640  # ours and TRIDENT's
+    assert side({"patch_size": 512, "patch_level": 0}) == 512  # CLAM: the side at patch_level 0
+    assert side({"patch_size": 128, "patch_level": 2, "downsample": (4.0, 4.0)}) == 512  # CLAM's patch files
+    assert side({}) == 512  # CLAM's feature files (no attributes): the grid step, not a guessed 256
+    for bad in (np.zeros((4, 3)), np.zeros((0, 2))):  # not corners, or none: named, not an IndexError
+        with h5py.File(tmp_path / "bad.h5", "w") as f:
+            f.create_dataset("coords", data=bad)
+        with pytest.raises(DataError, match="bad.h5: cannot read its tiles .*not N x 2"):
+            tile_geometry(tmp_path / "bad.h5")
