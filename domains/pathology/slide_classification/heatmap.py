@@ -27,12 +27,15 @@ ATTENTION_LABEL = "attention percentile (within the slide)"
 
 
 def percentiles(attention: np.ndarray) -> np.ndarray:
-    """Each value's rank in [0, 1] (ties share the lower rank; one tile is 1)."""
+    """Each value's rank in [0, 1] (ties share their mean rank, as CLAM's ``rankdata(..., 'average')``; one tile
+    is 1)."""
     attention = np.asarray(attention, np.float64)
     if len(attention) == 1:
         return np.ones(1)
-    ranks = np.searchsorted(np.sort(attention), attention, side="left")
-    return ranks / (len(attention) - 1)
+    ordered = np.sort(attention)
+    first = np.searchsorted(ordered, attention, side="left")
+    last = np.searchsorted(ordered, attention, side="right") - 1
+    return (first + last) / 2 / (len(attention) - 1)
 
 
 def tile_geometry(feature_file: Path) -> tuple[np.ndarray, int, tuple[int, int], str | None]:

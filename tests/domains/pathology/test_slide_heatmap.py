@@ -31,6 +31,10 @@ def _feature_file(path: Path, coords: np.ndarray, side: int, slide: Path | None,
 def test_percentiles_rank_within_the_bag() -> None:
     np.testing.assert_allclose(percentiles(np.array([0.1, 0.7, 0.2])), [0.0, 1.0, 0.5])
     assert percentiles(np.array([3.0])).tolist() == [1.0]
+    # ties share their mean rank (CLAM's rankdata 'average'): the mean head's equal attention is the middle of
+    # the scale, not the bottom ("least attended" everywhere)
+    assert percentiles(np.full(7, 1 / 7)).tolist() == [0.5] * 7
+    np.testing.assert_allclose(percentiles(np.array([0.2, 0.5, 0.2, 0.1])), [0.5, 1.0, 0.5, 0.0])
 
 
 def test_heatmap_paints_the_most_attended_tile_hot_on_the_slide(tmp_path: Path) -> None:
