@@ -229,6 +229,7 @@ def _draw(
         DataError: the feature file cannot be read. OutputError: an output cannot be written or is not ours.
     """
     import numpy as np
+    import torch
 
     from domains.pathology.slide_classification.bags import read_bag
     from domains.pathology.slide_classification.heatmap import (
@@ -250,6 +251,11 @@ def _draw(
     features = read_bag(feature_file)
     if len(coords) != len(features):
         raise DataError(f"{feature_file}: {len(coords)} tiles in 'coords' but {len(features)} feature rows")
+    bad = int((~torch.isfinite(features).all(1)).sum())
+    if bad:  # NaN scores would colour nothing and make the GeoJSON invalid JSON
+        raise DataError(
+            f"{feature_file}: {bad} of its {len(features)} feature rows are not finite (NaN or inf)"
+        )
     folds, held_out = _folds(slide_id, meta)
     runs = [tile_scores(net.head_for_inference(k), features, device) for k in folds]
     attention = np.mean([r["attention"].numpy() for r in runs], 0)

@@ -196,11 +196,15 @@ def test_bad_feature_files_are_skipped_by_name_and_the_rest_drawn(
     with h5py.File(feats / "short.h5", "w") as f:  # 5 tiles placed, 4 feature rows
         f.create_dataset("coords", data=np.arange(10).reshape(5, 2) * 256)
         f.create_dataset("features", data=np.zeros((4, 16), np.float32))
+    with h5py.File(feats / "nan.h5", "w") as f:  # a row embed wrote as NaN (an overflow in half precision)
+        f.create_dataset("coords", data=np.arange(6).reshape(3, 2) * 256)
+        f.create_dataset("features", data=np.array([[0.0] * 16, [np.nan] * 16, [1.0] * 16], np.float32))
     out = tmp_path / "maps"
     code, summary = _heatmap({**cohort, "feats": feats}, out, capsys)
     assert code == EXIT_SOME_SKIPPED and summary["drawn"] == 2
     reasons = {s["slide"]: s["reason"] for s in summary["slides_skipped"]}
-    assert set(reasons) == {"broken", "wide", "short"}
+    assert set(reasons) == {"broken", "wide", "short", "nan"}
+    assert "nan.h5: 1 of its 3 feature rows are not finite" in reasons["nan"]
     assert "wide.h5" in reasons["wide"] and "32-wide" in reasons["wide"]
     assert (
         "short.h5" in reasons["short"] and "5 tiles" in reasons["short"] and "4 feature" in reasons["short"]
