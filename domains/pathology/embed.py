@@ -44,7 +44,13 @@ from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
 from domains.pathology.regions import region_digest, region_for
 from domains.pathology.slide import SlideCache, open_slide
 from domains.pathology.slide_refs import SlideRef, slide_name
-from domains.pathology.source import PathologyOptions, list_slides, mpp_override, read_mpp_csv
+from domains.pathology.source import (
+    SLIDE_SUFFIXES,
+    PathologyOptions,
+    list_slides,
+    mpp_override,
+    read_mpp_csv,
+)
 from domains.pathology.tissue import OTSU, Tiling, read_tile, tile_slide
 from foundation.batch import EXIT_DONE, exit_status
 from foundation.config import load_config
@@ -98,7 +104,10 @@ def output_names(slides: Sequence[SlideRef], root: Path) -> list[str]:
 
     def own(slide: SlideRef) -> str:
         name = slide_name(slide)
-        return name if not is_url(slide) and Path(slide).is_dir() else Path(name).stem
+        suffix = Path(name).suffix.lower()
+        # a DICOM slide is a folder; a stat only when the name does not say it is a file
+        folder = suffix not in SLIDE_SUFFIXES and not is_url(slide) and Path(slide).is_dir()
+        return name if folder else Path(name).stem
 
     names = [own(p) for p in slides]
     if root.is_dir():
@@ -587,11 +596,11 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         raise ConfigError(f"--bags {args.bags!r}: choose one of {BAG_FORMATS}")
     img_size = int(args.img_size or meta["backbone_args"]["img_size"])
     overrides = list(args.overrides or [])
-    if getattr(args, "slides_csv", None):
+    options = _options(overrides, img_size)
+    if getattr(args, "slides_csv", None):  # a path as typed: an override's value would be read as YAML
         if any(o.startswith("data.options.slides_csv=") for o in overrides):
             raise ConfigError("--slides-csv and data.options.slides_csv both given: keep one")
-        overrides.append(f"data.options.slides_csv={args.slides_csv}")
-    options = _options(overrides, img_size)
+        options = dataclasses.replace(options, slides_csv=str(args.slides_csv))
     out_dir, root = Path(args.out), Path(args.data)
     slides = list_slides(root)
     check_out_dir(out_dir, [root], summary_key="slides_processed")
@@ -619,7 +628,8 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         if dist.is_main:  # names of the slide list that match no slide: reported once, by rank 0
             for item in not_listed:
                 report.skip(Path(item["slide"]), item["reason"])
-        work = [(slides[i], out_dir / names[i]) for i in mine]
+        pairs = enumerate(zip(slides, names, strict=True))  # streamed: no seek per entry of a list file
+        work = [(s, out_dir / n) for i, (s, n) in pairs if i % dist.world_size == dist.rank]
         todo = plan(embedder, work, report, overwrite=bool(getattr(args, "overwrite", False)))
         embed_all(embedder, todo, report, dist.rank)
 

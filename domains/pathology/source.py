@@ -99,6 +99,8 @@ class PathologyOptions:
             "overlap": isinstance(self.overlap, int)
             and not isinstance(self.overlap, bool)
             and 0 <= self.overlap < self.tile_size,
+            "regions": self.regions is None or isinstance(self.regions, str),  # a folder's path
+            "slides_csv": self.slides_csv is None or isinstance(self.slides_csv, str),
             "slide_mpp": self.slide_mpp is None or self.slide_mpp > 0,
             "samples_per_slide": isinstance(self.samples_per_slide, int) and self.samples_per_slide >= 1,
             "max_open_slides": isinstance(self.max_open_slides, int) and self.max_open_slides >= 1,

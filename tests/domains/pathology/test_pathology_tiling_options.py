@@ -68,6 +68,8 @@ def test_options_are_checked_by_name() -> None:
         ("data.options.overlap=-1", "overlap"),
         ("data.options.otsu_clip=[30,8]", "otsu_clip"),
         ("data.options.otsu_clip=5", "otsu_clip"),
+        ("data.options.slides_csv=007", "slides_csv"),  # YAML's 7: a path must be a string
+        ("data.options.regions=[a]", "regions"),
     ]:
         with pytest.raises(ConfigError, match=f"data.options.{key}="):
             options(bad)
@@ -291,7 +293,8 @@ def test_pretraining_uses_the_slide_list_and_regions(two_slides: Path, tmp_path:
 def test_embed_takes_the_slide_list_as_a_flag(
     two_slides: Path, backbone: Path, tmp_path: Path, capsys
 ) -> None:
-    listing = tmp_path / "list.csv"
+    # the flag's value is a path as typed, never read as YAML ('#' starts a comment, ': ' a map there)
+    listing = tmp_path / "list #1: b.csv"
     listing.write_text("slide_id\nb\n")
     out = tmp_path / "feats"
     code, result = _embed(two_slides, backbone, out, capsys, "--slides-csv", str(listing))
