@@ -266,7 +266,7 @@ def _draw(
     measurements.update({f"prob_{name}": tile_probs[:, i] for i, name in enumerate(s.classes)})
     classification = [s.classes[j] for j in tile_probs.argmax(1)] if s.score == "class" else None
     write_tile_geojson(geojson, tile_collection(coords, side, measurements, classification, s.classes, key))
-    background, source = slide_thumbnail(slide or recorded)
+    background, source, slide_size = slide_thumbnail(slide or recorded)
     if background is None:
         log.warning("%s: drawn on white (%s)", slide_id, source)
     if s.score == "class":
@@ -276,7 +276,7 @@ def _draw(
     title = f"{slide_id}: {label}"
     write_heatmap(
         png, feature_file, scores, title, label=label, as_percentiles=as_percentiles, background=background,
-        slide_known=True, text={"key": key},
+        slide_known=True, slide_size=slide_size, text={"key": key},
     )  # fmt: skip
     return {
         "slide": slide_id,

@@ -38,9 +38,9 @@ def percentiles(attention: np.ndarray) -> np.ndarray:
     return (first + last) / 2 / (len(attention) - 1)
 
 
-def tile_geometry(feature_file: Path) -> tuple[np.ndarray, int, tuple[int, int], str | None]:
+def tile_geometry(feature_file: Path) -> tuple[np.ndarray, int, tuple[int, int] | None, str | None]:
     """Level-0 corners, tile side (:func:`_tile_side`) and slide size of a feature file (from its ``coords``
-    attributes, or the size the tiles cover when the file predates them) and the slide it was made from.
+    attributes; None when the file does not record it, as CLAM's) and the slide it was made from.
 
     Raises:
         DataError: the file cannot be read, or its ``coords`` are not ``N x 2`` (N > 0).
@@ -55,9 +55,9 @@ def tile_geometry(feature_file: Path) -> tuple[np.ndarray, int, tuple[int, int],
             side = _tile_side(coords, attrs, dict(f.attrs))
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{feature_file}: cannot read its tiles ({e})") from e
-    width = int(attrs.get("level0_width", coords[:, 0].max() + side))
-    height = int(attrs.get("level0_height", coords[:, 1].max() + side))
-    return coords, side, (width, height), str(slide) if slide else None
+    recorded = "level0_width" in attrs and "level0_height" in attrs
+    size = (int(attrs["level0_width"]), int(attrs["level0_height"])) if recorded else None
+    return coords, side, size, str(slide) if slide else None
 
 
 def _tile_side(coords: np.ndarray, attrs: dict, root: dict) -> int:
@@ -138,22 +138,18 @@ def with_colour_bar(image: np.ndarray, label: str) -> np.ndarray:
     return out
 
 
-def slide_thumbnail(slide: str | Path | None) -> tuple[np.ndarray | None, str]:
-    """The slide's thumbnail and ``"slide"``, or None and why not (the heatmap is then drawn on white)."""
+def slide_thumbnail(slide: str | Path | None) -> tuple[np.ndarray | None, str, tuple[int, int] | None]:
+    """The slide's thumbnail, ``"slide"`` and its level-0 size, or None, why not and None (the heatmap is then
+    drawn on white)."""
     if not slide:
-        return None, "no slide known for these features"
+        return None, "no slide known for these features", None
     from domains.pathology.slide import open_slide
 
     try:
         with open_slide(slide) as s:
-            return s.thumbnail(MAX_SIDE), "slide"
+            return s.thumbnail(MAX_SIDE), "slide", (int(s.dimensions[0]), int(s.dimensions[1]))
     except Exception as e:  # any reader error: the heatmap does not need the picture, the summary says why
-        return None, f"{slide}: {e}"
-
-
-def thumbnail(slide: str | None) -> np.ndarray | None:
-    """The slide's thumbnail, or None when it is gone or unreadable (the heatmap is then drawn on white)."""
-    return slide_thumbnail(slide)[0]
+        return None, f"{slide}: {e}", None
 
 
 def is_ours(path: Path) -> bool:
@@ -201,13 +197,15 @@ def write_heatmap(
     as_percentiles: bool = True,
     background: np.ndarray | None = None,
     slide_known: bool = False,
+    slide_size: tuple[int, int] | None = None,
     text: dict[str, str] | None = None,
 ) -> Path:
     """One slide's heatmap PNG with its colour bar, written atomically and read back.
 
     ``attention`` is any per-tile score: drawn as percentiles within the slide (attention), or as they are
     when ``as_percentiles`` is False (probabilities, 0 to 1). The background is ``background`` when the caller
-    found the slide (``slide_known``), else the thumbnail of the slide recorded in the feature file, else white.
+    found the slide (``slide_known``; its level-0 size ``slide_size``), else the thumbnail of the slide recorded
+    in the feature file, else white.
 
     Raises:
         DataError: the feature file's tiles cannot be read or do not match ``attention``; OutputError: not written.
@@ -219,7 +217,9 @@ def write_heatmap(
     if len(coords) != len(attention):
         raise DataError(f"{feature_file}: {len(coords)} tiles but {len(attention)} attention values")
     if not slide_known:
-        background = thumbnail(slide)
+        background, _, slide_size = slide_thumbnail(slide)
+    # the size the file records, else the slide's (the thumbnail shows all of it), else what the tiles reach
+    size = size or slide_size or (int(coords[:, 0].max() + side), int(coords[:, 1].max() + side))
     scores = percentiles(attention) if as_percentiles else np.clip(np.asarray(attention, np.float64), 0, 1)
     image = with_colour_bar(heat_image(coords, scores, side, size, background), label)
     info = PngInfo()

@@ -105,3 +105,19 @@ def test_tile_side_of_feature_files_without_patch_size_level0(tmp_path: Path) ->
             f.create_dataset("coords", data=bad)
         with pytest.raises(DataError, match="bad.h5: cannot read its tiles .*not N x 2"):
             tile_geometry(tmp_path / "bad.h5")
+
+
+def test_a_file_without_the_slide_size_is_drawn_on_the_whole_slide(tmp_path: Path) -> None:
+    slide = write_svs(tmp_path / "s.svs")  # 2048 x 1536, tissue in TISSUE
+    coords = np.array([[512, 512], [768, 512], [1024, 768]])  # CLAM's files: no level0_width / level0_height
+    feats = _feature_file(tmp_path / "s.h5", coords, 256, slide)
+    with h5py.File(feats, "r+") as f:
+        for key in ("level0_width", "level0_height"):
+            del f["coords"].attrs[key]
+    out = write_heatmap(tmp_path / "s.png", feats, np.array([0.1, 0.8, 0.1]), "s")
+    with Image.open(out) as image:
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    # the slide's own size, not the 1280 x 1024 the tiles reach: the thumbnail is not stretched under them
+    assert rgb.shape[:2] == (768, 1024 + BAR_WIDTH)
+    hot = rgb[256 + 64, 384 + 64]  # tile 1 where it is; glass at the far corner
+    assert hot[0] > hot[2] + 40 and (rgb[700, 1000] > 230).all()
