@@ -40,8 +40,8 @@ class SlideList(Sequence[SlideRef]):
         return slide_ref(self.entries[index])
 
     def __iter__(self) -> Iterator[SlideRef]:
-        for i in range(len(self)):
-            yield self[i]
+        for entry in self.entries:
+            yield slide_ref(entry)
 
     def __repr__(self) -> str:
         return f"SlideList({str(self.path)!r}, {len(self)} slides)"

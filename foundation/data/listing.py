@@ -135,8 +135,13 @@ class ListFile(Sequence[str]):
         return self.resolve(self.raw(index % n))
 
     def __iter__(self) -> Iterator[str]:
-        for i in range(len(self)):
-            yield self[i]
+        """Every entry in order, streamed (one sequential read, not a seek per entry)."""
+        with self.path.open("rb") as f:
+            for offset in self.offsets:
+                if f.tell() != offset:
+                    f.seek(int(offset))
+                text = f.readline().decode("utf-8", errors="replace").strip()
+                yield self.resolve(self._field(text) if self.column is not None else text)
 
     def close(self) -> None:
         if self._handle is not None:
