@@ -602,7 +602,7 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
             raise ConfigError("--slides-csv and data.options.slides_csv both given: keep one")
         options = dataclasses.replace(options, slides_csv=str(args.slides_csv))
     out_dir, root = Path(args.out), Path(args.data)
-    slides = list_slides(root)
+    slides = list_slides(args.data)  # not root: Path() would fold a URL's "https://" to "https:/"
     check_out_dir(out_dir, [root], summary_key="slides_processed")
     table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else {}
     names = output_names(slides, root)  # of every slide found: a slide list does not change its file's name

@@ -197,3 +197,20 @@ def test_slide_cache_opens_urls(served) -> None:
     cache = SlideCache(max_open=1)
     assert cache.get(server.url_of("g.tif")).backend == "tiffslide"
     cache.discard(server.url_of("g.tif"))
+
+
+def test_embed_and_pretrain_take_a_url_as_data(served, tmp_path: Path, tiny_recipe: Path, capsys) -> None:
+    root, server = served
+    url = server.url_of("g.tif")
+    backbone = export_backbone(build_vit(**ARGS), ARGS, tmp_path / "bb", mean=(0.5,) * 3, std=(0.5,) * 3)
+    argv = ["embed", "--domain", "pathology", "--data", url, "--backbone", str(backbone)]
+    argv += ["--out", str(tmp_path / "feats"), "--num-workers", "0", "--quiet", "data.options.mpp=1.0"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # complete: the same URL and size
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["processed"], result["complete_before"]) == (0, 1)
+    assert sorted(p.name for p in (tmp_path / "feats").iterdir()) == ["g.h5", "summary.json"]
+    run = ["pretrain", "--domain", "pathology", "--data", url, "--config", str(tiny_recipe)]
+    run += ["--out", str(tmp_path / "run"), "--quiet", "train.steps=1", "data.num_workers=2"]
+    run += ["data.options.mpp=1.0", "data.options.tile_size=32"]
+    assert main(run) == 0  # two forked reader workers open the URL themselves
