@@ -41,7 +41,7 @@ from tqdm import tqdm
 from domains.pathology.feature_file import is_complete, is_ours, write_feature_file
 from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, ensure_pt_bag, write_pt_bag
 from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
-from domains.pathology.regions import region_digest, region_for
+from domains.pathology.regions import qupath_origin, region_digest, region_for
 from domains.pathology.slide import SlideCache, open_slide
 from domains.pathology.slide_refs import SlideRef, slide_name
 from domains.pathology.source import (
@@ -166,6 +166,7 @@ class StartedSlide:
             _, self.tiling = tile_slide(slide, o.mpp, o.tile_size, o.rules, region)
             self.scanned_mpp = float(slide.mpp)
             self.level0_size = tuple(int(v) for v in slide.dimensions)
+            self.qupath_origin = qupath_origin(slide.properties, self.level0_size)
             self.mpp_source = slide.mpp_source
             self.downsample = float(slide.level_downsamples[self.tiling.level])
         if len(self.tiling) == 0:
@@ -416,6 +417,7 @@ class SlideEmbedder:
             "mpp_source": started.mpp_source,
             "read_size": int(tiling.read_size),
             "extent": int(tiling.extent),
+            "qupath_origin": np.asarray(started.qupath_origin, np.int64),  # QuPath's (0, 0): MIRAX bounds
             "n_tiles": len(tiling),
             "complete": True,
         }

@@ -239,7 +239,11 @@ def _draw(
         tile_geometry,
         write_heatmap,
     )
-    from domains.pathology.slide_classification.tile_geojson import tile_collection, write_tile_geojson
+    from domains.pathology.slide_classification.tile_geojson import (
+        recorded_origin,
+        tile_collection,
+        write_tile_geojson,
+    )
     from domains.pathology.slide_classification.tile_scores import tile_scores
     from foundation.errors import DataError
 
@@ -265,8 +269,11 @@ def _draw(
     measurements = {"attention": attention, "attention_percentile": percentiles(attention)}
     measurements.update({f"prob_{name}": tile_probs[:, i] for i, name in enumerate(s.classes)})
     classification = [s.classes[j] for j in tile_probs.argmax(1)] if s.score == "class" else None
-    write_tile_geojson(geojson, tile_collection(coords, side, measurements, classification, s.classes, key))
-    background, source, slide_size = slide_thumbnail(slide or recorded)
+    background, source, slide_size, origin = slide_thumbnail(slide or recorded)
+    # QuPath's pixels are ours less its origin (a MIRAX slide's bounds): as embed recorded it, else the slide's
+    origin = recorded_origin(feature_file) or origin
+    squares = np.asarray(coords, np.int64) - np.asarray(origin, np.int64)
+    write_tile_geojson(geojson, tile_collection(squares, side, measurements, classification, s.classes, key))
     if background is None:
         log.warning("%s: drawn on white (%s)", slide_id, source)
     if s.score == "class":
@@ -288,6 +295,7 @@ def _draw(
         "class": s.classes[c] if s.score == "class" else None,
         "slide_probs": {name: float(p) for name, p in zip(s.classes, probs, strict=True)},
         "background": "slide" if background is not None else f"white ({source})",
+        "qupath_origin": list(origin),
     }
 
 

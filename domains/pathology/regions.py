@@ -1,7 +1,8 @@
 """Annotated regions that restrict tiling: one GeoJSON per slide, as QuPath exports annotations.
 
 QuPath writes shapes in level-0 pixel coordinates, origin at the top-left corner of the full-resolution image
-(its "Export as GeoJSON": a FeatureCollection, a list of Features, or one Feature). Every Polygon and
+as QuPath shows it (its "Export as GeoJSON": a FeatureCollection, a list of Features, or one Feature); a MIRAX
+slide is shown cropped to its OpenSlide bounds, so its shapes are shifted by :func:`qupath_origin`. Every Polygon and
 MultiPolygon of the file counts, whatever its classification; holes are respected; points, lines and polygons
 without area are ignored. A tile is kept when its centre lies inside a polygon (inside the outer ring and in none of its holes):
 one rule that does not depend on how finely the annotation was drawn. Point-in-polygon tests use
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from foundation.errors import DataError
 
 SUFFIX = ".geojson"
 _POLYGONS = ("Polygon", "MultiPolygon")
+BOUNDS = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,17 @@ class Region:
                 here &= ~Polyline(hole).contains_points(points)
             inside |= here
         return inside
+
+
+def qupath_origin(properties: Mapping[str, str], dimensions: tuple[int, int]) -> tuple[int, int]:
+    """Where QuPath's image starts in the slide's level-0 pixels. QuPath opens a slide with OpenSlide bounds
+    (MIRAX) cropped to them (its ``OpenslideImageServer``, when both the bounds' width and height differ from the
+    slide's), so its coordinates are ours minus ``(bounds-x, bounds-y)``; (0, 0) for every other slide."""
+    try:
+        x, y, width, height = (int(properties[key]) for key in BOUNDS)
+    except (KeyError, ValueError):
+        return 0, 0
+    return (x, y) if width != dimensions[0] and height != dimensions[1] else (0, 0)
 
 
 def _ring(value: Any, where: str) -> np.ndarray:

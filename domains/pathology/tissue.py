@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from domains.pathology.regions import qupath_origin
 from domains.pathology.slide import Slide
 from foundation.errors import OutputError
 from foundation.outputs import output_error, write_verified
@@ -169,8 +170,9 @@ def tile_slide(
     ``pathology-qc``. With a ``region``, only tiles whose centre lies inside it are kept."""
     mask = mask_for_tiles(slide, mpp, tile_size, rules)
     tiling = plan_tiles(slide, mask, mpp, tile_size, rules.min_tissue, rules.overlap)
-    if region is not None:
-        tiling = tiling.subset(region.contains(tiling.coords + tiling.extent / 2))
+    if region is not None:  # the region is in QuPath's pixels: ours less QuPath's origin (MIRAX bounds)
+        origin = np.asarray(qupath_origin(slide.properties, slide.dimensions))
+        tiling = tiling.subset(region.contains(tiling.coords + tiling.extent / 2 - origin))
     return mask, tiling
 
 
@@ -272,8 +274,9 @@ def write_qc(
             cv2.rectangle(canvas, p0, p1, (40, 90, 230), 1)
     canvas = cv2.addWeighted(shade, 0.25, canvas, 0.75, 0)
     cv2.drawContours(canvas, contours, -1, (0, 170, 0), 2)
+    origin = np.asarray(qupath_origin(slide.properties, slide.dimensions))
     for outer, holes in region.polygons if region is not None else ():
-        rings = [np.round(ring * f).astype(np.int32).reshape(-1, 1, 2) for ring in (outer, *holes)]
+        rings = [np.round((ring + origin) * f).astype(np.int32).reshape(-1, 1, 2) for ring in (outer, *holes)]
         cv2.polylines(canvas, rings, True, (230, 200, 0), 2)
     caption = (
         f"{slide.path.name}  {slide.mpp:.3g} um/px ({slide.mpp_source})  tiles: {len(tiling)} x "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -138,18 +139,28 @@ def with_colour_bar(image: np.ndarray, label: str) -> np.ndarray:
     return out
 
 
-def slide_thumbnail(slide: str | Path | None) -> tuple[np.ndarray | None, str, tuple[int, int] | None]:
-    """The slide's thumbnail, ``"slide"`` and its level-0 size, or None, why not and None (the heatmap is then
-    drawn on white)."""
+class SlideView(NamedTuple):
+    """What a heatmap takes from the slide itself, when it opens."""
+
+    image: np.ndarray | None  # thumbnail, longer side MAX_SIDE (None: drawn on white)
+    source: str  # "slide", or why it could not be opened
+    size: tuple[int, int] | None  # level-0 width and height
+    origin: tuple[int, int]  # QuPath's (0, 0) in level-0 pixels (regions.qupath_origin)
+
+
+def slide_thumbnail(slide: str | Path | None) -> SlideView:
+    """The slide's thumbnail, size and QuPath origin, or None and why not (the heatmap is then drawn on white)."""
     if not slide:
-        return None, "no slide known for these features", None
+        return SlideView(None, "no slide known for these features", None, (0, 0))
+    from domains.pathology.regions import qupath_origin
     from domains.pathology.slide import open_slide
 
     try:
         with open_slide(slide) as s:
-            return s.thumbnail(MAX_SIDE), "slide", (int(s.dimensions[0]), int(s.dimensions[1]))
+            size = (int(s.dimensions[0]), int(s.dimensions[1]))
+            return SlideView(s.thumbnail(MAX_SIDE), "slide", size, qupath_origin(s.properties, size))
     except Exception as e:  # any reader error: the heatmap does not need the picture, the summary says why
-        return None, f"{slide}: {e}", None
+        return SlideView(None, f"{slide}: {e}", None, (0, 0))
 
 
 def is_ours(path: Path) -> bool:
@@ -217,7 +228,7 @@ def write_heatmap(
     if len(coords) != len(attention):
         raise DataError(f"{feature_file}: {len(coords)} tiles but {len(attention)} attention values")
     if not slide_known:
-        background, _, slide_size = slide_thumbnail(slide)
+        background, _, slide_size, _ = slide_thumbnail(slide)
     # the size the file records, else the slide's (the thumbnail shows all of it), else what the tiles reach
     size = size or slide_size or (int(coords[:, 0].max() + side), int(coords[:, 1].max() + side))
     scores = percentiles(attention) if as_percentiles else np.clip(np.asarray(attention, np.float64), 0, 1)

@@ -1,7 +1,8 @@
 """Tile scores as GeoJSON that QuPath imports: one square per tile with its measurements.
 
 QuPath (0.4 and later; ``PathObjectTypeAdapters``) reads a FeatureCollection of ``"type": "Feature"`` objects:
-``geometry`` a Polygon in level-0 pixels (origin at the top-left corner of the full-resolution image),
+``geometry`` a Polygon in level-0 pixels (origin at the top-left corner of the full-resolution image as QuPath
+shows it: a MIRAX slide cropped to its OpenSlide bounds starts at ``qupath_origin``, so tiles are shifted by it),
 ``properties.objectType`` (``"tile"`` makes tile objects, a kind of detection, so *Measure > Show measurement
 maps* colours them), ``properties.measurements`` a map of name to number, and ``properties.classification``
 ``{"name", "color": [r, g, b]}``. Drag the file onto the slide open in QuPath, or *File > Import objects*.
@@ -65,6 +66,19 @@ def tile_collection(
             }
         )
     return {"type": "FeatureCollection", MARK[0]: MARK[1], KEY: key, "features": features}
+
+
+def recorded_origin(feature_file: Path) -> tuple[int, int] | None:
+    """QuPath's origin in the slide's level-0 pixels as ``embed`` recorded it (``qupath_origin``), or None when the
+    file does not say (written before it did, or by another tool)."""
+    import h5py
+
+    try:
+        with h5py.File(feature_file, "r") as f:
+            value = f.attrs.get("qupath_origin")
+    except OSError:
+        return None
+    return None if value is None else (int(value[0]), int(value[1]))
 
 
 def is_our_geojson(path: Path) -> bool:

@@ -231,3 +231,21 @@ def test_a_pair_left_half_written_is_finished_without_overwrite(
     (out / "s1_00.png").unlink()  # interrupted after the GeoJSON was written
     code, summary = _heatmap(cohort, out, capsys, "--slides-csv", str(listing))
     assert code == EXIT_DONE and summary["drawn"] == 1 and (out / "s1_00.png").exists()
+
+
+def test_tiles_of_a_slide_qupath_crops_are_in_qupaths_pixels(
+    cohort: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    feats = _some_feats(cohort, tmp_path / "feats", "s0_00.h5", "s1_00.h5")
+    with h5py.File(
+        feats / "s0_00.h5", "r+"
+    ) as f:  # a MIRAX slide: QuPath shows it from its bounds (256, 512)
+        f.attrs["qupath_origin"] = np.array([256, 512])
+        coords = f["coords"][()]
+    code, summary = _heatmap({**cohort, "feats": feats}, tmp_path / "maps", capsys)
+    assert code == EXIT_DONE
+    drawn = {s["slide"]: s for s in summary["slides_drawn"]}
+    assert drawn["s0_00"]["qupath_origin"] == [256, 512] and drawn["s1_00"]["qupath_origin"] == [0, 0]
+    features = json.loads((tmp_path / "maps" / "s0_00.geojson").read_text())["features"]
+    corners = np.array([f["geometry"]["coordinates"][0][0] for f in features])
+    np.testing.assert_array_equal(corners, coords - [256, 512])

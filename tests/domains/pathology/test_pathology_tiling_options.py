@@ -230,6 +230,7 @@ def test_embed_with_overlap_regions_and_a_slide_list(
         assert (
             f.attrs["overlap"] == 16 and f.attrs["region_sha256"] == read_region(regions / "a.geojson").sha256
         )
+        assert f.attrs["qupath_origin"].tolist() == [0, 0]  # an SVS: QuPath shows it uncropped
     assert attrs["overlap"] == 16 and attrs["patch_size_level0"] == 256  # CLAM/TRIDENT read the real overlap
     centres = coords + 128
     assert ((centres >= 512) & (centres <= 1024)).all() and (coords % 192 == 0).all()
@@ -362,3 +363,28 @@ def test_region_files_in_qupaths_other_shapes(tmp_path: Path) -> None:
     assert len(both.polygons) == 1
     with pytest.raises(DataError, match="flat.geojson: its 1 polygon\\(s\\) have no area"):
         region("flat.geojson", {"type": "Polygon", "coordinates": [line]})
+
+
+def test_regions_of_a_slide_qupath_crops_to_its_bounds(svs: Path, tmp_path: Path) -> None:
+    from domains.pathology.regions import qupath_origin
+
+    # QuPath opens a slide with OpenSlide bounds (MIRAX) cropped to them: its (0, 0) is our (bounds-x, bounds-y)
+    bounds = {"openslide.bounds-x": "256", "openslide.bounds-y": "512"}
+    bounds.update({"openslide.bounds-width": "1792", "openslide.bounds-height": "1024"})
+    assert qupath_origin(bounds, (2048, 1536)) == (256, 512)
+    assert qupath_origin({**bounds, "openslide.bounds-width": "2048"}, (2048, 1536)) == (
+        0,
+        0,
+    )  # QuPath's rule
+    assert qupath_origin({}, (2048, 1536)) == (0, 0)
+    # the annotation of LEFT drawn in QuPath on the cropped image
+    shifted = [[x - 256, y - 512] for x, y in LEFT]
+    region = read_region(_geojson(tmp_path / "mirax.geojson", [[shifted]]))
+    with open_slide(svs) as slide:
+        _, expected = tile_slide(
+            slide, 1.0, 64, TileRules(), read_region(_geojson(tmp_path / "l.geojson", [[LEFT]]))
+        )
+        slide.properties.update(bounds)
+        _, kept = tile_slide(slide, 1.0, 64, TileRules(), region)
+    np.testing.assert_array_equal(kept.coords, expected.coords)
+    assert len(kept) > 0

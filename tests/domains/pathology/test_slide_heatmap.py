@@ -121,3 +121,7 @@ def test_a_file_without_the_slide_size_is_drawn_on_the_whole_slide(tmp_path: Pat
     assert rgb.shape[:2] == (768, 1024 + BAR_WIDTH)
     hot = rgb[256 + 64, 384 + 64]  # tile 1 where it is; glass at the far corner
     assert hot[0] > hot[2] + 40 and (rgb[700, 1000] > 230).all()
+    from domains.pathology.slide_classification.heatmap import slide_thumbnail
+
+    view = slide_thumbnail(slide)  # an SVS: QuPath shows it whole, from (0, 0)
+    assert view.source == "slide" and view.size == (2048, 1536) and view.origin == (0, 0)
