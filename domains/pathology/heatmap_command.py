@@ -7,8 +7,9 @@ the feature files of ``embed`` (tiles placed by ``coords`` and ``patch_size_leve
 by the folds that held it out (a slide new to the run: every fold; the mean over them); a slide every fold
 trained or validated on is still drawn, by every fold, and marked ``held_out: false``.
 
-Batch rules as ``embed``: a broken feature file, or a slide the ``--slides-csv`` names without features, is
-skipped and reported; outputs are written under temporary names, read back and renamed; a slide whose two files
+Batch rules as ``embed``: a broken feature file (or one of another width or backbone than the model's), or a
+slide the ``--slides-csv`` names without features, is skipped and reported; a PNG/GeoJSON pair half written by a
+stopped run is finished; outputs are written under temporary names, read back and renamed; a slide whose two files
 are ours and were made from the same model, features and score is complete; another file of ours is replaced
 only with ``--overwrite``; a file that is not ours is never replaced. ``OUT/summary.json``; exit status 0 all
 done, 2 some skipped, 1 none done.

@@ -64,7 +64,9 @@ def tile_geometry(feature_file: Path) -> tuple[np.ndarray, int, tuple[int, int] 
 def _tile_side(coords: np.ndarray, attrs: dict, root: dict) -> int:
     """A tile's side in level-0 pixels: ``patch_size_level0`` (ours, TRIDENT's), our ``extent``, CLAM's
     ``patch_size`` at ``patch_level`` (times its ``downsample``), else the grid step of the corners (CLAM's feature
-    files carry no attribute; with overlapping tiles the step is shorter than the side), else 256."""
+    files carry no attribute; with overlapping tiles the step is shorter than the side), else 256. The step is the
+    most common gap between neighbours of a row (or a column): CLAM starts each tissue contour's grid at the
+    contour's corner, so corners of two contours are not on one lattice."""
     if "patch_size_level0" in attrs:
         return int(attrs["patch_size_level0"])
     if "extent" in root:
@@ -73,9 +75,14 @@ def _tile_side(coords: np.ndarray, attrs: dict, root: dict) -> int:
         return int(attrs["patch_size"])
     if "patch_size" in attrs and "downsample" in attrs:
         return round(float(attrs["patch_size"]) * float(np.ravel(attrs["downsample"])[0]))
-    steps = [np.diff(np.unique(coords[:, i])) for i in (0, 1)]
-    steps = [d[d > 0].min() for d in steps if (d > 0).any()]
-    return int(min(steps)) if steps else 256
+    for along, across in ((0, 1), (1, 0)):
+        order = np.lexsort((coords[:, along], coords[:, across]))
+        line, place = coords[order, across], coords[order, along]
+        gaps = np.diff(place)[(np.diff(line) == 0) & (np.diff(place) > 0)]
+        if len(gaps):
+            values, counts = np.unique(gaps, return_counts=True)
+            return int(values[np.argmax(counts)])
+    return 256
 
 
 def heat_image(

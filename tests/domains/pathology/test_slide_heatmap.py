@@ -100,6 +100,11 @@ def test_tile_side_of_feature_files_without_patch_size_level0(tmp_path: Path) ->
     assert side({"patch_size": 512, "patch_level": 0}) == 512  # CLAM: the side at patch_level 0
     assert side({"patch_size": 128, "patch_level": 2, "downsample": (4.0, 4.0)}) == 512  # CLAM's patch files
     assert side({}) == 512  # CLAM's feature files (no attributes): the grid step, not a guessed 256
+    # two tissue contours, each with its own grid origin (CLAM's per-contour grids): still the step, not 3 px
+    coords = np.concatenate(
+        [np.stack([np.arange(4) * 512, np.zeros(4)], 1), [[3, 4000], [515, 4000]]]
+    ).astype(int)
+    assert side({}) == 512
     for bad in (np.zeros((4, 3)), np.zeros((0, 2))):  # not corners, or none: named, not an IndexError
         with h5py.File(tmp_path / "bad.h5", "w") as f:
             f.create_dataset("coords", data=bad)
