@@ -60,6 +60,19 @@ def is_remote(path: str | os.PathLike) -> bool:
     return is_url(text) or (text.startswith("/vsi") and not text.startswith(("/vsimem/", "/vsizip//")))
 
 
+def raster_name(path: str | os.PathLike) -> str:
+    """The file name of a raster path or URL (a URL's last path part, without its query)."""
+    text = str(path)
+    if is_url(text):
+        return text.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(text).name
+
+
+def raster_stem(path: str | os.PathLike) -> str:
+    """:func:`raster_name` without its last suffix (``scene.tif`` -> ``scene``), for output names."""
+    return Path(raster_name(path)).stem
+
+
 def gdal_env(path: str | os.PathLike) -> contextlib.AbstractContextManager:
     """:data:`REMOTE_GDAL_OPTIONS` for a remote ``path`` (scoped, not written to ``os.environ``); nothing for a
     local one."""
@@ -102,7 +115,7 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
             if attempt + 1 < tries and "404" not in str(e):
                 time.sleep(float(REMOTE_GDAL_OPTIONS["GDAL_HTTP_RETRY_DELAY"]) * 2**attempt)
                 continue
-            after = f" after {tries} tries" if tries > 1 else ""
+            after = f" after {attempt + 1} tries" if attempt else ""
             raise UnreadableRasterError(f"{path}: not a readable raster{after} ({e})") from e
     raise AssertionError("unreachable")
 

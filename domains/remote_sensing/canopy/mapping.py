@@ -140,12 +140,12 @@ def list_scenes(items: Sequence[str], out: Path | None = None) -> list[Path]:
     In a folder, our own outputs are not scenes: maps of ours (their tags say so) and anything under ``out``
     when it lies inside that folder (``canopy-height sc --out sc/maps`` can be run again).
     """
-    from domains.remote_sensing.raster import list_rasters
+    from domains.remote_sensing.raster import is_remote, list_rasters
 
     scenes: list[Path] = []
     for item in items:
-        found = list_rasters(item)
-        if Path(item).is_dir():
+        found = list_rasters(item)  # a URL stays a string; a list file gives its entries
+        if not is_remote(item) and Path(item).is_dir():
             found = [f for f in found if not _our_output(f, Path(item), out)]
             if not found:
                 raise DataError(f"data folder {item!r} holds only maps written by canopy-height; no scene")
@@ -172,14 +172,17 @@ def output_paths(scenes: list[Path], out: Path, protected: Sequence[Path] = ()) 
         OutputError: an output (or its quicklook, or the folder) that is, holds or links to a scene or a
             ``protected`` path (the checkpoint); a file where a folder is needed; a folder we cannot write in.
     """
-    check_not_input(out, scenes)
+    from domains.remote_sensing.raster import is_remote
+
+    scenes_on_disk = [s for s in scenes if not is_remote(s)]  # a URL cannot be overwritten by a local file
+    check_not_input(out, scenes_on_disk)
     if out.suffix.lower() in (".tif", ".tiff") and not out.is_dir():
         paths = [_single_output(scenes, out)]
     else:
         paths = _folder_outputs(scenes, out)
     for p in paths:
-        check_not_input(p, [*scenes, *protected])
-        check_not_input(p.with_suffix(".png"), [*scenes, *protected], flag="the quicklook")
+        check_not_input(p, [*scenes_on_disk, *protected])
+        check_not_input(p.with_suffix(".png"), [*scenes_on_disk, *protected], flag="the quicklook")
     folder = paths[0].parent
     check_writable(folder)
     return paths
@@ -196,7 +199,9 @@ def _single_output(scenes: list[Path], out: Path) -> Path:
 def _folder_outputs(scenes: list[Path], out: Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {str(out)!r} exists and is not a folder; give a folder for the maps")
-    paths = [out / f"{s.stem}{OUT_SUFFIX}" for s in scenes]
+    from domains.remote_sensing.raster import raster_stem
+
+    paths = [out / f"{raster_stem(s)}{OUT_SUFFIX}" for s in scenes]
     seen: dict[Path, Path] = {}
     for s, p in zip(scenes, paths, strict=True):
         if p in seen:
@@ -259,13 +264,14 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     from domains.remote_sensing.canopy import cog
     from domains.remote_sensing.canopy.reference import check_reference_plots, find_reference
     from domains.remote_sensing.canopy.tiling import TileGrid, blend_tiles
+    from domains.remote_sensing.raster import gdal_env, is_remote, raster_name
 
     fingerprint = meta.get("fingerprint") or model_fingerprint(net, meta)
     png = dst.with_suffix(".png")
     max_height = float(meta.get("max_height") or 96.0)
     reference = find_reference(src, opts.labels) if opts.quicklook else None
     if reference is not None:
-        check_reference_plots(dst, [src, reference])
+        check_reference_plots(dst, [reference] if is_remote(src) else [src, reference])
     if existing_map(dst, src, fingerprint, opts.overwrite):
         return _with_reference(_existing(dst, src, png, opts, max_height), dst, reference)
     if opts.quicklook:
@@ -274,7 +280,7 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     part = temporary_name(dst.with_name(f"{dst.stem}.part{dst.suffix}"))  # the COG's own is another name
     env = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB}
     try:
-        with rasterio.Env(**env), open_scene(src, meta, opts) as scene:
+        with rasterio.Env(**env), gdal_env(src), open_scene(src, meta, opts) as scene:
             grid = TileGrid(scene.ds.height, scene.ds.width, opts.tile, opts.overlap)
             tags = {"model": cog.MAP_KIND, **source_identity(src), "units": "m", "fingerprint": fingerprint}
             with (
@@ -287,7 +293,7 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
                     tags=tags,
                     name=dst,
                 ) as write_rows,
-                _progress(len(grid), src.name, opts.quiet) as bar,
+                _progress(len(grid), raster_name(src), opts.quiet) as bar,
             ):
                 counts = blend_tiles(
                     net,
@@ -367,7 +373,7 @@ def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> boo
         return True
     if not same_input:
         what = f"exists for another input ({tags.get('source_path') or tags.get('source')!r}"
-        if tags.get("source_path") == str(src.resolve()):
+        if tags.get("source_path") == source_identity(src)["source_path"]:
             what = "exists for this input as it was before it changed (size or modification time"
         raise DataError(f"{dst} {what}); not done: pass --overwrite to replace it")
     raise DataError(f"{dst} exists (a map of this input by another model); pass --overwrite to replace it")
@@ -375,7 +381,18 @@ def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> boo
 
 def source_identity(src: Path) -> dict[str, str]:
     """The tags that say which input a map is of: its resolved path, size and modification time (a map of
-    another file of the same name, or of this file before it changed, is not this input's map)."""
+    another file of the same name, or of this file before it changed, is not this input's map). A URL is known
+    by the URL alone (a remote file that changed under the same URL is not noticed)."""
+    from domains.remote_sensing.raster import is_remote, raster_name
+
+    if is_remote(src):
+        unknown = "unknown"  # GDAL drops empty tags
+        return {
+            "source": raster_name(src),
+            "source_path": str(src),
+            "source_size": unknown,
+            "source_mtime_ns": unknown,
+        }
     st = src.stat()
     return {
         "source": src.name,

@@ -24,14 +24,15 @@ def find_reference(scene: Path, labels: str | None) -> Path | None:
     the scene's file stem (None when there is none: the map gets no comparison, and the log says so)."""
     if not labels:
         return None
-    from domains.remote_sensing.raster import list_rasters
+    from domains.remote_sensing.raster import list_rasters, raster_stem
 
     root = Path(labels)
     if root.is_file():
         return root
-    matches = [p for p in list_rasters(root) if p.stem == scene.stem]
+    stem = raster_stem(scene)  # a scene may be a URL
+    matches = [p for p in list_rasters(root) if p.stem == stem]
     if not matches:
-        log.info("%s: no reference raster named %s.* under %s; no comparison plots", scene, scene.stem, root)
+        log.info("%s: no reference raster named %s.* under %s; no comparison plots", scene, stem, root)
     return matches[0] if matches else None
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from canopy_testdata import write_checkpoint
 from range_server import serve
 from rasterio.windows import Window
 from rs_testdata import random_bands, write_raster
@@ -138,3 +139,37 @@ def test_s3_scene_equals_the_local_read(tmp_path: Path, monkeypatch: pytest.Monk
         _same_pixels("s3://scenes/tiles/s.tif", path)
     finally:
         server.stop()
+
+
+def _maps(text: str) -> dict[str, dict]:
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return {r["scene"]: r for r in lines}
+
+
+def test_canopy_height_of_a_url_equals_the_map_of_the_local_file(served, tmp_path: Path, capsys) -> None:
+    root, server = served
+    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    write_raster(
+        root / "m.tif", random_bands(4, 60, 75, "uint16", seed=3), nodata=0
+    )  # small: a fast model run
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"{server.url_of('m.tif')}?token=x\n{server.url_of('gone.tif')}\n")
+    common = ["--checkpoint", str(checkpoint), "--quiet", "--batch-size", "4"]
+    assert main(["canopy-height", str(root / "m.tif"), "--out", str(tmp_path / "local"), *common]) == 0
+    assert (
+        main(["canopy-height", str(listing), "--out", str(tmp_path / "remote"), *common]) == EXIT_SOME_SKIPPED
+    )
+    results = _maps(capsys.readouterr().out)
+    assert results[f"{server.url_of('m.tif')}?token=x"]["status"] == "done"
+    assert results[server.url_of("gone.tif")]["status"] == "skipped"
+    assert server.url_of("gone.tif") in results[server.url_of("gone.tif")]["reason"]
+    with (
+        rasterio.open(tmp_path / "local/m_chm.tif") as want,
+        rasterio.open(tmp_path / "remote/m_chm.tif") as got,
+    ):
+        np.testing.assert_array_equal(got.read(1), want.read(1))
+        assert got.transform == want.transform and got.crs == want.crs
+    assert (
+        main(["canopy-height", str(listing), "--out", str(tmp_path / "remote"), *common]) == EXIT_SOME_SKIPPED
+    )
+    assert _maps(capsys.readouterr().out)[f"{server.url_of('m.tif')}?token=x"]["status"] == "exists"
