@@ -43,7 +43,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "be read, or has no valid pixel, is skipped and named. Exit status: 0 every file used, 2 some "
         "skipped, 1 none usable.",
     )
-    p.add_argument("data", help="a raster, or a folder searched recursively (.tif .tiff .vrt .jp2 .img)")
+    p.add_argument(
+        "data",
+        help="a raster or its URL (https://, s3://), a folder searched recursively (.tif .tiff .vrt .jp2 .img), "
+        "or a .txt/.csv list of paths and URLs",
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -76,7 +80,11 @@ def add_canopy_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenes", nargs="+", help="rasters (any GDAL format) or folders of them")
+    p.add_argument(
+        "scenes",
+        nargs="+",
+        help="rasters (any GDAL format), their URLs (https://, s3://), folders of them, or .txt/.csv lists",
+    )
     p.add_argument("--checkpoint", required=True, help="RUN/model.pt, a run folder or a training checkpoint")
     p.add_argument(
         "--out",
