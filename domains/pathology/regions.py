@@ -2,11 +2,11 @@
 
 QuPath writes shapes in level-0 pixel coordinates, origin at the top-left corner of the full-resolution image
 as QuPath shows it (its "Export as GeoJSON": a FeatureCollection, a list of Features, or one Feature); a MIRAX
-slide is shown cropped to its OpenSlide bounds, so its shapes are shifted by :func:`qupath_origin`. Every Polygon and
-MultiPolygon of the file counts, whatever its classification; holes are respected; points, lines and polygons
-without area are ignored. A tile is kept when its centre lies inside a polygon (inside the outer ring and in none of its holes):
-one rule that does not depend on how finely the annotation was drawn. Point-in-polygon tests use
-``matplotlib.path.Path`` (already a dependency).
+slide is shown cropped to its OpenSlide bounds, so its shapes are shifted by :func:`qupath_origin`. Every
+Polygon and MultiPolygon of the file counts, whatever its classification; holes are respected; points, lines
+and polygons without area are ignored. A tile is kept when its centre lies inside a polygon (inside the outer
+ring and in none of its holes): one rule that does not depend on how finely the annotation was drawn.
+Point-in-polygon tests use ``matplotlib.path.Path`` (already a dependency).
 """
 
 from __future__ import annotations
