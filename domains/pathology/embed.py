@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -491,20 +492,29 @@ def _bag_of_complete(out: Path, path: Path, report: ShardReport) -> bool:
     return True
 
 
-def embed_all(embedder: SlideEmbedder, todo: list[tuple[Path, Path]], report: ShardReport, rank: int) -> None:
+def embed_all(
+    embedder: SlideEmbedder,
+    todo: Iterable[tuple[Path, Path]],
+    report: ShardReport,
+    rank: int,
+    total: int | None = None,
+) -> None:
     """Embed ``todo`` in order, the next slide's readers starting while one runs; a broken slide is skipped,
-    a full disk stops the rest (none of them could be written either)."""
+    a full disk stops the rest (none of them could be written either). ``todo`` may be a stream (a list file
+    of 100,000 slides is never held as a list); ``total`` sizes the progress bar."""
+    items = iter(todo)
 
-    def start(k: int) -> StartedSlide | DataError | None:
-        return embedder.start(todo[k][0]) if k < len(todo) else None
+    def start() -> tuple[tuple[Path, Path], StartedSlide | DataError] | None:
+        item = next(items, None)
+        return None if item is None else (item, embedder.start(item[0]))
 
-    current, upcoming = None, start(0)
+    current, upcoming = None, start()
+    bar = tqdm(total=total, desc=f"embed (rank {rank})", unit="slide", disable=not embedder.progress)
     try:
-        for k in tqdm(
-            range(len(todo)), desc=f"embed (rank {rank})", unit="slide", disable=not embedder.progress
-        ):
-            (path, out), current = todo[k], upcoming
-            upcoming = start(k + 1)  # read-ahead: the next slide's workers start while this one runs
+        while upcoming is not None:
+            (path, out), current = upcoming
+            upcoming = start()  # read-ahead: the next slide's workers start while this one runs
+            bar.update(1)
             try:
                 if isinstance(current, DataError):
                     raise current
@@ -516,13 +526,15 @@ def embed_all(embedder: SlideEmbedder, todo: list[tuple[Path, Path]], report: Sh
                 report.skip(path, str(e))
                 if is_disk_full(e):
                     report.disk_full = e
-                    for rest, _ in todo[k + 1 :]:
-                        report.skipped.append({"slide": str(rest), "reason": f"not started: {e}"})
+                    rest = [upcoming[0]] if upcoming is not None else []
+                    for later, _ in itertools.chain(rest, items):
+                        report.skipped.append({"slide": str(later), "reason": f"not started: {e}"})
                     return
                 continue
             report.processed.append({"slide": str(path), "out": str(out), "tiles": n})
     finally:  # interrupted or stopped: stop the workers still running (closing twice is harmless)
-        for started in (current, upcoming):
+        bar.close()
+        for started in (current, upcoming[1] if upcoming is not None else None):
             if isinstance(started, StartedSlide):
                 started.close()
 
@@ -630,10 +642,12 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         if dist.is_main:  # names of the slide list that match no slide: reported once, by rank 0
             for item in not_listed:
                 report.skip(Path(item["slide"]), item["reason"])
-        pairs = enumerate(zip(slides, names, strict=True))  # streamed: no seek per entry of a list file
-        work = [(s, out_dir / n) for i, (s, n) in pairs if i % dist.world_size == dist.rank]
-        todo = plan(embedder, work, report, overwrite=bool(getattr(args, "overwrite", False)))
-        embed_all(embedder, todo, report, dist.rank)
+        # streamed, slide by slide (no list of every slide's paths): pairs, planning, embedding
+        pairs = enumerate(zip(slides, names, strict=True))
+        work = ((s, out_dir / n) for i, (s, n) in pairs if i % dist.world_size == dist.rank)
+        overwrite = bool(getattr(args, "overwrite", False))
+        todo = (item for one in work for item in plan(embedder, [one], report, overwrite=overwrite))
+        embed_all(embedder, todo, report, dist.rank)  # a bar without a total: complete slides are not counted
 
         name = f"summary_rank{dist.rank}.json" if dist.world_size > 1 else "summary.json"
         summary_path = out_dir / name
