@@ -114,7 +114,13 @@ def _picture_name(path: Path, root: Path) -> str:
 
 
 def _qc_one(
-    path: Path, root: Path, out: Path, args: argparse.Namespace, table: dict[str, float], o: PathologyOptions
+    path: Path,
+    root: Path,
+    out: Path,
+    args: argparse.Namespace,
+    table: dict[str, float],
+    o: PathologyOptions,
+    name: str | None = None,
 ) -> dict:
     """The QC picture of one slide; returns its line of the report.
 
@@ -126,7 +132,7 @@ def _qc_one(
     from domains.pathology.source import mpp_override
     from domains.pathology.tissue import tile_slide, write_qc
 
-    region = region_for(path, o.regions)
+    region = region_for(path, o.regions, name)
     with open_slide(path, mpp_override(path, args.slide_mpp, table, root)) as slide:
         mask, tiling = tile_slide(slide, o.mpp, o.tile_size, o.rules, region)
         png = write_qc(out / f"{_picture_name(path, root)}.png", slide, mask, tiling, args.max_size, region)
@@ -154,6 +160,7 @@ def run_qc(args: argparse.Namespace) -> int:
     options = tiling_options(args)
     roots = [Path(root) for root in args.slides]
     slides = [(path, root) for root in roots for path in list_slides(root)]
+    names = _names(slides) if options.regions else {}  # a region is named as embed names the slide's features
     not_listed = []
     if args.slides_csv:
         slides, not_listed = _listed(slides, args.slides_csv)
@@ -167,7 +174,7 @@ def run_qc(args: argparse.Namespace) -> int:
         log.warning("skipping slide: %s", m["reason"])
     for k, (path, root) in enumerate(tqdm(slides, desc="pathology-qc", unit="slide", disable=args.quiet)):
         try:
-            done.append(_qc_one(path, root, out, args, table, options))
+            done.append(_qc_one(path, root, out, args, table, options, names.get(path)))
         except (DataError, OutputError) as e:
             log.warning("skipping slide: %s", e)
             failed.append({"slide": str(path), "error": str(e)})
@@ -194,6 +201,17 @@ def run_qc(args: argparse.Namespace) -> int:
     log.info("QC pictures in %s", out)
     print(json.dumps(report))
     return report["exit_status"]
+
+
+def _names(slides: list[tuple[Path, Path]]) -> dict[Path, str]:
+    """Each slide's name as ``embed`` gives it among the slides of its folder (``x__s`` when ``s`` repeats)."""
+    from domains.pathology.embed import output_names
+
+    names: dict[Path, str] = {}
+    for root in dict.fromkeys(r for _, r in slides):
+        paths = [p for p, r in slides if r == root]
+        names.update(zip(paths, (n.removesuffix(".h5") for n in output_names(paths, root)), strict=True))
+    return names
 
 
 def _listed(slides: list[tuple[Path, Path]], csv_path: str) -> tuple[list[tuple[Path, Path]], list[dict]]:

@@ -155,14 +155,14 @@ class StartedSlide:
 
     def __init__(
         self, path: Path, key: dict[str, Any], slide_mpp: float | None, options: PathologyOptions,
-        batch_size: int, num_workers: int, device: torch.device,
+        batch_size: int, num_workers: int, device: torch.device, name: str | None = None,
     ) -> None:  # fmt: skip
         o = options
         self.path = path
         # this slide's part of its key (identity, resolution override), taken before any tile is read: a slide
         # rewritten meanwhile does not look complete
         self.key = key
-        region = region_for(path, o.regions)
+        region = region_for(path, o.regions, name)
         with open_slide(path, slide_mpp) as slide:
             _, self.tiling = tile_slide(slide, o.mpp, o.tile_size, o.rules, region)
             self.scanned_mpp = float(slide.mpp)
@@ -344,25 +344,25 @@ class SlideEmbedder:
     def slide_mpp(self, path: Path) -> float | None:
         return mpp_override(path, self.options.slide_mpp, self.table, self.root)
 
-    def slide_key(self, path: Path) -> dict[str, Any]:
+    def slide_key(self, path: Path, name: str | None = None) -> dict[str, Any]:
         """One slide's own part of its key: which slide it is, and a resolution given by the user, which changes
-        its tiles (0: the file's own).
+        its tiles (0: the file's own), and its region (``name``: its output's stem, which names its region file).
 
         Raises:
             DataError: the slide cannot be looked at.
         """
         override = float(self.slide_mpp(path) or 0.0)
-        region = region_digest(region_for(path, self.options.regions))
+        region = region_digest(region_for(path, self.options.regions, name))
         return {**slide_identity(path), "slide_mpp_override": override, "region_sha256": region}
 
-    def start(self, path: Path) -> StartedSlide | DataError:
+    def start(self, path: Path, name: str | None = None) -> StartedSlide | DataError:
         try:
-            key = self.slide_key(path)
+            key = self.slide_key(path, name)
         except DataError as e:
             return e
         return _start(
             path, key=key, slide_mpp=self.slide_mpp(path), options=self.options, batch_size=self.batch_size,
-            num_workers=self.num_workers, device=self.device,
+            num_workers=self.num_workers, device=self.device, name=name,
         )  # fmt: skip
 
     def features(self, started: StartedSlide) -> np.ndarray:
@@ -463,7 +463,7 @@ def plan(
             todo.append((path, out))
             continue
         try:
-            slide_key = embedder.slide_key(path)
+            slide_key = embedder.slide_key(path, out.stem)
         except DataError as e:
             report.skip(path, str(e))
             continue
@@ -506,7 +506,7 @@ def embed_all(
 
     def start() -> tuple[tuple[Path, Path], StartedSlide | DataError] | None:
         item = next(items, None)
-        return None if item is None else (item, embedder.start(item[0]))
+        return None if item is None else (item, embedder.start(item[0], item[1].stem))
 
     current, upcoming = None, start()
     bar = tqdm(total=total, desc=f"embed (rank {rank})", unit="slide", disable=not embedder.progress)

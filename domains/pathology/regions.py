@@ -148,8 +148,12 @@ def region_names(slide: SlideRef) -> list[str]:
     return list(dict.fromkeys(f"{n}{SUFFIX}" for n in (stem, bare, name)))
 
 
-def region_for(slide: SlideRef, folder: str | Path | None) -> Region | None:
+def region_for(slide: SlideRef, folder: str | Path | None, name: str | None = None) -> Region | None:
     """The region of ``slide`` from ``folder`` (``data.options.regions``), or None when no folder is given.
+
+    ``name`` is the slide's name among the slides processed (``embed``'s feature file stem): a slide whose stem
+    repeats in another folder is named with its folders (``x/s.svs`` is ``x__s``), and only ``x__s.geojson`` is its
+    region (``s.geojson`` could be either slide's annotation).
 
     Raises:
         DataError: the folder is given but holds no region for this slide, or its file is broken (named).
@@ -157,11 +161,15 @@ def region_for(slide: SlideRef, folder: str | Path | None) -> Region | None:
     if folder is None:
         return None
     folder = Path(folder)
-    for name in region_names(slide):
-        if (folder / name).is_file():
-            return read_region(folder / name)
+    names = region_names(slide)
+    if name is not None and f"{name}{SUFFIX}" not in names:  # renamed: its stem is not its own
+        names = [f"{name}{SUFFIX}"]
+    for candidate in names:
+        if (folder / candidate).is_file():
+            return read_region(folder / candidate)
+    shared = " (another slide has its name)" if len(names) == 1 and name is not None else ""
     raise DataError(
-        f"{slide}: no region file in {folder} (looked for {', '.join(region_names(slide))}); with "
+        f"{slide}: no region file in {folder} (looked for {', '.join(names)}{shared}); with "
         "data.options.regions every slide needs one (a slide without annotations is skipped)"
     )
 

@@ -261,6 +261,18 @@ class SlideSampleSource:
         self.broken: set[Path] = set()
         self._last_slide: tuple[tuple[int, int] | None, Path | None] = (None, None)
         self._overrides: dict[Path, float | None] = {}
+        self._names: dict[Path, str] | None = None
+
+    def region_name(self, path: Path) -> str | None:
+        """The slide's name as ``embed`` gives it (``x__s`` when ``s`` repeats), which names its region file."""
+        if self.options.regions is None or self.root is None:
+            return None
+        if self._names is None:  # once per worker, on first use
+            from domains.pathology.embed import output_names
+
+            names = output_names(self.slides, self.root)
+            self._names = {s: n.removesuffix(".h5") for s, n in zip(self.slides, names, strict=True)}
+        return self._names.get(path)
 
     def mpp_override(self, path: Path) -> float | None:
         if path not in self._overrides:  # once per slide: the lookup stats the root folder
@@ -281,7 +293,7 @@ class SlideSampleSource:
             self._tilings.move_to_end(key)
             return cached
         slide = self.handles.get(path, self.mpp_override(path))
-        region = region_for(path, o.regions)
+        region = region_for(path, o.regions, self.region_name(path))
         _, tiling = tile_slide(slide, mpp, o.tile_size, o.rules, region)
         if not len(tiling):
             inside = f" inside {region.path}" if region is not None else ""

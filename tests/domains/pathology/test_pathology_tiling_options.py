@@ -388,3 +388,32 @@ def test_regions_of_a_slide_qupath_crops_to_its_bounds(svs: Path, tmp_path: Path
         _, kept = tile_slide(slide, 1.0, 64, TileRules(), region)
     np.testing.assert_array_equal(kept.coords, expected.coords)
     assert len(kept) > 0
+
+
+def test_slides_with_one_name_in_two_folders_need_their_own_regions(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "slides"
+    for case in ("x", "y"):
+        (root / case).mkdir(parents=True)
+        write_svs(root / case / "s.svs")
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    _geojson(regions / "s.geojson", [[LEFT]])  # whose? x/s.svs and y/s.svs are both 's' in QuPath
+    with pytest.raises(DataError, match="x__s.geojson"):
+        region_for(root / "x" / "s.svs", regions, name="x__s")  # embed's name for it: x__s.h5
+    code = _qc(root, tmp_path / "qc", "--regions", str(regions))
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1]) if code != EXIT_NOTHING_DONE else {}
+    assert code == EXIT_NOTHING_DONE and not report  # neither slide takes the other's annotation
+    _geojson(regions / "x__s.geojson", [[LEFT]])  # named as embed names x/s.svs's feature file
+    code = _qc(root, tmp_path / "qc", "--regions", str(regions))
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == EXIT_SOME_SKIPPED and [Path(s["slide"]).parent.name for s in report["slides"]] == ["x"]
+    assert "y__s.geojson" in report["failed"][0]["error"]
+    # pretraining looks for the same names
+    from domains.pathology.domain import PathologyDomain
+
+    overrides = [f"data.options.regions={regions}", "data.options.mpp=1.0", "data.options.tile_size=64"]
+    source = PathologyDomain().sample_source(str(root), load_config(None, overrides, domain="pathology"))
+    assert [source.region_name(s) for s in source.slides] == ["x__s", "y__s"]
+    assert len(source.tiling(root / "x" / "s.svs")) > 0
+    with pytest.raises(DataError, match="y__s.geojson"):
+        source.tiling(root / "y" / "s.svs")
