@@ -2,8 +2,8 @@
 
 The first of the columns ``slide_id``, ``slide`` or ``path`` names each slide: a file name (``a.svs``), a stem
 (``a``), a path relative to the data folder (``case1/a.svs``) or an absolute path. A ``process`` column, as in
-CLAM's ``process_list_autogen.csv``, keeps only the rows where it is 1. Names that match no slide, or more than
-one, are reported, never guessed.
+CLAM's ``process_list_autogen.csv``, leaves out the rows where it is 0 (or FALSE; another value is an error).
+Names that match no slide, or more than one, are reported, never guessed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from domains.pathology.slide_refs import SlideRef, slide_name
 from foundation.errors import DataError
 
 COLUMNS = ("slide_id", "slide", "path")
+# values of the process column (CLAM's 0/1, a spreadsheet's booleans); an empty cell processes the slide
+PROCESS = {"1": True, "1.0": True, "true": True, "": True, "0": False, "0.0": False, "false": False}
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,10 @@ def read_slides_csv(path: str | Path) -> list[str]:
     names = []
     for line, row in rows:
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}  # None: extra cells
-        if row.get("process", "1") in ("0", "0.0"):
+        process = row.get("process", "").lower()
+        if process not in PROCESS:
+            raise DataError(f"{path}:{line}: process {row['process']!r} is not 1 or 0 (or empty: process it)")
+        if not PROCESS[process]:
             continue
         if not row[column]:
             raise DataError(f"{path}:{line}: empty {column!r}")

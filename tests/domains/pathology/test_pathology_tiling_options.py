@@ -318,6 +318,8 @@ def test_slide_lists_as_spreadsheets_write_them(tmp_path: Path) -> None:
         path.write_bytes(text.encode("utf-8"))
         return read_slides_csv(path)
 
+    # a spreadsheet's booleans and CLAM's numbers in the process column; an empty cell keeps the row
+    assert names("slide,process\na,TRUE\nb,FALSE\nc,1.0\nd,0\ne,\n") == ["a", "c", "e"]
     # trailing commas (a spreadsheet's empty column), a BOM, CRLF, a short row, repeated names
     assert names("\ufeffslide_id,process\r\na.svs,1,\r\nb.svs,1,,\r\nc.svs\r\na.svs,1\r\n") == [
         "a.svs",
@@ -328,6 +330,7 @@ def test_slide_lists_as_spreadsheets_write_them(tmp_path: Path) -> None:
         ("", "list.csv: a slide list needs a column slide_id or slide or path, got \\[\\] \\(an empty file"),
         ("a.svs\nb.svs\n", "got \\['a.svs'\\] \\(the first line must name the columns"),
         ("slide_id,process\na.svs,0\n", "list.csv: the slide list names no slide to process"),
+        ("slide_id,process\na.svs,1\nb.svs,maybe\n", "list.csv:3: process 'maybe' is not 1 or 0"),
     ]:
         with pytest.raises(DataError, match=message):
             names(text)
