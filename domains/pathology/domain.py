@@ -31,6 +31,7 @@ from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 
 if TYPE_CHECKING:
+    from domains.pathology.slide_refs import SlideRef
     from foundation.visualize.inputs import VisualInput, VisualRequest
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,20 @@ class PathologyDomain:
         options = PathologyOptions.from_config(cfg)
         table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else None
         slides = list_slides(path)
+        names: dict[SlideRef, str] | None = None
         if options.slides_csv:  # only the slides the list names; the others it names are reported
+            from domains.pathology.embed import output_names
             from domains.pathology.slide_list import select_slides
 
-            choice = select_slides(options.slides_csv, list(slides), Path(path))
+            slides = list(slides)
+            if options.regions:  # regions are named as embed names the slides of the whole folder
+                stems = [n.removesuffix(".h5") for n in output_names(slides, Path(path))]
+                names = dict(zip(slides, stems, strict=True))
+            choice = select_slides(options.slides_csv, slides, Path(path))
             for item in choice.missing:
                 log.warning("slide list: %s", item["reason"])
             slides = choice.chosen
-        return SlideSampleSource(slides, options, cfg.seed, root=Path(path), mpp_table=table)
+        return SlideSampleSource(slides, options, cfg.seed, root=Path(path), mpp_table=table, names=names)
 
     def ssl_transform(self, cfg: Config) -> ViewTransform:
         """The pathology recipe. With ``data.augment_on`` resolving to the device (a CUDA run), workers only

@@ -249,6 +249,7 @@ class SlideSampleSource:
         root: Path | None = None,
         mpp_table: dict[str, float] | None = None,
         max_tilings: int = 256,
+        names: dict[SlideRef, str] | None = None,
     ) -> None:
         self.slides = slides
         self.options = options
@@ -261,10 +262,11 @@ class SlideSampleSource:
         self.broken: set[Path] = set()
         self._last_slide: tuple[tuple[int, int] | None, Path | None] = (None, None)
         self._overrides: dict[Path, float | None] = {}
-        self._names: dict[Path, str] | None = None
+        self._names = names  # each slide's name as embed gives it (region files); None: of these slides
 
     def region_name(self, path: Path) -> str | None:
-        """The slide's name as ``embed`` gives it (``x__s`` when ``s`` repeats), which names its region file."""
+        """The slide's name as ``embed`` gives it among the slides of the folder (``x__s`` when ``s`` repeats),
+        which names its region file."""
         if self.options.regions is None or self.root is None:
             return None
         if self._names is None:  # once per worker, on first use

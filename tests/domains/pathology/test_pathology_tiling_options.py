@@ -420,3 +420,8 @@ def test_slides_with_one_name_in_two_folders_need_their_own_regions(tmp_path: Pa
     assert len(source.tiling(root / "x" / "s.svs")) > 0
     with pytest.raises(DataError, match="y__s.geojson"):
         source.tiling(root / "y" / "s.svs")
+    listing = tmp_path / "list.csv"  # names of the whole folder, as embed's: a list does not rename a slide
+    listing.write_text("slide_id\ny/s.svs\n")
+    overrides.append(f"data.options.slides_csv={listing}")
+    source = PathologyDomain().sample_source(str(root), load_config(None, overrides, domain="pathology"))
+    assert source.slides == (root / "y" / "s.svs",) and source.region_name(root / "y" / "s.svs") == "y__s"
