@@ -152,8 +152,8 @@ def region_for(slide: SlideRef, folder: str | Path | None, name: str | None = No
     """The region of ``slide`` from ``folder`` (``data.options.regions``), or None when no folder is given.
 
     ``name`` is the slide's name among the slides processed (``embed``'s feature file stem): a slide whose stem
-    repeats in another folder is named with its folders (``x/s.svs`` is ``x__s``), and only ``x__s.geojson`` is its
-    region (``s.geojson`` could be either slide's annotation).
+    repeats is named with its folders (``x/s.svs`` is ``x__s``) or its suffix (``s.svs`` beside ``s.tif``), and
+    only that name is its region (``x__s.geojson``; ``s.geojson`` could be either slide's annotation).
 
     Raises:
         DataError: the folder is given but holds no region for this slide, or its file is broken (named).
@@ -162,7 +162,7 @@ def region_for(slide: SlideRef, folder: str | Path | None, name: str | None = No
         return None
     folder = Path(folder)
     names = region_names(slide)
-    if name is not None and f"{name}{SUFFIX}" not in names:  # renamed: its stem is not its own
+    if name is not None and f"{name}{SUFFIX}" != names[0]:  # renamed: another slide has its own name
         names = [f"{name}{SUFFIX}"]
     for candidate in names:
         if (folder / candidate).is_file():

@@ -403,6 +403,9 @@ def test_slides_with_one_name_in_two_folders_need_their_own_regions(tmp_path: Pa
     _geojson(regions / "s.geojson", [[LEFT]])  # whose? x/s.svs and y/s.svs are both 's' in QuPath
     with pytest.raises(DataError, match="x__s.geojson"):
         region_for(root / "x" / "s.svs", regions, name="x__s")  # embed's name for it: x__s.h5
+    with pytest.raises(DataError, match="looked for s.svs.geojson "):  # s.svs beside s.tif: embed's s.svs.h5
+        region_for(root / "s.svs", regions, name="s.svs")
+    assert region_for(root / "s.svs", regions, name="s").path.name == "s.geojson"  # its own name: as before
     code = _qc(root, tmp_path / "qc", "--regions", str(regions))
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1]) if code != EXIT_NOTHING_DONE else {}
     assert code == EXIT_NOTHING_DONE and not report  # neither slide takes the other's annotation
