@@ -10,6 +10,7 @@ environment variables, ``~/.aws``; ``AWS_ENDPOINT_URL`` for an S3-compatible ser
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -52,13 +53,30 @@ def _tiffslide() -> Any:
     return tiffslide
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a network read raises when asking again may help: connection cut or refused, timeouts (OSError
+    covers those of fsspec and s3fs), aiohttp's and botocore's own."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions
+
+        errors.append(botocore.exceptions.BotoCoreError)
+    return tuple(errors)
+
+
 def retrying(url: str, what: str, action: Callable[[], T], retry: RetryPolicy | None = None) -> T:
-    """``action()``, retried on any error but ours; the last one becomes a DataError naming ``url``.
+    """``action()``, retried when the network failed; the last error becomes a DataError naming ``url``.
 
     Raises:
-        DataError: a 404 at once; anything else after ``retry.tries`` attempts.
+        DataError: a 404 or 403, or bytes that are no slide (a decoder's error), at once; a network error
+            after ``retry.tries`` attempts.
     """
     retry = retry or DEFAULT_RETRY
+    transient = transient_errors()
     error: Exception | None = None
     for attempt in range(retry.tries):
         if attempt:
@@ -69,9 +87,15 @@ def retrying(url: str, what: str, action: Callable[[], T], retry: RetryPolicy | 
             raise
         except FileNotFoundError as e:  # a 404 does not get better by asking again
             raise DataError(f"{url}: not found ({e})") from e
-        except Exception as e:  # aiohttp, botocore, tifffile, zarr: each has its own error types
+        except PermissionError as e:
+            raise DataError(f"{url}: access denied ({e}); check the credentials") from e
+        except transient as e:
             error = e
             log.debug("%s: %s failed (try %d of %d): %s", url, what, attempt + 1, retry.tries, e)
+        except Exception as e:  # tifffile, zarr, imagecodecs: the bytes came and are not a slide we read
+            raise DataError(
+                f"{url}: {what} failed: not a slide tiffslide reads ({type(e).__name__}: {e})"
+            ) from e
     raise DataError(
         f"{url}: {what} failed after {retry.tries} tries ({type(error).__name__}: {error})"
     ) from error

@@ -112,7 +112,9 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 return rasterio.open(path)
         except RasterioError as e:
-            if attempt + 1 < tries and "404" not in str(e):
+            # not found, denied, or no raster: asking again gives the same answer
+            final = any(text in str(e) for text in ("404", "403", "supported file format"))
+            if attempt + 1 < tries and not final:
                 time.sleep(float(REMOTE_GDAL_OPTIONS["GDAL_HTTP_RETRY_DELAY"]) * 2**attempt)
                 continue
             after = f" after {attempt + 1} tries" if attempt else ""

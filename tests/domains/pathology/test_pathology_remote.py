@@ -171,8 +171,11 @@ def test_embed_by_url_equals_embed_of_the_local_file(served, tmp_path: Path, cap
     local.mkdir()
     shutil.copy(root / "g.tif", local / "g.tif")
     listing = tmp_path / "remote.csv"
-    listing.write_text(f"slide,label\n{server.url_of('g.tif')},1\n{server.url_of('broken.svs')},0\n")
+    listing.write_text(
+        f"slide,label\n{server.url_of('g.tif')},1\n{server.url_of('broken.svs')},0\n{server.url_of('o.ome.tif')},1\n"
+    )
     (root / "broken.svs").write_bytes(b"II*\x00 not really a slide" * 10)
+    server.drop("o.ome.tif", after_bytes=300)  # every transfer of it is cut
 
     def embed(data: Path, out: Path) -> int:
         argv = ["embed", "--domain", "pathology", "--data", str(data), "--backbone", str(backbone)]
@@ -183,8 +186,13 @@ def test_embed_by_url_equals_embed_of_the_local_file(served, tmp_path: Path, cap
     assert embed(listing, tmp_path / "feats") == EXIT_SOME_SKIPPED
     summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
     assert [s["slide"] for s in summary["slides_processed"]] == [server.url_of("g.tif")]
-    assert summary["slides_skipped"][0]["slide"] == server.url_of("broken.svs")
-    assert server.url_of("broken.svs") in summary["slides_skipped"][0]["reason"]
+    skipped = {s["slide"]: s["reason"] for s in summary["slides_skipped"]}
+    assert skipped.keys() == {server.url_of("broken.svs"), server.url_of("o.ome.tif")}
+    assert skipped[server.url_of("broken.svs")].startswith(
+        f"{server.url_of('broken.svs')}: open failed: not a slide tiffslide reads"
+    )
+    assert skipped[server.url_of("o.ome.tif")].startswith(f"{server.url_of('o.ome.tif')}: ")
+    assert "failed after 3 tries (ClientPayloadError" in skipped[server.url_of("o.ome.tif")]
     with h5py.File(tmp_path / "ref" / "g.h5") as ref, h5py.File(tmp_path / "feats" / "g.h5") as got:
         np.testing.assert_array_equal(got["coords"][:], ref["coords"][:])
         np.testing.assert_allclose(got["features"][:], ref["features"][:], rtol=1e-5, atol=1e-5)
