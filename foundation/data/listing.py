@@ -56,6 +56,7 @@ class ListFile(Sequence[str]):
         self.base = self.path.resolve().parent
         self.column: int | None = None
         self.offsets, self.lines = self._index()
+        self._stamp = self._stat_stamp(self.path.stat())
         if not len(self.offsets):
             raise DataError(f"list file {str(self.path)!r} names no data (one path or URL per line)")
         self._handle: tuple[int, Any] | None = None
@@ -96,11 +97,25 @@ class ListFile(Sequence[str]):
         row = _csv_row(text)
         return row[self.column].strip() if self.column is not None and self.column < len(row) else ""
 
+    @staticmethod
+    def _stat_stamp(st: os.stat_result) -> tuple[int, int]:
+        return st.st_size, st.st_mtime_ns
+
+    def _check_unchanged(self, st: os.stat_result) -> None:
+        """Offsets index the file as it was: an edited list would silently give other entries."""
+        if self._stat_stamp(st) != self._stamp:
+            raise DataError(
+                f"list file {str(self.path)!r} changed after it was read (size or modification time); "
+                "its entries would no longer be the ones counted: restart with the list as it is now"
+            )
+
     def _file(self) -> Any:
-        """This process's handle (a forked or unpickled copy opens its own)."""
+        """This process's handle (a forked or unpickled copy opens its own), checked against the indexed file."""
         if self._handle is None or self._handle[0] != os.getpid():
             self._handle = (os.getpid(), self.path.open("rb"))
-        return self._handle[1]
+        f = self._handle[1]
+        self._check_unchanged(os.fstat(f.fileno()))
+        return f
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handle": None}
@@ -137,6 +152,7 @@ class ListFile(Sequence[str]):
     def __iter__(self) -> Iterator[str]:
         """Every entry in order, streamed (one sequential read, not a seek per entry)."""
         with self.path.open("rb") as f:
+            self._check_unchanged(os.fstat(f.fileno()))
             for offset in self.offsets:
                 if f.tell() != offset:
                     f.seek(int(offset))

@@ -94,3 +94,15 @@ def test_a_copy_in_another_process_reads_with_its_own_handle(tmp_path: Path) -> 
     os.waitpid(pid, 0)
     assert os.read(r, 4096).decode().endswith("a.svs")
     assert entries[1].endswith("b.svs")
+
+
+def test_a_list_edited_after_indexing_is_an_error_not_other_entries(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_text("a.svs\nb.svs\n")
+    entries = ListFile(path)
+    assert entries[0].endswith("a.svs")
+    path.write_text("new.svs\na.svs\nb.svs\n")
+    with pytest.raises(DataError, match=r"l\.txt' changed after it was read"):
+        entries[1]
+    with pytest.raises(DataError, match="changed after it was read"):
+        list(entries)
