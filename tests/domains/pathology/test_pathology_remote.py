@@ -17,7 +17,7 @@ from range_server import serve
 
 import domains.pathology.remote as remote
 from domains.pathology.embed import output_names
-from domains.pathology.slide import Slide, SlideCache
+from domains.pathology.slide import Slide, SlideCache, find_mpp
 from domains.pathology.source import PathologyOptions, SlideSampleSource, list_slides
 from foundation.batch import EXIT_SOME_SKIPPED
 from foundation.cli import main
@@ -222,3 +222,11 @@ def test_embed_and_pretrain_take_a_url_as_data(served, tmp_path: Path, tiny_reci
     run += ["--out", str(tmp_path / "run"), "--quiet", "train.steps=1", "data.num_workers=2"]
     run += ["data.options.mpp=1.0", "data.options.tile_size=32"]
     assert main(run) == 0  # two forked reader workers open the URL themselves
+
+
+def test_tiffslide_resolution_joins_the_chain() -> None:
+    assert find_mpp({"tiffslide.mpp-x": "0.2527"}) == (0.2527, "tiffslide.mpp-x")
+    # a screen DPI default (72 per inch = 352.8 um/px) is no microscope's: the chain goes on
+    mpp, source = find_mpp({"tiffslide.mpp-x": "352.77", "tiffslide.objective-power": "20"})
+    assert mpp == pytest.approx(0.5) and source.startswith("objective power 20")
+    assert find_mpp({"openslide.mpp-x": "0.25", "tiffslide.mpp-x": "0.5"}) == (0.25, "openslide.mpp-x")
