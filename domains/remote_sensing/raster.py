@@ -21,6 +21,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -51,6 +52,7 @@ REMOTE_GDAL_OPTIONS = {
     "GDAL_HTTP_TIMEOUT": "60",  # a stalled request fails (then is retried) instead of hanging
     "GDAL_HTTP_CONNECTTIMEOUT": "20",
 }
+REMOTE_HEADER_THREADS = 16  # URLs whose headers are read at once when a list is scanned
 REMOTE_TRIES = 3  # our own attempts at opening a URL (each with GDAL's retries), the file reopened between
 
 
@@ -278,6 +280,31 @@ def list_rasters(path: str | Path) -> list[Path]:
     return files
 
 
+def _inspect_all(
+    files: Sequence[str | Path], bands: Sequence[int] | None
+) -> Iterator[RasterInfo | UnreadableRasterError]:
+    """:func:`inspect_raster` of each file, in order; an unreadable one gives its error. URLs are looked at
+    :data:`REMOTE_HEADER_THREADS` at a time (a header is a round trip: 10,000 scenes one by one take minutes)."""
+
+    def inspect(f: str | Path) -> RasterInfo | UnreadableRasterError:
+        try:
+            return inspect_raster(f, bands)
+        except UnreadableRasterError as e:
+            return e
+
+    if sum(1 for f in files if is_remote(f)) < 2:
+        return map(inspect, files)
+    pool = ThreadPoolExecutor(REMOTE_HEADER_THREADS, thread_name_prefix="raster-headers")
+
+    def ordered() -> Iterator[RasterInfo | UnreadableRasterError]:
+        try:
+            yield from pool.map(inspect, files)  # another error (a band the file lacks) is raised in order
+        finally:  # stopped early by such an error: the headers not read yet are not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    return ordered()
+
+
 def find_rasters(
     path: str | Path, bands: Sequence[int] | None = None
 ) -> tuple[list[RasterInfo], list[dict[str, str]]]:
@@ -285,14 +312,12 @@ def find_rasters(
     files = list_rasters(path)
     infos: list[RasterInfo] = []
     skipped: list[dict[str, str]] = []
-    for f in files:
-        try:
-            info = inspect_raster(f, bands)
-        except UnreadableRasterError as e:
+    for f, info in zip(files, _inspect_all(files, bands), strict=True):
+        if isinstance(info, UnreadableRasterError):
             if len(files) == 1:
-                raise
-            log.warning("skipping %s", e)
-            skipped.append({"file": str(f), "reason": str(e)})
+                raise info
+            log.warning("skipping %s", info)
+            skipped.append({"file": str(f), "reason": str(info)})
             continue
         if infos and info.channels != infos[0].channels:
             raise DataError(
