@@ -6,8 +6,12 @@ Datasets (written once under ``--work``):
   image is validation.
 - ``digits_shifted``: the same digits at 20 px, each at a seeded random place on a black 32 px canvas (a class
   is no longer a fixed set of pixels: what crop-invariant features are for).
-- ``textures``: scikit-image's brick, grass and gravel photographs (3 classes): 64 px windows every 32 px over
-  each 512 px photo (225 per class), resized to 32 px; windows starting in the right half are validation.
+- ``textures``: scikit-image's brick, grass and gravel photographs (3 classes): 64 px windows every 32 px,
+  resized to 32 px; windows wholly in a photo's left half are training (105 per class), wholly in its right half
+  validation (105): no pixel is in both.
+- ``textures8``: eight scikit-image texture photographs (bricks, grass, gravel, the moon, coins, a printed page,
+  handwriting, a deep-sky field; colour ones made grey): 64 px windows every 8 px, 240 training and 120
+  validation windows per class spread evenly over each half, resized to 32 px.
 
 Each domain's recipe sees the same 32 px pixels in the formats that domain reads, written with the format's
 own library and read back before use; only the train split is pretrained on:
@@ -24,6 +28,7 @@ own library and read back before use; only the train split is pretrained on:
     python benchmarks/learning.py                                    # every small recipe, both datasets (hours)
     python benchmarks/learning.py --recipes pathology --datasets digits --steps 50
     python benchmarks/learning.py --recipes configs/images/tiny.yaml --datasets digits --steps 150
+    python benchmarks/learning.py --recipes images --datasets digits ssl.centering=sinkhorn_knopp   # overrides
 """
 
 from __future__ import annotations
@@ -94,24 +99,55 @@ def write_digits_shifted(root: Path, size: int = 32, digit: int = 20) -> Path:
     return root
 
 
-def write_textures(root: Path, size: int = 32) -> Path:
-    from skimage import data as skdata
+def _windows(photo: np.ndarray, split: str, window: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of the windows wholly inside the photo's left (train) or right (val) half: no pixel is
+    in both splits."""
+    height, width = photo.shape[:2]
+    half = width // 2
+    xs = range(0, half - window + 1, stride) if split == "train" else range(half, width - window + 1, stride)
+    return [(y, x) for y in range(0, height - window + 1, stride) for x in xs]
 
-    for name in ("brick", "grass", "gravel"):
-        photo = np.asarray(getattr(skdata, name)(), dtype=np.uint8)
-        height, width = photo.shape[:2]
-        step = 32
-        for y in range(0, height - 64 + 1, step):
-            for x in range(0, width - 64 + 1, step):
-                split = "val" if x >= width // 2 else "train"
-                folder = root / split / name
-                folder.mkdir(parents=True, exist_ok=True)
+
+def write_textures(
+    root: Path,
+    size: int = 32,
+    names: tuple[str, ...] = ("brick", "grass", "gravel"),
+    per_class: int = 225,
+    stride: int = 32,
+) -> Path:
+    """64 px windows of scikit-image photographs, one class per photograph, resized to ``size`` and made grey;
+    at most ``per_class`` training windows (half that for validation), evenly spread over the grid."""
+    from skimage import data as skdata
+    from skimage.color import rgb2gray
+
+    for name in names:
+        photo = np.asarray(getattr(skdata, name)())
+        if photo.ndim == 3:
+            photo = (rgb2gray(photo[..., :3]) * 255).round().astype(np.uint8)
+        for split, most in (("train", per_class), ("val", per_class // 2)):
+            spots = _windows(photo, split, 64, stride)
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in np.unique(np.linspace(0, len(spots) - 1, min(len(spots), most)).round().astype(int)):
+                y, x = spots[k]
                 window = Image.fromarray(photo[y : y + 64, x : x + 64]).resize((size, size), Image.BICUBIC)
-                window.convert("RGB").save(folder / f"{y:03d}_{x:03d}.png")
+                window.convert("RGB").save(folder / f"{y:04d}_{x:04d}.png")
     return root
 
 
-DATASETS = {"digits": write_digits, "digits_shifted": write_digits_shifted, "textures": write_textures}
+def write_textures8(root: Path, size: int = 32) -> Path:
+    """Eight scikit-image photographs of textures (bricks, grass, gravel, the moon's surface, coins, a printed
+    page, handwriting, a deep-sky field): 240 training and 120 validation windows each."""
+    names = ("brick", "grass", "gravel", "moon", "coins", "page", "text", "hubble_deep_field")
+    return write_textures(root, size, names, per_class=240, stride=8)
+
+
+DATASETS = {
+    "digits": write_digits,
+    "digits_shifted": write_digits_shifted,
+    "textures": write_textures,
+    "textures8": write_textures8,
+}
 
 
 @dataclass(frozen=True)
@@ -280,7 +316,8 @@ def run_one(recipe: str, dataset: str, png: Path, work: Path, overrides: list[st
     cfg = load_config(recipe, overrides)
     data = domain_data(png, cfg)
     cfg = load_config(recipe, [f"data.path={data.pretrain}", *data.overrides, *overrides])
-    run = work / f"{cfg.domain}-{Path(recipe).stem}-{dataset}-{cfg.train.steps}"
+    tag = hashlib.sha256(" ".join(overrides).encode()).hexdigest()[:8]  # runs with other overrides kept apart
+    run = work / f"{cfg.domain}-{Path(recipe).stem}-{dataset}-{cfg.train.steps}-{tag}"
     start = time.perf_counter()
     pretrain(cfg, run, DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)
     wall = time.perf_counter() - start
@@ -322,12 +359,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override train.steps of every recipe")
     ap.add_argument("--work", type=Path, default=None, help="where data and runs go (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "overrides", nargs="*", help="config overrides for every recipe, e.g. ssl.koleo_loss_weight=0.5"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     recipes = [SMALL.get(r, r) for r in a.recipes]
     work = a.work or Path(tempfile.mkdtemp(prefix="foundation-learning-"))
     work.mkdir(parents=True, exist_ok=True)
-    overrides = ["train.checkpoint_every=1000000"] + ([f"train.steps={a.steps}"] if a.steps else [])
+    overrides = (
+        ["train.checkpoint_every=1000000"] + ([f"train.steps={a.steps}"] if a.steps else []) + a.overrides
+    )
     results = []
     for dataset in a.datasets:
         png = work / "data" / dataset
