@@ -2,7 +2,8 @@
 
 Tests read slides and rasters "by URL" through it: fsspec/aiohttp and GDAL's /vsicurl/ both ask for byte
 ranges. ``drop`` tells it to cut the connection after a number of body bytes, for the next ``times`` GET
-requests of a file (a flaky network that a retry gets through) or for all of them (a URL that never reads).
+requests of a file (a flaky network that a retry gets through) or for all of them (a URL that never reads);
+``fail`` answers an HTTP status (a 503 of an overloaded server, a 403 of an expired signature) instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Drop:
 class ServerState:
     root: Path
     drops: dict[str, Drop] = field(default_factory=dict)
+    fails: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # file name -> [status, times left (-1: always)]
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -45,6 +49,16 @@ class ServerState:
                 drop.times -= 1
             return drop.after_bytes
 
+    def take_fail(self, name: str) -> int | None:
+        """The status to answer this request of ``name`` with, or None to serve it."""
+        with self.lock:
+            fail = self.fails.get(name)
+            if fail is None or fail[1] == 0:
+                return None
+            if fail[1] > 0:
+                fail[1] -= 1
+            return fail[0]
+
 
 def _handler(state: ServerState) -> type[SimpleHTTPRequestHandler]:
     class RangeHandler(SimpleHTTPRequestHandler):
@@ -57,14 +71,20 @@ def _handler(state: ServerState) -> type[SimpleHTTPRequestHandler]:
             pass
 
         def _file(self) -> Path | None:
+            """The file asked for, or None when the answer (a 404, or a status set by ``fail``) is sent."""
             path = Path(self.translate_path(self.path))
-            return path if path.is_file() else None
+            status = state.take_fail(path.name)
+            if status is None and path.is_file():
+                return path
+            self.send_response(status or 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
 
         def do_HEAD(self) -> None:
             state.requests.append(("HEAD", self.path))
             file = self._file()
             if file is None:
-                self.send_error(404)
                 return
             self.send_response(200)
             self.send_header("Content-Length", str(file.stat().st_size))
@@ -76,7 +96,6 @@ def _handler(state: ServerState) -> type[SimpleHTTPRequestHandler]:
             state.requests.append(("GET", self.path))
             file = self._file()
             if file is None:
-                self.send_error(404)
                 return
             size = file.stat().st_size
             start, end = 0, size - 1
@@ -129,6 +148,10 @@ class RangeServer:
 
     def drop(self, name: str, after_bytes: int = 100, times: int | None = None) -> None:
         self.state.drops[name] = Drop(after_bytes, times)
+
+    def fail(self, name: str, status: int, times: int | None = None) -> None:
+        """Answer ``status`` to the next ``times`` requests (HEAD or GET) of ``name`` (None: to all)."""
+        self.state.fails[name] = [status, -1 if times is None else times]
 
     def gets(self, name: str) -> int:
         return sum(1 for method, path in self.state.requests if method == "GET" and path.endswith("/" + name))

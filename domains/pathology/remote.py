@@ -68,12 +68,35 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status behind ``error`` (aiohttp's, possibly under fsspec's FileNotFoundError), or None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        status = getattr(seen, "status", None)
+        if isinstance(status, int) and 100 <= status < 600:
+            return status
+        seen = seen.__cause__
+    return None
+
+
+def _is_transient(error: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
+    """Whether asking again may help. fsspec's HTTP file system answers FileNotFoundError for ANY failed
+    look-up (a refused connection, a 503), with the real error as its cause; a 4xx other than 408/429 is final."""
+    status = _http_status(error)
+    if status is not None:
+        return status in (408, 429) or status >= 500
+    if isinstance(error, (FileNotFoundError, PermissionError)):
+        cause = error.__cause__
+        return cause is not None and _is_transient(cause, transient)
+    return isinstance(error, transient)
+
+
 def retrying(url: str, what: str, action: Callable[[], T], retry: RetryPolicy | None = None) -> T:
     """``action()``, retried when the network failed; the last error becomes a DataError naming ``url``.
 
     Raises:
-        DataError: a 404 or 403, or bytes that are no slide (a decoder's error), at once; a network error
-            after ``retry.tries`` attempts.
+        DataError: a 404 or 403 (another 4xx but 408/429), or bytes that are no slide (a decoder's error), at
+            once; a network error (refused or cut connection, timeout, 5xx) after ``retry.tries`` attempts.
     """
     retry = retry or DEFAULT_RETRY
     transient = transient_errors()
@@ -85,20 +108,31 @@ def retrying(url: str, what: str, action: Callable[[], T], retry: RetryPolicy | 
             return action()
         except DataError:
             raise
-        except FileNotFoundError as e:  # a 404 does not get better by asking again
-            raise DataError(f"{url}: not found ({e})") from e
-        except PermissionError as e:
-            raise DataError(f"{url}: access denied ({e}); check the credentials") from e
-        except transient as e:
-            error = e
-            log.debug("%s: %s failed (try %d of %d): %s", url, what, attempt + 1, retry.tries, e)
-        except Exception as e:  # tifffile, zarr, imagecodecs: the bytes came and are not a slide we read
+        except Exception as e:
+            if _is_transient(e, transient):
+                error = e
+                log.debug("%s: %s failed (try %d of %d): %s", url, what, attempt + 1, retry.tries, e)
+                continue
+            status = _http_status(e)
+            if isinstance(e, PermissionError) or status in (401, 403):
+                raise DataError(f"{url}: access denied ({_reason(e)}); check the credentials") from e
+            if isinstance(e, FileNotFoundError) or status in (404, 410):  # asking again will not help
+                raise DataError(f"{url}: not found ({_reason(e)})") from e
+            if status is not None:
+                raise DataError(f"{url}: {what} failed: the server answered HTTP {status}") from e
+            # tifffile, zarr, imagecodecs: the bytes came and are not a slide we read
             raise DataError(
                 f"{url}: {what} failed: not a slide tiffslide reads ({type(e).__name__}: {e})"
             ) from e
+    shown = error.__cause__ if isinstance(error, FileNotFoundError) and error.__cause__ else error  # fsspec's
     raise DataError(
-        f"{url}: {what} failed after {retry.tries} tries ({type(error).__name__}: {error})"
+        f"{url}: {what} failed after {retry.tries} tries ({type(shown).__name__}: {shown})"
     ) from error
+
+
+def _reason(error: BaseException) -> str:
+    status = _http_status(error)
+    return f"HTTP {status}" if status is not None else str(error)
 
 
 def remote_identity(url: str) -> dict[str, Any]:

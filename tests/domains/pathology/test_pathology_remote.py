@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import h5py
@@ -100,6 +101,30 @@ def test_a_url_that_never_reads_is_one_error_naming_it(served) -> None:
         Slide(server.url_of("missing.svs"))
     with pytest.raises(DataError, match=r"x\.mrxs: slides by URL are read with tiffslide.*local disk"):
         Slide(server.url_of("x.mrxs"))
+
+
+def test_a_refused_connection_or_a_5xx_is_retried_and_a_403_is_not(served) -> None:
+    """fsspec's HTTP file system says FileNotFoundError for any failed look-up: a 503 or a refused connection
+    was 'not found', never retried, and an expired signature's 403 was 'not found' too."""
+    root, server = served
+    server.fail("g.tif", 503, times=2)  # the first look-up (HEAD, then GET) is refused by a busy server
+    with Slide(server.url_of("g.tif")) as by_url, Slide(root / "g.tif") as local:
+        np.testing.assert_array_equal(
+            by_url.read_region((0, 0), 0, (64, 64)), local.read_region((0, 0), 0, (64, 64))
+        )
+    server.fail("a.svs", 503)
+    with pytest.raises(DataError, match=r"a\.svs: open failed after 3 tries \(ClientResponseError: 503"):
+        Slide(server.url_of("a.svs"))
+    server.fail("o.ome.tif", 403)
+    before = len(server.state.requests)
+    with pytest.raises(DataError, match=r"o\.ome\.tif: access denied \(HTTP 403\)"):
+        Slide(server.url_of("o.ome.tif"))
+    assert len(server.state.requests) - before == 2  # one look-up (HEAD, then GET), not retried
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match=r"open failed after 3 tries \(ClientConnectorError"):
+        Slide(f"http://127.0.0.1:{port}/g.tif")
 
 
 def test_list_file_of_paths_and_urls_streams_and_skips_the_broken_url(served, caplog) -> None:
