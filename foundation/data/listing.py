@@ -36,6 +36,11 @@ def is_list_file(path: str | os.PathLike) -> bool:
     return not is_url(path) and Path(path).suffix.lower() in LIST_SUFFIXES and Path(path).is_file()
 
 
+def _decode(raw: bytes, offset: int) -> str:
+    """A line of the file as text; the first may start with a byte-order mark (Windows Notepad, Excel)."""
+    return raw.decode("utf-8-sig" if offset == 0 else "utf-8", errors="replace").strip()
+
+
 def _csv_row(line: str) -> list[str]:
     return next(csv.reader([line]), [])
 
@@ -70,7 +75,7 @@ class ListFile(Sequence[str]):
                 offset = 0
                 for number, raw in enumerate(f, start=1):
                     here, offset = offset, offset + len(raw)
-                    text = raw.decode("utf-8-sig" if here == 0 else "utf-8", errors="replace").strip()
+                    text = _decode(raw, here)
                     if not text or text.startswith("#"):
                         continue
                     if is_csv and self.column is None:
@@ -130,8 +135,9 @@ class ListFile(Sequence[str]):
     def raw(self, index: int) -> str:
         """Entry ``index`` as written in the file."""
         f = self._file()
-        f.seek(int(self.offsets[index]))
-        text = f.readline().decode("utf-8", errors="replace").strip()
+        offset = int(self.offsets[index])
+        f.seek(offset)
+        text = _decode(f.readline(), offset)
         return self._field(text) if self.column is not None else text
 
     def resolve(self, entry: str) -> str:
@@ -156,7 +162,7 @@ class ListFile(Sequence[str]):
             for offset in self.offsets:
                 if f.tell() != offset:
                     f.seek(int(offset))
-                text = f.readline().decode("utf-8", errors="replace").strip()
+                text = _decode(f.readline(), int(offset))
                 yield self.resolve(self._field(text) if self.column is not None else text)
 
     def close(self) -> None:

@@ -42,6 +42,17 @@ def test_text_list_skips_comments_and_resolves_relative_paths(tmp_path: Path) ->
     assert is_list_file(path) and not is_list_file(tmp_path / "missing.txt")
 
 
+def test_a_byte_order_mark_crlf_and_multibyte_names_do_not_shift_entries(tmp_path: Path) -> None:
+    """A .txt saved by Notepad starts with a BOM: its first entry read '\ufeffa.svs' (a slide not found)."""
+    path = tmp_path / "slides.txt"
+    path.write_bytes("\ufeffa.svs\r\n# é\r\n\r\nß/é.svs\r\nhttps://h/ü.svs".encode())
+    entries = ListFile(path)
+    want = [str(tmp_path.resolve() / "a.svs"), str(tmp_path.resolve() / "ß/é.svs"), "https://h/ü.svs"]
+    assert list(entries) == want
+    assert [entries[i] for i in range(len(entries))] == want
+    assert [entries.line_of(i) for i in range(3)] == [1, 4, 5]
+
+
 def test_csv_list_uses_the_path_column(tmp_path: Path) -> None:
     path = tmp_path / "slides.csv"
     path.write_text('\ufeffcase,Slide,label\n1,"a, b.svs",x\n2,,y\n3,s3://bucket/c.tif,z\n')
