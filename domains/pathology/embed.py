@@ -44,7 +44,7 @@ from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, 
 from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
 from domains.pathology.regions import qupath_origin, region_digest, region_for
 from domains.pathology.slide import SlideCache, open_slide
-from domains.pathology.slide_refs import SlideRef, slide_name
+from domains.pathology.slide_refs import SlideRef, slide_key_text, slide_name
 from domains.pathology.source import (
     SLIDE_SUFFIXES,
     PathologyOptions,
@@ -120,7 +120,7 @@ def output_names(slides: Sequence[SlideRef], root: Path) -> list[str]:
     else:
         counts = Counter(names)
         names = [
-            f"{n}__{hashlib.sha1(str(p).encode()).hexdigest()[:8]}" if counts[n] > 1 else n
+            f"{n}__{hashlib.sha1(slide_key_text(p).encode()).hexdigest()[:8]}" if counts[n] > 1 else n
             for p, n in zip(slides, names, strict=True)
         ]
     return [f"{n}.h5" for n in names]

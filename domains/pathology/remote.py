@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from domains.pathology.slide_refs import slide_key_text
 from domains.pathology.tiffread import _ome_physical_size, composite_on_white
 from foundation.errors import DataError, MissingDependencyError
 
@@ -136,7 +137,8 @@ def _reason(error: BaseException) -> str:
 
 
 def remote_identity(url: str) -> dict[str, Any]:
-    """Which slide a feature file was made from, for a URL: the URL and its size (one HEAD / stat request).
+    """Which slide a feature file was made from, for a URL: the URL (an http(s) one without its query: a
+    re-signed URL is the same slide) and its size (one HEAD / stat request).
 
     Raises:
         DataError: unreachable after the retries, or not found.
@@ -150,7 +152,7 @@ def remote_identity(url: str) -> dict[str, Any]:
         return fs.info(path)
 
     found = retrying(url, "looking it up", info)
-    return {"slide": url, "slide_bytes": int(found.get("size") or 0), "slide_mtime_ns": 0}
+    return {"slide": slide_key_text(url), "slide_bytes": int(found.get("size") or 0), "slide_mtime_ns": 0}
 
 
 def check_remote_format(url: str) -> None:

@@ -23,6 +23,15 @@ def slide_name(slide: SlideRef) -> str:
     return Path(slide).name
 
 
+def slide_key_text(slide: SlideRef) -> str:
+    """The slide as outputs know it: an http(s) URL without its query (a signed URL's signature and expiry
+    change each time it is made, the slide does not), anything else as it is."""
+    text = str(slide)
+    if isinstance(slide, str) and text.lower().startswith(("https://", "http://")):
+        return text.split("?", 1)[0].split("#", 1)[0]
+    return text
+
+
 class SlideList(Sequence[SlideRef]):
     """``slides[i]`` of a list file, read from it when asked for (see :class:`ListFile`)."""
 

@@ -225,6 +225,28 @@ def test_embed_by_url_equals_embed_of_the_local_file(served, tmp_path: Path, cap
         assert got.attrs["slide_bytes"] == (root / "g.tif").stat().st_size
 
 
+def test_a_re_signed_url_is_the_same_slide_on_a_rerun(served, tmp_path: Path, capsys) -> None:
+    """A signed URL's query changes each time it is made: the rerun embedded every slide again (identity and
+    the hash of a repeated stem took the signature), and the signature was written into the feature file."""
+    _, server = served
+    backbone = export_backbone(build_vit(**ARGS), ARGS, tmp_path / "bb", mean=(0.5,) * 3, std=(0.5,) * 3)
+    (served[0] / "x").mkdir()
+    shutil.copy(served[0] / "g.tif", served[0] / "x" / "g.tif")
+    listing = tmp_path / "signed.txt"
+    argv = ["embed", "--domain", "pathology", "--data", str(listing), "--backbone", str(backbone)]
+    argv += ["--out", str(tmp_path / "feats"), "--num-workers", "0", "--quiet", "data.options.mpp=1.0"]
+    outputs = []
+    for signature in ("sig=aaa&expires=1", "sig=bbb&expires=2"):
+        listing.write_text(f"{server.url_of('g.tif')}?{signature}\n{server.url_of('x/g.tif')}?{signature}\n")
+        assert main(argv) == 0
+        outputs.append(sorted(p.name for p in (tmp_path / "feats").glob("*.h5")))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["processed"], result["complete_before"]) == (0, 2)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+    with h5py.File(tmp_path / "feats" / outputs[0][0]) as f:
+        assert "sig=" not in f.attrs["slide"]
+
+
 def test_slide_cache_opens_urls(served) -> None:
     _, server = served
     cache = SlideCache(max_open=1)
