@@ -2,7 +2,8 @@
 
 Tests read slides and rasters "by URL" through it: fsspec/aiohttp and GDAL's /vsicurl/ both ask for byte
 ranges. ``drop`` tells it to cut the connection after a number of body bytes, for the next ``times`` GET
-requests of a file (a flaky network that a retry gets through) or for all of them (a URL that never reads);
+requests of a file (a flaky network that a retry gets through) or for all of them (a URL that never reads),
+optionally going silent for ``stall_s`` first (a transfer that hangs);
 ``fail`` answers an HTTP status (a 503 of an overloaded server, a 403 of an expired signature) instead.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,10 +23,12 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 @dataclass
 class Drop:
-    """Cut GET responses of one file after ``after_bytes`` body bytes, ``times`` times (None: always)."""
+    """Cut GET responses of one file after ``after_bytes`` body bytes, ``times`` times (None: always), after
+    ``stall_s`` seconds of silence."""
 
     after_bytes: int
     times: int | None = None
+    stall_s: float = 0.0
 
 
 @dataclass
@@ -37,8 +41,8 @@ class ServerState:
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def take_drop(self, name: str) -> int | None:
-        """Bytes to send before cutting this response, or None to send it whole."""
+    def take_drop(self, name: str) -> Drop | None:
+        """How to cut this response, or None to send it whole."""
         with self.lock:
             drop = self.drops.get(name)
             if drop is None:
@@ -47,7 +51,7 @@ class ServerState:
                 if drop.times <= 0:
                     return None
                 drop.times -= 1
-            return drop.after_bytes
+            return drop
 
     def take_fail(self, name: str) -> int | None:
         """The status to answer this request of ``name`` with, or None to serve it."""
@@ -130,8 +134,9 @@ def _handler(state: ServerState) -> type[SimpleHTTPRequestHandler]:
             if cut is None:
                 self.wfile.write(body)
                 return
-            self.wfile.write(body[:cut])  # then the connection goes away mid-body
+            self.wfile.write(body[: cut.after_bytes])  # then the connection goes away mid-body
             self.wfile.flush()
+            time.sleep(cut.stall_s)
             self.close_connection = True
             self.connection.shutdown(2)
 
@@ -146,8 +151,8 @@ class RangeServer:
     def url_of(self, name: str) -> str:
         return f"{self.url}/{name}"
 
-    def drop(self, name: str, after_bytes: int = 100, times: int | None = None) -> None:
-        self.state.drops[name] = Drop(after_bytes, times)
+    def drop(self, name: str, after_bytes: int = 100, times: int | None = None, stall_s: float = 0.0) -> None:
+        self.state.drops[name] = Drop(after_bytes, times, stall_s)
 
     def fail(self, name: str, status: int, times: int | None = None) -> None:
         """Answer ``status`` to the next ``times`` requests (HEAD or GET) of ``name`` (None: to all)."""

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # The TIFF-based formats tiffslide reads (Aperio, Leica, Ventana, Hamamatsu NDPI, generic / OME pyramids).
 REMOTE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 BLOCK_SIZE = 1 << 20  # bytes per range request: a few tiles, not a whole level
+# an http(s) transfer silent this long fails (and is retried); aiohttp's own limit is 300 s for a whole request
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 20.0, 60.0
 T = TypeVar("T")
 
 
@@ -143,16 +145,28 @@ def remote_identity(url: str) -> dict[str, Any]:
     Raises:
         DataError: unreachable after the retries, or not found.
     """
-    import fsspec
-
     _tiffslide()
 
     def info() -> dict[str, Any]:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = url_to_fs(url)
         return fs.info(path)
 
     found = retrying(url, "looking it up", info)
     return {"slide": slide_key_text(url), "slide_bytes": int(found.get("size") or 0), "slide_mtime_ns": 0}
+
+
+def url_to_fs(url: str) -> tuple[Any, str]:
+    """fsspec's file system and path for ``url``; http(s) with connect and read timeouts (as GDAL's for
+    rasters), so a server that stops sending fails in a minute, not after 5 minutes a try."""
+    import fsspec
+
+    options: dict[str, Any] = {}
+    if url.lower().startswith(("https://", "http://")):
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        options["client_kwargs"] = {"timeout": timeout}
+    return fsspec.core.url_to_fs(url, **options)
 
 
 def check_remote_format(url: str) -> None:
@@ -204,9 +218,7 @@ class RemoteSlideReader:
         self._axes = self._slide.properties.get("tiffslide.series-axes")
 
     def _open(self) -> Any:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(self.url)
+        fs, path = url_to_fs(self.url)
         handle = fs.open(path, "rb", block_size=BLOCK_SIZE)
         try:
             slide = self._tiffslide.TiffSlide(handle)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import h5py
@@ -89,6 +90,19 @@ def test_a_dropped_connection_is_retried(served, monkeypatch: pytest.MonkeyPatch
         region = by_url.read_region((512, 512), 0, (512, 512))
         assert server.gets("g.tif") - before >= 3
         np.testing.assert_array_equal(region, local.read_region((512, 512), 0, (512, 512)))
+
+
+def test_a_transfer_that_hangs_times_out_and_is_retried(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp's only limit was 300 s a request: a server gone silent held a reader 20 minutes a region."""
+    _, server = served
+    monkeypatch.setattr(remote, "BLOCK_SIZE", 4096)
+    monkeypatch.setattr(remote, "READ_TIMEOUT_S", 0.3)
+    with Slide(server.url_of("g.tif")) as by_url:
+        server.drop("g.tif", after_bytes=10, stall_s=20.0)
+        started = time.monotonic()
+        with pytest.raises(DataError, match=r"g\.tif: reading level 0 at \(512, 512\) failed after 3 tries"):
+            by_url.read_region((512, 512), 0, (512, 512))
+        assert time.monotonic() - started < 10  # a few 0.3 s timeouts a try, not the 20 s stall
 
 
 def test_a_url_that_never_reads_is_one_error_naming_it(served) -> None:
