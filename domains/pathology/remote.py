@@ -193,6 +193,10 @@ def _properties(raw: dict[str, Any]) -> dict[str, str]:
         size = _ome_physical_size(description)
         if size is not None:
             props["ome.PhysicalSizeX"], props["ome.PhysicalSizeXUnit"] = size
+            # tiffslide's mpp of an OME-TIFF is its TIFF resolution tags'; read locally, the OME size comes
+            # first (the tags, often a writer's default, only after it)
+            props.pop("tiffslide.mpp-x", None)
+            props.pop("tiffslide.mpp-y", None)
     return props
 
 

@@ -72,6 +72,18 @@ def test_pixels_by_url_equal_the_local_reference_reader(served, name: str) -> No
             )
 
 
+def test_ome_resolution_by_url_is_the_local_one_when_the_tiff_tags_disagree(served) -> None:
+    """tiffslide gives an OME-TIFF the mpp of its TIFF resolution tags: by URL 1.0 um/px, locally (OME's
+    PhysicalSizeX) 0.25, so tiles by URL covered 16 times the tissue."""
+    root, server = served
+    image = np.full((512, 512, 3), 200, np.uint8)
+    meta = {"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "PhysicalSizeXUnit": "µm"}
+    with tifffile.TiffWriter(root / "t.ome.tif", ome=True) as tif:
+        tif.write(image, tile=(256, 256), metadata=meta, resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    with Slide(root / "t.ome.tif") as local, Slide(server.url_of("t.ome.tif")) as by_url:
+        assert (by_url.mpp, by_url.mpp_source) == (local.mpp, local.mpp_source) == (0.25, "OME PhysicalSizeX")
+
+
 def test_url_pixels_equal_tifffile_on_the_whole_level(served) -> None:
     root, server = served
     with Slide(server.url_of("g.tif")) as by_url:
