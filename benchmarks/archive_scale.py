@@ -8,8 +8,9 @@ fresh subprocess, interleaved 100 / 10,000 / 100 / ... so machine noise hits bot
 
 What is measured, per command and archive size:
 - ``pretrain --domain pathology --data ARCHIVE configs/pathology/tiny.yaml train.steps=1 data.num_workers=0``:
-  wall time of the whole command (start-up: imports, listing, sample source, model; one step; the final
-  checkpoint and export), i.e. time to the first step plus a constant tail; and the peak RSS of the process.
+  the time until the first step's line is in ``metrics.jsonl`` (start-up: imports, listing, sample source,
+  model; then one step), polled every 20 ms (the final checkpoint and export after it are not counted: a
+  constant tail would pull the ratio towards 1), and the peak RSS of the whole command (``wait4``).
 - ``embed --domain pathology --data ARCHIVE --num-workers 0``: the time until the FIRST slide's feature file is
   written (listing, output names, planning, backbone, that slide's tiles), polled every 20 ms, and the peak RSS
   up to then (``VmHWM``); the command is then stopped (SIGKILL): embedding 10,000 slides whole measures
@@ -85,13 +86,25 @@ def run_pretrain(data: Path, out: Path) -> dict[str, float]:
     argv = [sys.executable, "-m", "foundation", "pretrain", "--domain", "pathology", "--data", str(data)]
     argv += ["--config", str(REPO / "configs/pathology/tiny.yaml"), "--out", str(out), "--quiet"]
     argv += ["train.steps=1", "train.checkpoint_every=1", "data.num_workers=0"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"pretrain failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    metrics = out / "metrics.jsonl"  # its first line is written when the first step ends
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe nobody reads while waiting (it could fill)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        seconds = float("nan")
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if seconds != seconds and metrics.is_file() and metrics.stat().st_size > 0:
+                seconds = time.perf_counter() - t0
+            if pid:
+                break
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0 or seconds != seconds:
+            stderr.seek(0)
+            text = stderr.read().decode(errors="replace")[-2000:]
+            raise SystemExit(
+                f"pretrain failed ({proc.returncode}, first step logged: {seconds == seconds}): {text}"
+            )
     return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
