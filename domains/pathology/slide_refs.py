@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from foundation.data.listing import ListFile, is_url
+from foundation.data.listing import ListFile, is_url, url_key
 
 SlideRef = Path | str  # a local slide, or a URL (kept a string: Path() would fold "https://" to "https:/")
 
@@ -26,10 +26,7 @@ def slide_name(slide: SlideRef) -> str:
 def slide_key_text(slide: SlideRef) -> str:
     """The slide as outputs know it: an http(s) URL without its query (a signed URL's signature and expiry
     change each time it is made, the slide does not), anything else as it is."""
-    text = str(slide)
-    if isinstance(slide, str) and text.lower().startswith(("https://", "http://")):
-        return text.split("?", 1)[0].split("#", 1)[0]
-    return text
+    return url_key(slide) if isinstance(slide, str) else str(slide)
 
 
 class SlideList(Sequence[SlideRef]):

@@ -31,6 +31,14 @@ def is_url(text: str | os.PathLike) -> bool:
     return bool(sep) and bool(rest) and len(scheme) > 1 and scheme[0].isalpha() and scheme.isascii()
 
 
+def url_key(url: str) -> str:
+    """An http(s) URL without its query and fragment, for knowing the same file again (a signed URL's
+    signature and expiry change each time it is signed; the file does not); any other text as it is."""
+    if url.lower().startswith(("https://", "http://")):
+        return url.split("#", 1)[0].split("?", 1)[0]
+    return url
+
+
 def is_list_file(path: str | os.PathLike) -> bool:
     """A local file whose suffix makes it a list of data paths rather than data."""
     return not is_url(path) and Path(path).suffix.lower() in LIST_SUFFIXES and Path(path).is_file()

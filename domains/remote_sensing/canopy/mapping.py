@@ -382,14 +382,16 @@ def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> boo
 def source_identity(src: Path) -> dict[str, str]:
     """The tags that say which input a map is of: its resolved path, size and modification time (a map of
     another file of the same name, or of this file before it changed, is not this input's map). A URL is known
-    by the URL alone (a remote file that changed under the same URL is not noticed)."""
+    by the URL alone, an http(s) one without its query (a re-signed URL is the same scene; a remote file that
+    changed under the same URL is not noticed)."""
     from domains.remote_sensing.raster import is_remote, raster_name
+    from foundation.data.listing import url_key
 
     if is_remote(src):
         unknown = "unknown"  # GDAL drops empty tags
         return {
             "source": raster_name(src),
-            "source_path": str(src),
+            "source_path": url_key(str(src)),
             "source_size": unknown,
             "source_mtime_ns": unknown,
         }

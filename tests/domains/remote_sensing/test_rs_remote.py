@@ -173,3 +173,10 @@ def test_canopy_height_of_a_url_equals_the_map_of_the_local_file(served, tmp_pat
         main(["canopy-height", str(listing), "--out", str(tmp_path / "remote"), *common]) == EXIT_SOME_SKIPPED
     )
     assert _maps(capsys.readouterr().out)[f"{server.url_of('m.tif')}?token=x"]["status"] == "exists"
+    # signed again (another token): the same scene, already mapped (it was "another input", an error); the
+    # map's tags do not keep the token
+    listing.write_text(f"{server.url_of('m.tif')}?token=y\n")
+    assert main(["canopy-height", str(listing), "--out", str(tmp_path / "remote"), *common]) == 0
+    assert _maps(capsys.readouterr().out)[f"{server.url_of('m.tif')}?token=y"]["status"] == "exists"
+    with rasterio.open(tmp_path / "remote/m_chm.tif") as got:
+        assert "token" not in got.tags()["source_path"]
