@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -98,6 +99,20 @@ def read_error_text(error: BaseException) -> str:
     return str(cause) if isinstance(error, RasterioError) and cause is not None and str(cause) else str(error)
 
 
+# GDAL's words for what asking again does not change: an HTTP 4xx but 408/429 (GDAL retries those itself),
+# S3's own answers for a missing key or bucket and for refused credentials, a file that is no raster
+_FINAL_ERRORS = re.compile(
+    r"HTTP response code: 4(?!08|29)\d\d\b|The specified (key|bucket) does not exist|Access ?Denied"
+    r"|InvalidAccessKeyId|SignatureDoesNotMatch|not recognized as (being in )?a supported"
+)
+
+
+def _is_final(message: str) -> bool:
+    """A remote open that failed for a reason asking again does not change (matched on GDAL's message, not on
+    a bare '404' that a URL or a port number can contain)."""
+    return _FINAL_ERRORS.search(message) is not None
+
+
 def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
     """``rasterio.open`` with an error naming the file when GDAL cannot read it; the caller closes it.
 
@@ -114,8 +129,7 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 return rasterio.open(path)
         except RasterioError as e:
-            # not found, denied, or no raster: asking again gives the same answer
-            final = any(text in str(e) for text in ("404", "403", "supported file format"))
+            final = _is_final(str(e))
             if attempt + 1 < tries and not final:
                 time.sleep(float(REMOTE_GDAL_OPTIONS["GDAL_HTTP_RETRY_DELAY"]) * 2**attempt)
                 continue

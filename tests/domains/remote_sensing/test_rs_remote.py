@@ -17,7 +17,15 @@ from rasterio.windows import Window
 from rs_testdata import random_bands, write_raster
 
 import domains.remote_sensing.raster as raster
-from domains.remote_sensing.raster import find_rasters, list_rasters, open_raster, read_pixels, scan_rasters
+from domains.remote_sensing.raster import (
+    UnreadableRasterError,
+    find_rasters,
+    list_rasters,
+    open_dataset,
+    open_raster,
+    read_pixels,
+    scan_rasters,
+)
 from domains.remote_sensing.sampling import RasterSampleSource
 from foundation.batch import EXIT_SOME_SKIPPED
 from foundation.cli import main
@@ -137,6 +145,12 @@ def test_s3_scene_equals_the_local_read(tmp_path: Path, monkeypatch: pytest.Monk
         s3.create_bucket(Bucket="scenes")
         s3.upload_file(str(path), "scenes", "tiles/s.tif")
         _same_pixels("s3://scenes/tiles/s.tif", path)
+        # S3 says 'The specified key does not exist.' (GDAL's 'HTTP response code: 404' only when asked
+        # again): a missing key was tried twice, 'after 2 tries'
+        with pytest.raises(
+            UnreadableRasterError, match=r"missing\.tif: not a readable raster \(The specified key"
+        ):
+            open_dataset("s3://scenes/tiles/missing.tif")
     finally:
         server.stop()
 
@@ -180,3 +194,10 @@ def test_canopy_height_of_a_url_equals_the_map_of_the_local_file(served, tmp_pat
     assert _maps(capsys.readouterr().out)[f"{server.url_of('m.tif')}?token=y"]["status"] == "exists"
     with rasterio.open(tmp_path / "remote/m_chm.tif") as got:
         assert "token" not in got.tags()["source_path"]
+
+
+def test_only_gdal_s_final_answers_stop_the_retries() -> None:
+    """'404' or '403' anywhere in the message stopped them: a refused connection to port 40433 was final."""
+    assert not raster._is_final("CURL error: Failed to connect to 127.0.0.1 port 40433: Could not connect")
+    assert not raster._is_final("HTTP response code: 503") and not raster._is_final("HTTP response code: 429")
+    assert raster._is_final("HTTP response code: 404") and raster._is_final("HTTP response code: 403")
