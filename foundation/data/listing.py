@@ -57,8 +57,8 @@ class ListFile(Sequence[str]):
     """The entries of a list file, by index, each read from the file when asked for.
 
     ``.txt``: one entry a line; blank lines and lines starting with ``#`` are skipped. ``.csv``: a header, then
-    one row a line (quoted fields must not span lines); the column is the first of ``path``, ``url``, ``slide``
-    it has; rows with an empty value there are skipped.
+    one row a line (a quoted field across lines is refused); the column is the first of ``path``, ``url``,
+    ``slide`` it has; rows with an empty value there are skipped.
 
     Raises:
         DataError: the file cannot be read, a CSV has none of the columns, or there is no entry.
@@ -84,8 +84,13 @@ class ListFile(Sequence[str]):
                 for number, raw in enumerate(f, start=1):
                     here, offset = offset, offset + len(raw)
                     text = _decode(raw, here)
-                    if not text or text.startswith("#"):
+                    if not text or (not is_csv and text.startswith("#")):  # a CSV's '#12' is a value
                         continue
+                    if is_csv and text.count('"') % 2:  # its next line would be indexed as a row
+                        raise DataError(
+                            f"{self.path}, line {number}: a quoted field runs onto the next line; a CSV list "
+                            "takes one row a line (remove the line breaks inside its cells)"
+                        )
                     if is_csv and self.column is None:
                         self.column = self._header(text)
                         continue

@@ -60,6 +60,17 @@ def test_csv_list_uses_the_path_column(tmp_path: Path) -> None:
     assert list(entries) == [str(tmp_path.resolve() / "a, b.svs"), "s3://bucket/c.tif"]
 
 
+def test_csv_rows_are_never_comments_and_a_cell_across_lines_is_refused(tmp_path: Path) -> None:
+    """A row starting with '#' (case '#12') was dropped as a comment; a cell with a line break (a spreadsheet's
+    notes) made its second half a row of its own, read as another slide."""
+    path = tmp_path / "slides.csv"
+    path.write_text("case,path\n#12,a.svs\n13,b.svs\n")
+    assert list(ListFile(path)) == [str(tmp_path.resolve() / "a.svs"), str(tmp_path.resolve() / "b.svs")]
+    path.write_text('path,notes\na.svs,"first line\nsecond, line"\nb.svs,ok\n')
+    with pytest.raises(DataError, match=r"slides\.csv, line 2: a quoted field runs onto the next line"):
+        ListFile(path)
+
+
 def test_csv_without_a_path_column_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "slides.csv"
     path.write_text("case,label\n1,x\n")
