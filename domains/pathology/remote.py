@@ -230,6 +230,7 @@ class RemoteSlideReader:
         except BaseException:
             handle.close()
             raise
+        self._handle = handle  # tiffslide does not close a file object it was given
         return slide
 
     def _retrying(self, what: str, action: Callable[[], T]) -> T:
@@ -271,3 +272,7 @@ class RemoteSlideReader:
         if slide is not None:
             slide.close()
             self._slide = None
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+            self._handle = None
