@@ -4,35 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from domains.images.folder import ImageFolder, ImageSampleSource, read_rgb
 from domains.images.sample import make_sample_images
 from foundation.config import Config, reject_unknown_keys
-from foundation.data.views import EvalView, ImageViews, MAEView, MultiCropViews
+from foundation.data.image_folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolder,
+    ImageFolderDataset,
+    ImageSampleSource,
+)
+from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 
 if TYPE_CHECKING:
     from foundation.visualize.inputs import VisualInput, VisualRequest
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ImageFolderDataset:
-    """Labelled, ordered images at the evaluation size (``dataset[i] -> {"image", "label", "id"}``)."""
-
-    def __init__(self, folder: ImageFolder, size: int, mean, std) -> None:
-        self.folder = folder
-        self.classes = list(folder.classes)
-        self.view = EvalView(size, mean, std)
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.folder.files[index]
-        return {"image": self.view(read_rgb(path)), "label": self.folder.labels[index], "id": str(path)}
 
 
 class ImagesDomain:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from domains.images.folder import IMAGE_SUFFIXES, ImageFolder, read_rgb
+from foundation.data.image_folder import IMAGE_SUFFIXES, ImageFolder, read_rgb
 from foundation.data.views import EvalView
 from foundation.errors import DataError
 from foundation.visualize.inputs import VisualInput, VisualRequest

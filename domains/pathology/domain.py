@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from domains.images.domain import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
-from domains.images.folder import ImageFolder
 from domains.pathology.sample import make_sample_slide
 from domains.pathology.source import (
     PathologyOptions,
@@ -27,6 +25,7 @@ from domains.pathology.source import (
 from domains.pathology.stain import HEDJitter, HEDJitterOnDevice
 from foundation.config import Config
 from foundation.data.device_views import DeviceMAEView, DeviceMultiCropViews, augment_on_device
+from foundation.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageFolderDataset
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import ViewTransform
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from domains.images.folder import ImageFolder, ImageSampleSource
 from foundation.config import CropsConfig
+from foundation.data.image_folder import ImageFolder, ImageSampleSource
 from foundation.data.seeding import generator_for
 from foundation.data.stream import SSLViewDataset, collate_views
 from foundation.data.views import EvalView, MAEView, MultiCropViews, to_chw_tensor

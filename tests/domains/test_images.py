@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from domains.images import ImagesDomain
-from domains.images.folder import ImageFolder, ImageSampleSource, read_rgb
 from foundation.config import load_config
+from foundation.data.image_folder import ImageFolder, ImageSampleSource, read_rgb
 from foundation.errors import DataError
 
 IMAGENET_LOW = (0 - 0.485) / 0.229  # smallest normalised value a uint8 image can give
@@ -165,7 +165,7 @@ def test_sample_source_skips_corrupt_file(flat: Path, caplog: pytest.LogCaptureF
     source = ImageSampleSource(folder, seed=0)
     n = len(folder)
     g = torch.Generator().manual_seed(0)
-    with caplog.at_level(logging.WARNING, logger="domains.images.folder"):
+    with caplog.at_level(logging.WARNING, logger="foundation.data.image_folder"):
         samples = [source.sample(i, g) for i in range(n)]
     assert all(s["path"] != str(bad) for s in samples)
     assert all(s["image"].shape == (48, 40, 3) and s["image"].dtype == np.uint8 for s in samples)

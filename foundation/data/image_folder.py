@@ -1,4 +1,6 @@
-"""Listing and decoding a folder of images; class sub-folders give labels (torchvision ImageFolder layout)."""
+"""A folder of images: listing and decoding, an endless sample stream over it, and the labelled evaluation dataset
+(class sub-folders give labels, torchvision's ImageFolder layout). In the core because several domains read
+image folders (the images domain trains on them; pathology and others evaluate on folders of tiles)."""
 
 from __future__ import annotations
 
@@ -6,17 +8,21 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from foundation.data.seeding import generator_for
+from foundation.data.views import EvalView
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -100,3 +106,19 @@ class ImageSampleSource:
                     self.broken.add(path)
                     log.warning("skipping unreadable image (%d so far): %s", len(self.broken), e)
         raise DataError(f"no image in {str(self.folder.root)!r} could be decoded")
+
+
+class ImageFolderDataset:
+    """Labelled, ordered images at the evaluation size (``dataset[i] -> {"image", "label", "id"}``)."""
+
+    def __init__(self, folder: ImageFolder, size: int, mean, std) -> None:
+        self.folder = folder
+        self.classes = list(folder.classes)
+        self.view = EvalView(size, mean, std)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.folder.files[index]
+        return {"image": self.view(read_rgb(path)), "label": self.folder.labels[index], "id": str(path)}

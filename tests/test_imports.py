@@ -1,0 +1,78 @@
+"""What the code imports: every third-party package is declared in pyproject.toml (core or an extra), so a fresh
+install has it rather than getting it by chance through another package's dependencies; the core never imports a
+domain and a domain never imports another (function-level imports included)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"foundation", "domains"}
+
+
+def _imports_of(file: Path) -> list[str]:
+    """Dotted names of the absolute imports in one file, at any depth (function-level ones too)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+def _imported_modules() -> dict[str, set[str]]:
+    """Top-level names of absolute imports in our packages -> the files importing them."""
+    found: dict[str, set[str]] = {}
+    for package in sorted(OURS):
+        for file in (ROOT / package).rglob("*.py"):
+            for name in _imports_of(file):
+                found.setdefault(name.split(".")[0], set()).add(str(file.relative_to(ROOT)))
+    return found
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared() -> set[str]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        requirements += extra
+    return {_normalise(re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def test_every_third_party_import_is_declared() -> None:
+    declared = _declared()
+    providers = packages_distributions()
+    missing = {}
+    for module, files in _imported_modules().items():
+        if module in sys.stdlib_module_names or module in OURS or module == "__future__":
+            continue
+        dists = {_normalise(d) for d in providers.get(module, [])}
+        if not dists & declared:
+            missing[module] = (sorted(dists) or ["<not installed>"], sorted(files)[:3])
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_the_core_imports_no_domain_and_no_domain_another() -> None:
+    crossing = []
+    for file in (ROOT / "foundation").rglob("*.py"):
+        crossing += [
+            (str(file.relative_to(ROOT)), n) for n in _imports_of(file) if n.split(".")[0] == "domains"
+        ]
+    for domain in sorted(p for p in (ROOT / "domains").iterdir() if (p / "__init__.py").exists()):
+        for file in domain.rglob("*.py"):
+            for name in _imports_of(file):
+                parts = name.split(".")
+                if parts[0] == "domains" and len(parts) > 1 and parts[1] != domain.name:
+                    crossing.append((str(file.relative_to(ROOT)), name))
+    assert not crossing, f"imports across the core/domain seam: {crossing}"
