@@ -168,6 +168,7 @@ class RasterSampleSource:
                     self._forget(f)
                     continue
                 self._note_broken(f, e)
+                return None  # unopenable (open_dataset has made its own tries), or out of tries
         return None
 
     def _forget(self, f: int) -> None:

@@ -17,6 +17,7 @@ from rasterio.windows import Window
 from rs_testdata import random_bands, write_raster
 
 import domains.remote_sensing.raster as raster
+import domains.remote_sensing.sampling as sampling
 from domains.remote_sensing.raster import (
     UnreadableRasterError,
     find_rasters,
@@ -108,6 +109,31 @@ def test_a_url_that_never_reads_is_skipped_and_reported(served, tmp_path: Path, 
     assert paths == {server.url_of("c.tif")}
     assert source.broken == {server.url_of("d.tif")}
     assert caplog.text.count(f"skipping unreadable windows of {server.url_of('d.tif')}") == 1
+
+
+def test_a_url_that_no_longer_opens_is_opened_once_not_once_a_try(
+    served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open that failed (after open_dataset's own tries) was tried again by each read try: 3 x 3 opens."""
+    _, server = served
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"{server.url_of('c.tif')}\n{server.url_of('d.tif')}\n")
+    infos, _ = find_rasters(listing)
+    source = RasterSampleSource(infos, [10000.0] * 2, [0.0] * 4, window=96)
+    opens: list[str] = []
+
+    def open_dataset(path):
+        opens.append(str(path))
+        if str(path).endswith("d.tif"):  # gone since the scan
+            raise UnreadableRasterError(
+                f"{path}: not a readable raster after 3 tries (HTTP response code: 404)"
+            )
+        return raster.open_dataset(path)
+
+    monkeypatch.setattr(sampling, "open_dataset", open_dataset)
+    paths = {source.sample(i, torch.Generator().manual_seed(i))["path"] for i in range(8)}
+    assert paths == {server.url_of("c.tif")} and source.broken == {server.url_of("d.tif")}
+    assert opens.count(server.url_of("d.tif")) == 1
 
 
 def test_stats_command_on_a_list_with_a_dead_url(served, tmp_path: Path, capsys) -> None:
