@@ -7,7 +7,7 @@ fresh subprocess, interleaved 100 / 10,000 / 100 / ... so machine noise hits bot
 (and, for time, the ratio of the fastest runs, the least disturbed on a shared machine).
 
 What is measured, per command and archive size:
-- ``pretrain --domain pathology --data ARCHIVE configs/pathology/tiny.yaml train.steps=1 data.num_workers=0``:
+- ``pretrain --domain pathology --data ARCHIVE --config pathology/tiny train.steps=1 data.num_workers=0``:
   the time until the first step's line is in ``metrics.jsonl`` (start-up: imports, listing, sample source,
   model; then one step), polled every 20 ms (the final checkpoint and export after it are not counted: a
   constant tail would pull the ratio towards 1), and the peak RSS of the whole command (``wait4``).
@@ -84,7 +84,7 @@ def _vmhwm_mib(pid: int) -> float:
 
 def run_pretrain(data: Path, out: Path) -> dict[str, float]:
     argv = [sys.executable, "-m", "foundation", "pretrain", "--domain", "pathology", "--data", str(data)]
-    argv += ["--config", str(REPO / "configs/pathology/tiny.yaml"), "--out", str(out), "--quiet"]
+    argv += ["--config", "pathology/tiny", "--out", str(out), "--quiet"]
     argv += ["train.steps=1", "train.checkpoint_every=1", "data.num_workers=0"]
     metrics = out / "metrics.jsonl"  # its first line is written when the first step ends
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe nobody reads while waiting (it could fill)

@@ -27,7 +27,7 @@ own library and read back before use; only the train split is pretrained on:
 
     python benchmarks/learning.py                                    # every small recipe, both datasets (hours)
     python benchmarks/learning.py --recipes pathology --datasets digits --steps 50
-    python benchmarks/learning.py --recipes configs/images/tiny.yaml --datasets digits --steps 150
+    python benchmarks/learning.py --recipes images/tiny --datasets digits --steps 150
     python benchmarks/learning.py --recipes images --datasets digits ssl.centering=sinkhorn_knopp   # overrides
 """
 
@@ -57,11 +57,11 @@ from foundation.train.engine import pretrain
 
 # the small recipe of every domain, by the name --recipes also takes
 SMALL = {
-    "images": "configs/images/small_dinov2.yaml",
-    "images-mae": "configs/images/small_mae.yaml",
-    "pathology": "configs/pathology/small.yaml",
-    "remote_sensing": "configs/remote_sensing/small.yaml",
-    "medical": "configs/medical/small_dinov2_slices.yaml",
+    "images": "images/small_dinov2",
+    "images-mae": "images/small_mae",
+    "pathology": "pathology/small",
+    "remote_sensing": "remote_sensing/small",
+    "medical": "medical/small_dinov2_slices",
 }
 RECIPES = list(SMALL.values())
 

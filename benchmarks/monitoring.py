@@ -64,7 +64,7 @@ def main() -> None:
         train = make_sample_images(root / "train", per_class=per_class, size=args.size, seed=0)
         val = make_sample_images(root / "val", per_class=per_class, size=args.size, seed=1)
         cfg = load_config(
-            "configs/images/small_dinov2.yaml",
+            "images/small_dinov2",
             [
                 f"model.arch={args.arch}",
                 f"model.patch_size={args.patch}",

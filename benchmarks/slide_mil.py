@@ -34,12 +34,12 @@ from torch import nn
 from domains.pathology.slide_classification.data import collate_bags
 from domains.pathology.slide_classification.loss import SlideLoss
 from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
-from foundation.config import load_config
+from foundation.config import RECIPES, load_config
 from foundation.tasks.base import TaskModel
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import Trainer, TrainingSetup
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "pathology" / "slide_mil_tiny.yaml"
+RECIPE = RECIPES / "pathology" / "slide_mil_tiny.yaml"
 
 
 class BareABMIL(nn.Module):

@@ -17,14 +17,12 @@ from foundation.errors import FoundationError
 
 log = logging.getLogger("foundation")
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-
 EPILOG_PRETRAIN = """\
 examples:
   foundation pretrain                                   # images domain, embedded sample, tiny CPU recipe
   foundation pretrain --domain images --data photos/ --out runs/photos train.steps=500 train.batch_size=32
   foundation pretrain --data photos/ --nproc 2          # spawns 2 local workers (torchrun)
-  torchrun --nproc-per-node 8 -m foundation pretrain --data photos/ --config configs/images/vit_small_dinov2.yaml
+  torchrun --nproc-per-node 8 -m foundation pretrain --data photos/ --config images/vit_small_dinov2
   # several nodes: torchrun --nnodes 4 --node-rank $RANK --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
   #   --nproc-per-node 8 -m foundation pretrain ...   (same command on every node)
 
@@ -41,8 +39,17 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def default_config_path(domain: str) -> Path | None:
-    path = CONFIG_ROOT / domain / "tiny.yaml"
-    return path if path.is_file() else None
+    """The domain's shipped tiny recipe (said in the log), or None for a domain that ships none."""
+    from foundation.config import RECIPES
+
+    path = RECIPES / domain / "tiny.yaml"
+    if not path.is_file():
+        log.info("no --config and the %s domain ships no tiny recipe: the built-in defaults", domain)
+        return None
+    log.info(
+        "recipe: %s/tiny (the domain's tiny CPU recipe; --config NAME or a YAML file for another)", domain
+    )
+    return path
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -353,7 +360,11 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
         "--domain", help="registered domain (see `foundation info`); default: the recipe's, else images"
     )
     p.add_argument("--data", help="data folder; default: the domain's embedded sample")
-    p.add_argument("--config", help="YAML recipe; default: configs/<domain>/tiny.yaml")
+    p.add_argument(
+        "--config",
+        help="recipe: a YAML file or a shipped name such as images/vit_small_dinov2 (foundation/recipes/); "
+        "default: <domain>/tiny",
+    )
     p.add_argument("--out", help="run folder (its parent must exist); default: runs/<domain>-<recipe>")
     p.add_argument(
         "--nproc", type=int, default=0, help="spawn this many local workers (torchrun --standalone)"

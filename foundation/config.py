@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses, strict YAML loading and dotlist overrides.
 
-A recipe in ``configs/`` is an instance of :class:`Config`. Loading is strict: unknown keys and values of
+A recipe in ``foundation/recipes/`` (shipped with the package) is an instance of :class:`Config`. Loading is strict: unknown keys and values of
 the wrong type are refused with the full key in the message. Nothing in a config is executed; OmegaConf
 interpolation is switched off by resolving nothing and rejecting ``${...}`` strings.
 """
@@ -323,6 +323,33 @@ def _parse_dotlist(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package (wheel and editable installs)
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes, ``domain/name``."""
+    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.glob("*/*.yaml"))
+
+
+def recipe_path(value: str | Path) -> Path:
+    """A recipe given as a YAML file, or by the name of a shipped one: ``images/tiny`` or ``images/tiny.yaml``
+    (``configs/images/tiny.yaml``, the path in a checkout before recipes became package data, also works).
+
+    Raises:
+        ConfigError: neither a file nor a shipped recipe; the message lists the shipped ones.
+    """
+    path = Path(value)
+    if path.is_file():
+        return path
+    name = path.as_posix().removeprefix("configs/")
+    shipped = RECIPES / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"config {str(value)!r} is neither a file nor a shipped recipe (one of: {', '.join(list_recipes())})"
+    )
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -333,7 +360,8 @@ def load_config(
     """Build a :class:`Config` from a YAML recipe plus ``key=value`` overrides.
 
     Args:
-        path: YAML recipe; ``None`` uses the dataclass defaults.
+        path: YAML recipe, a file or a shipped recipe's name (``images/tiny``); ``None`` uses the dataclass
+            defaults.
         overrides: dotlist such as ``["train.steps=50", "train.batch_size=32"]``.
         pretraining: check the SSL crop sizes against the patch size (fine-tuning recipes have no crops).
         defaults: top-level values applied before the recipe (e.g. ``domain="pathology"``).
@@ -344,9 +372,7 @@ def load_config(
     layers: list[dict[str, Any]] = [defaults] if defaults else []
     name = "default"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = recipe_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

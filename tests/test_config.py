@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from foundation.config import Config, load_config, save_config
+from foundation.config import RECIPES, Config, load_config, save_config
 from foundation.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "configs").glob("**/*.yaml"))
+SHIPPED = sorted(RECIPES.glob("**/*.yaml"))
 
 
 def test_defaults_load() -> None:
@@ -147,7 +146,7 @@ def test_img_size_not_divisible_rejected() -> None:
 
 
 def test_missing_recipe_and_bad_override_form(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="neither a file nor a shipped recipe .*images/tiny"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["train.steps"])
@@ -157,9 +156,21 @@ def test_missing_recipe_and_bad_override_form(tmp_path: Path) -> None:
         load_config(not_mapping)
 
 
+def test_recipes_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # outside a checkout: the shipped recipes come from the package
+    by_file = load_config(RECIPES / "images" / "small_dinov2.yaml")
+    for name in ("images/small_dinov2", "images/small_dinov2.yaml", "configs/images/small_dinov2.yaml"):
+        assert load_config(name) == by_file
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "small_dinov2.yaml").write_text("train: {steps: 7}\n")
+    assert load_config("images/small_dinov2.yaml").train.steps == 7  # a file of the user's wins over the name
+    with pytest.raises(ConfigError, match="'images/nope' is neither a file nor a shipped recipe"):
+        load_config("images/nope")
+
+
 def test_save_config_round_trip(tmp_path: Path) -> None:
     cfg = load_config(
-        REPO / "configs" / "images" / "tiny.yaml",
+        RECIPES / "images" / "tiny.yaml",
         ["train.steps=50", "seed=11", "data.options={bands: [1, 2]}", "model.reg_tokens=4"],
     )
     # the reloaded config is named after its file, so save under the recipe's name
@@ -177,7 +188,7 @@ def test_save_config_round_trip(tmp_path: Path) -> None:
     assert dataclasses.replace(reloaded, _name=cfg._name) == cfg
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
+@pytest.mark.parametrize("recipe", SHIPPED, ids=[str(p.relative_to(RECIPES)) for p in SHIPPED])
 def test_every_recipe_loads(recipe: Path) -> None:
     pretraining = "task" not in yaml.safe_load(recipe.read_text())  # fine-tuning recipes have no SSL crops
     cfg = load_config(recipe, pretraining=pretraining)
@@ -187,7 +198,7 @@ def test_every_recipe_loads(recipe: Path) -> None:
 
 
 def test_recipes_were_found() -> None:
-    assert RECIPES, "no recipes under configs/"
+    assert SHIPPED, "no recipes under foundation/recipes/"
 
 
 def test_reject_unknown_keys_names_every_key_and_what_is_allowed() -> None:

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 from foundation.cli import main
-from foundation.config import load_config
+from foundation.config import RECIPES, load_config
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import pretrain
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-SMALL_DINOV2 = Path(__file__).resolve().parents[1] / "configs" / "images" / "small_dinov2.yaml"
+SMALL_DINOV2 = RECIPES / "images" / "small_dinov2.yaml"
 
 # 16 px with 4 px patches: 16 tokens (4 visible), so a step is cheap. No LayerScale (as in MAE): with it the
 # random-init CLS is almost constant and the comparison would measure the probe, not the features.

@@ -48,7 +48,7 @@ def slice_mode(cfg: Config) -> bool:
     if cfg.ssl.method == "dinov2" and dims == 3:
         raise ConfigError(
             "ssl.method=dinov2 with model.spatial_dims=3: the medical domain runs DINOv2 on 2D slices "
-            "(configs/medical/dinov2_slices_tiny.yaml) and MAE on 3D crops (configs/medical/tiny.yaml)"
+            "(foundation/recipes/medical/dinov2_slices_tiny.yaml) and MAE on 3D crops (foundation/recipes/medical/tiny.yaml)"
         )
     return dims == 2
 

@@ -85,7 +85,7 @@ class CollapseWatch:
             f"step {step}: the teacher's targets have been collapsed for {self.in_a_row} steps (entropy "
             f"{entropy:.2f} of ln K = {ln_k:.2f}, batch-mean entropy {metrics.get('teacher_batch_entropy', 0):.2f},"
             f" CLS effective rank {metrics.get('cls_rank', 0):.1f}): the features are not learning. See 'Will my "
-            "run learn?' in the README (configs/images/small_dinov2.yaml's numbers: no LayerScale, "
+            "run learn?' in the README (foundation/recipes/images/small_dinov2.yaml's numbers: no LayerScale, "
             "ssl.teacher_temp 0.02, ssl.head_prototypes <= 16 x the batch)"
         )
         if self.stop:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from foundation.config import load_config
+from foundation.config import RECIPES, load_config
 from foundation.errors import TrainingError
 from foundation.ssl.indicators import TeacherIndicators, effective_rank
 from foundation.train.collapse import CollapseWatch, collapse_prone_settings
@@ -45,7 +44,7 @@ def test_collapse_is_reported_once_after_patience_and_can_stop(caplog):
     assert CollapseWatch(2, False).update(0, {"loss": 1.0}) is None  # MAE reports no indicators
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = RECIPES
 OLD_SMALL_NUMBERS = [  # the first wave's tiny recipe: 1,024 prototypes, LayerScale 1e-5, teacher 0.04 -> 0.07
     "ssl.head_prototypes=1024",
     "model.layerscale_init=1e-5",

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from domains.medical.options import VolumeOptions
 from domains.medical.segmentation.datalist import Datalist, load_datalist, sample_datalist
 from domains.medical.segmentation.model import TASK_NAME, build_segmentation_net, net_from_checkpoint
-from foundation.config import Config, reject_unknown_keys
+from foundation.config import RECIPES, Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.tasks.base import TaskParts
@@ -30,7 +30,7 @@ from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 NORMS = ("instance", "batch")  # MONAI norm names that need no extra arguments
-RECIPE = Path(__file__).resolve().parents[3] / "configs" / "medical" / "organseg_tiny.yaml"
+RECIPE = RECIPES / "medical" / "organseg_tiny.yaml"
 
 
 @dataclass(frozen=True)

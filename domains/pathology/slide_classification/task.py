@@ -27,13 +27,13 @@ from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
 from domains.pathology.slide_classification.options import TASK_NAME, SlideOptions
 from domains.pathology.slide_classification.splits import Fold, check_folds, fixed_split, kfold
 from domains.pathology.slide_classification.validation import make_validator
-from foundation.config import Config
+from foundation.config import RECIPES, Config
 from foundation.errors import ConfigError
 from foundation.tasks.base import TaskParts
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "pathology" / "slide_mil_tiny.yaml"
+CONFIG = RECIPES / "pathology" / "slide_mil_tiny.yaml"
 
 
 def _log_skipped(skipped: list[dict[str, str]]) -> None:

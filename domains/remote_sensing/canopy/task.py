@@ -39,7 +39,7 @@ from domains.remote_sensing.canopy.plots import check_error_plots, write_error_p
 from domains.remote_sensing.json_outputs import check_json_output, write_json_output
 from domains.remote_sensing.options import parse_bands
 from domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scale
-from foundation.config import Config, reject_unknown_keys
+from foundation.config import RECIPES, Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.tasks.base import TaskParts
@@ -47,7 +47,7 @@ from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "remote_sensing" / "canopy_tiny.yaml"
+CONFIG = RECIPES / "remote_sensing" / "canopy_tiny.yaml"
 STATS_WINDOW = 256
 METRICS_KIND = "canopy-height-metrics"  # the marker of our metrics files (the only files --out replaces)
 METRICS_KEYS = ("checkpoint", "done", "skipped", "rmse", "height_bins")  # ours written before the marker

@@ -15,12 +15,12 @@ from domains.medical.domain import MedicalDomain, NotAvailableYetError
 from domains.medical.phantom import LABELS, make_sample_volumes
 from domains.medical.volume import find_volumes
 from foundation.cli import main
-from foundation.config import load_config
+from foundation.config import RECIPES, load_config
 from foundation.domain import get_domain
 from foundation.errors import ConfigError, DataError
 from foundation.train.checkpoint import latest_checkpoint, load_checkpoint
 
-RECIPE = Path(__file__).resolve().parents[3] / "configs" / "medical" / "tiny.yaml"
+RECIPE = RECIPES / "medical" / "tiny.yaml"
 QUICK = ["train.steps=2", "train.batch_size=2", "train.checkpoint_every=2", "data.num_workers=0"]
 
 
@@ -107,7 +107,7 @@ def test_pretrain_on_a_non_volume_exits_with_the_file_named(tmp_path: Path, caps
     assert "runs DINOv2 on 2D slices" in capsys.readouterr().err
 
 
-SLICES = Path(__file__).resolve().parents[3] / "configs" / "medical" / "dinov2_slices_tiny.yaml"
+SLICES = RECIPES / "medical" / "dinov2_slices_tiny.yaml"
 
 
 def test_slices_are_shown_radiologically_and_skip_air(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from rs_testdata import random_bands, write_raster
 
 from foundation.batch import EXIT_NOTHING_DONE
 from foundation.cli import main
+from foundation.config import RECIPES
 from foundation.train.checkpoint import latest_checkpoint, load_checkpoint
 
 QUICK = [
@@ -57,7 +58,7 @@ def test_pretrain_on_a_folder_of_rasters(tmp_path: Path, capsys) -> None:
 
 def test_pretrain_band_selection_and_mae(tmp_path: Path, capsys) -> None:
     write_raster(tmp_path / "s2.tif", random_bands(12, 96, 96, "uint16"))
-    config = Path(__file__).resolve().parents[3] / "configs" / "remote_sensing" / "mae_tiny.yaml"
+    config = RECIPES / "remote_sensing" / "mae_tiny.yaml"
     args = ["--data", str(tmp_path / "s2.tif"), "--out", str(tmp_path / "mae"), "--config", str(config)]
     run(capsys, *args, "data.options.bands=4,3,2,8")
     check_run(tmp_path / "mae", 4)
