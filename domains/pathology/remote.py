@@ -163,9 +163,15 @@ def url_to_fs(url: str) -> tuple[Any, str]:
     options: dict[str, Any] = {}
     if url.lower().startswith(("https://", "http://")):
         import aiohttp
+        from fsspec.config import conf
 
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
-        options["client_kwargs"] = {"timeout": timeout}
+        # the user's fsspec configuration (headers, proxies) stays: ours would replace its client_kwargs whole
+        client = dict(conf.get(url.split("://", 1)[0].lower(), {}).get("client_kwargs") or {})
+        client.setdefault(
+            "timeout",
+            aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S),
+        )
+        options["client_kwargs"] = client
     return fsspec.core.url_to_fs(url, **options)
 
 

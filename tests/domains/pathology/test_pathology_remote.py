@@ -117,6 +117,15 @@ def test_a_transfer_that_hangs_times_out_and_is_retried(served, monkeypatch: pyt
         assert time.monotonic() - started < 10  # a few 0.3 s timeouts a try, not the 20 s stall
 
 
+def test_the_timeouts_keep_the_user_s_fsspec_client_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec.config
+
+    monkeypatch.setitem(fsspec.config.conf, "https", {"client_kwargs": {"headers": {"Authorization": "t"}}})
+    fs, _ = remote.url_to_fs("https://example.org/a.svs")
+    assert fs.client_kwargs["headers"] == {"Authorization": "t"}
+    assert fs.client_kwargs["timeout"].sock_read == remote.READ_TIMEOUT_S
+
+
 def test_a_url_that_never_reads_is_one_error_naming_it(served) -> None:
     _, server = served
     server.drop("g.tif", after_bytes=100)
