@@ -119,8 +119,17 @@ def output_names(slides: Sequence[SlideRef], root: Path) -> list[str]:
             ]
     else:
         counts = Counter(names)
+        base = root.resolve().parent  # a list file's folder: entries below it are hashed relative to it
+
+        def entry(slide: SlideRef) -> str:
+            """What tells the slide apart, the same after the folder of the list and its slides moved."""
+            if is_url(slide):
+                return slide_key_text(slide)
+            path = Path(slide)
+            return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
+
         names = [
-            f"{n}__{hashlib.sha1(slide_key_text(p).encode()).hexdigest()[:8]}" if counts[n] > 1 else n
+            f"{n}__{hashlib.sha1(entry(p).encode()).hexdigest()[:8]}" if counts[n] > 1 else n
             for p, n in zip(slides, names, strict=True)
         ]
     return [f"{n}.h5" for n in names]

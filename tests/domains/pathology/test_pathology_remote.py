@@ -219,6 +219,17 @@ def test_output_names_of_urls_and_list_entries(tmp_path: Path) -> None:
     names = output_names(slides, listing)
     assert names[2:] == ["c.ome.h5", "d.h5"]
     assert names[0] != names[1] and all(n.startswith("a__") and n.endswith(".h5") for n in names[:2])
+    # a repeated stem's name depends on the entry, not on where the archive is mounted: a list and its slides
+    # moved together (another machine, another mount point) keep their feature files' names
+    moved = tmp_path / "elsewhere"
+    for folder in (tmp_path, moved):
+        (folder / "x").mkdir(parents=True, exist_ok=True)
+        (folder / "y").mkdir(exist_ok=True)
+        (folder / "l.txt").write_text("x/s.svs\ny/s.svs\n")
+    here, there = (
+        output_names(list_slides(folder / "l.txt"), folder / "l.txt") for folder in (tmp_path, moved)
+    )
+    assert here == there and here[0] != here[1]
 
 
 ARGS = dict(arch="vit_tiny", in_chans=3, spatial_dims=2, img_size=64, patch_size=16, reg_tokens=0)
