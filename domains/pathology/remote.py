@@ -112,6 +112,8 @@ def retrying(url: str, what: str, action: Callable[[], T], retry: RetryPolicy | 
         except DataError:
             raise
         except Exception as e:
+            if _no_credentials(e):  # asking again will not find them
+                raise DataError(f"{url}: {NO_CREDENTIALS}") from e
             if _is_transient(e, transient):
                 error = e
                 log.debug("%s: %s failed (try %d of %d): %s", url, what, attempt + 1, retry.tries, e)
@@ -131,6 +133,26 @@ def retrying(url: str, what: str, action: Callable[[], T], retry: RetryPolicy | 
     raise DataError(
         f"{url}: {what} failed after {retry.tries} tries ({type(shown).__name__}: {shown})"
     ) from error
+
+
+NO_CREDENTIALS = (
+    "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for "
+    "temporary ones), or AWS_PROFILE with ~/.aws/credentials; AWS_ENDPOINT_URL for an S3-compatible server"
+)
+
+
+def _no_credentials(error: BaseException) -> bool:
+    """botocore found no credentials to sign with (it says so before any request is sent)."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return False
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (NoCredentialsError, PartialCredentialsError)):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _reason(error: BaseException) -> str:

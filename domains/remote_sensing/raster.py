@@ -104,6 +104,7 @@ def read_error_text(error: BaseException) -> str:
 _FINAL_ERRORS = re.compile(
     r"HTTP response code: 4(?!08|29)\d\d\b|The specified (key|bucket) does not exist|Access ?Denied"
     r"|InvalidAccessKeyId|SignatureDoesNotMatch|not recognized as (being in )?a supported"
+    r"|configuration options not defined"  # no credentials: GDAL names the variables it read
 )
 
 
@@ -134,6 +135,8 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
                 time.sleep(float(REMOTE_GDAL_OPTIONS["GDAL_HTTP_RETRY_DELAY"]) * 2**attempt)
                 continue
             after = f" after {attempt + 1} tries" if attempt else ""
+            if "configuration options not defined" in str(e):
+                raise UnreadableRasterError(f"{path}: no credentials for the bucket ({e})") from e
             raise UnreadableRasterError(f"{path}: not a readable raster{after} ({e})") from e
     raise AssertionError("unreachable")
 

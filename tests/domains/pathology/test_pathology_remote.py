@@ -213,6 +213,28 @@ def test_s3_slide_equals_the_local_file(tmp_path: Path, monkeypatch: pytest.Monk
         server.stop()
 
 
+def test_s3_without_credentials_names_the_variables_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("s3fs")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata look-up
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing is sent: signing fails first
+    monkeypatch.setattr(remote, "DEFAULT_RETRY", remote.RetryPolicy(tries=3, delay_s=5.0))
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    start = time.perf_counter()
+    with pytest.raises(
+        DataError, match=r"s3://slides/g.tif: no AWS credentials found: set AWS_ACCESS_KEY_ID"
+    ):
+        Slide("s3://slides/g.tif")
+    assert time.perf_counter() - start < 5.0  # not retried: asking again would not find them
+
+
 def test_output_names_of_urls_and_list_entries(tmp_path: Path) -> None:
     listing = tmp_path / "l.txt"
     slides = ["https://h/x/a.svs?sig=1", "https://h/y/a.svs", "s3://b/c.ome.tif", tmp_path / "d.tif"]

@@ -227,3 +227,19 @@ def test_only_gdal_s_final_answers_stop_the_retries() -> None:
     assert not raster._is_final("CURL error: Failed to connect to 127.0.0.1 port 40433: Could not connect")
     assert not raster._is_final("HTTP response code: 503") and not raster._is_final("HTTP response code: 429")
     assert raster._is_final("HTTP response code: 404") and raster._is_final("HTTP response code: 403")
+
+
+def test_s3_without_credentials_is_one_error_naming_the_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_S3_ENDPOINT", "127.0.0.1:9")  # nothing is sent: GDAL finds no credentials first
+    with pytest.raises(raster.UnreadableRasterError) as caught:
+        raster.open_dataset("s3://bucket/scene.tif")
+    message = str(caught.value)
+    assert message.startswith("s3://bucket/scene.tif: no credentials for the bucket")
+    assert "AWS_SECRET_ACCESS_KEY" in message and "tries" not in message  # named, and not retried
