@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from foundation.data.listing import ListFile, is_url, url_key
+from foundation.data.listing import ListFile, is_url, url_key, url_name
 
 SlideRef = Path | str  # a local slide, or a URL (kept a string: Path() would fold "https://" to "https:/")
 
@@ -18,9 +18,7 @@ def slide_ref(entry: str) -> SlideRef:
 
 def slide_name(slide: SlideRef) -> str:
     """The file (or DICOM folder) name of a slide, for outputs and progress bars; a URL's last path part."""
-    if isinstance(slide, str) and is_url(slide):
-        return slide.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    return Path(slide).name
+    return url_name(slide) if isinstance(slide, str) and is_url(slide) else Path(slide).name
 
 
 def slide_key_text(slide: SlideRef) -> str:

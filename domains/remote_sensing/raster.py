@@ -33,7 +33,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from foundation.data.listing import is_list_file, is_url, read_list
+from foundation.data.listing import is_list_file, is_url, read_list, url_name
 from foundation.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ def is_remote(path: str | os.PathLike) -> bool:
 def raster_name(path: str | os.PathLike) -> str:
     """The file name of a raster path or URL (a URL's last path part, without its query)."""
     text = str(path)
-    if is_url(text):
-        return text.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    return Path(text).name
+    return url_name(text) if is_url(text) else Path(text).name
 
 
 def raster_stem(path: str | os.PathLike) -> str:

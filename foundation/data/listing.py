@@ -39,6 +39,12 @@ def url_key(url: str) -> str:
     return url
 
 
+def url_name(url: str) -> str:
+    """The file name a URL points at: its last path part, without query or fragment (``.../s1.svs?sig=x`` ->
+    ``s1.svs``), for output names and progress bars."""
+    return url.split("#", 1)[0].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 def is_list_file(path: str | os.PathLike) -> bool:
     """A local file whose suffix makes it a list of data paths rather than data."""
     return not is_url(path) and Path(path).suffix.lower() in LIST_SUFFIXES and Path(path).is_file()
