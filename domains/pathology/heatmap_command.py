@@ -116,7 +116,7 @@ def _scan(features: str, meta: dict[str, Any]) -> tuple[dict[str, Any], list[dic
     Raises:
         ConfigError: ``features`` is not a folder, or holds no file the model can score (the first reason shown).
     """
-    from domains.pathology.slide_classification.bags import _look
+    from domains.pathology.slide_classification.bags import look_bag
     from foundation.errors import ConfigError, DataError
 
     folder = Path(features)
@@ -128,7 +128,7 @@ def _scan(features: str, meta: dict[str, Any]) -> tuple[dict[str, Any], list[dic
     width, backbone = meta["feature_dim"], meta.get("feature_backbone") or ""
     for path in sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".")):
         try:
-            bag = _look(path)
+            bag = look_bag(path)
             if bag.dim != width:
                 raise DataError(
                     f"{path}: {bag.dim}-wide features; the model was trained on {width}-wide ones"

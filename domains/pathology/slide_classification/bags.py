@@ -39,8 +39,11 @@ class FeatureFolder:
     backbone: str
 
 
-def _look(path: Path) -> Bag:
-    """Raises: DataError naming the file: unreadable (truncated, not HDF5), no 2-D ``features``, no tiles."""
+def look_bag(path: Path) -> Bag:
+    """A feature file's slide id, width and backbone without reading its features (the folder check, the
+    heatmap's scan).
+
+    Raises: DataError naming the file: unreadable (truncated, not HDF5), no 2-D ``features``, no tiles."""
     try:
         with h5py.File(path, "r") as f:
             features = f.get("features")
@@ -75,7 +78,7 @@ def scan_features(folder: str | Path) -> FeatureFolder:
     skipped = []
     for path in sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".")):
         try:
-            bag = _look(path)
+            bag = look_bag(path)
         except DataError as e:
             skipped.append({"slide": path.stem, "file": str(path), "reason": str(e)})
             continue
