@@ -35,6 +35,11 @@ def test_percentiles_rank_within_the_bag() -> None:
     # the scale, not the bottom ("least attended" everywhere)
     assert percentiles(np.full(7, 1 / 7)).tolist() == [0.5] * 7
     np.testing.assert_allclose(percentiles(np.array([0.2, 0.5, 0.2, 0.1])), [0.5, 1.0, 0.5, 0.0])
+    # against scipy's rankdata itself (what CLAM calls), on ties and a larger bag: the same order statistics,
+    # on our 0..1 scale (CLAM's is rank / n)
+    rankdata = pytest.importorskip("scipy.stats").rankdata
+    scores = np.random.default_rng(0).integers(0, 20, 500) / 20
+    np.testing.assert_allclose(percentiles(scores), (rankdata(scores, "average") - 1) / (len(scores) - 1))
 
 
 def test_heatmap_paints_the_most_attended_tile_hot_on_the_slide(tmp_path: Path) -> None:
