@@ -7,12 +7,12 @@ import errno
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from foundation import threads
+from foundation.batch.launch import should_spawn, spawn_local
 from foundation.errors import FoundationError
 
 log = logging.getLogger("foundation")
@@ -65,35 +65,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def spawn_local(nproc: int, argv: list[str]) -> int:
-    """``--nproc N``: re-run this command under torchrun with N local workers."""
-    rest, skip = [], False
-    for a in argv:
-        if skip:  # the value after "--nproc"
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            rest.append(a)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "foundation",
-    ]
-    return subprocess.call(cmd + rest)
-
-
 # -- commands ------------------------------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from foundation.config import load_config
     from foundation.train.distributed import destroy_distributed, init_distributed
     from foundation.train.engine import pretrain
 
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if should_spawn(args.nproc):
         return spawn_local(args.nproc, sys.argv[1:])
     config_path = args.config or default_config_path(args.domain or "images")
     overrides = list(args.overrides)
@@ -146,11 +124,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from foundation.batch import EXIT_DONE
-    from foundation.eval.commands import embed
+    from foundation.batch.launch import spawn_batch, worker_status
+    from foundation.eval.commands import check_nproc, embed
 
+    if should_spawn(args.nproc):
+        check_nproc(args)  # one error, not one per worker
+        return spawn_batch(args.nproc, sys.argv[1:])
     result = embed(args)
-    print(json.dumps(result))
-    return int(result.get("exit_status", EXIT_DONE))
+    error = result.pop("error", None)  # a batch that did nothing ends with its error after its result
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:  # a batch under torchrun: rank 0 prints the result of every rank
+        print(json.dumps(result))
+    if error is not None:
+        raise error
+    return worker_status(int(result.get("exit_status", EXIT_DONE)), is_main=is_main)
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -179,7 +166,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from foundation.train.distributed import destroy_distributed, init_distributed
     from foundation.train.finetune import finetune
 
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if should_spawn(args.nproc):
         return spawn_local(args.nproc, sys.argv[1:])
     task = args.task_object
     cfg = load_config(
@@ -430,6 +417,13 @@ def build_parser(with_domain_commands: bool = True, argv: list[str] | None = Non
         "--overwrite",
         action="store_true",
         help="replace earlier outputs of ours made with other weights or settings (never other files)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        help="domains with per-input outputs (pathology): spawn this many local workers (torchrun), inputs "
+        "sharded by rank",
     )
     p.add_argument(
         "overrides", nargs="*", help="domain options key=value, e.g. data.options.mpp=0.5 (pathology)"

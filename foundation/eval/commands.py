@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from foundation.batch.embedder import BatchEmbedder
 from foundation.config import load_config
 from foundation.domain import get_domain
 from foundation.errors import ConfigError, DataError
@@ -18,6 +20,7 @@ from foundation.eval.knn import knn_evaluate
 from foundation.eval.linear import linear_probe
 from foundation.export import load_backbone, random_like, resolve_backbone_source
 from foundation.models.fingerprint import weights_fingerprint
+from foundation.precision import autocast_dtype
 from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -53,13 +56,27 @@ def _eval_dataset(domain_name: str, path: str, meta: dict[str, Any], size: int):
     return dataset
 
 
+def check_nproc(args: argparse.Namespace) -> None:
+    """``embed --nproc N`` shares inputs out by rank: only a domain with per-input outputs can.
+
+    Raises:
+        ConfigError: the domain writes one file for the whole folder.
+    """
+    if not isinstance(get_domain(args.domain), BatchEmbedder):
+        raise ConfigError(
+            f"--nproc: the {args.domain!r} domain writes one HDF5 for the whole folder; run it in one process"
+        )
+
+
 def embed(args: argparse.Namespace) -> dict[str, Any]:
-    """Features of a labelled folder to one HDF5, or the domain's own layout (e.g. one HDF5 per slide) when
-    the domain defines ``embed_data(backbone, meta, args) -> dict``."""
+    """Features of a labelled folder to one HDF5, or the domain's own layout (e.g. one HDF5 per slide) when the
+    domain is a :class:`~foundation.batch.embedder.BatchEmbedder`."""
     backbone, meta = load_backbone(args.backbone)
     domain = get_domain(args.domain)
-    if hasattr(domain, "embed_data"):
+    if isinstance(domain, BatchEmbedder):
         return domain.embed_data(backbone, meta, args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        check_nproc(args)
     if args.overrides:
         raise ConfigError(f"the {args.domain!r} domain takes no embed options, got {args.overrides}")
     if getattr(args, "bags", None):
@@ -79,7 +96,7 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         device=device,
-        amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        amp_dtype=autocast_dtype("auto", device),
         progress=not args.quiet,
         overwrite=args.overwrite,
         normalization=(  # what _eval_dataset normalised with: the backbone's statistics, else the domain's
@@ -101,7 +118,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     train_set = _eval_dataset(args.domain, args.data, meta, size)
     val_set = _eval_dataset(args.domain, args.val_data, meta, size)
     device = resolve_device(args.device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = autocast_dtype("auto", device)
 
     def features(dataset, path: str):
         def compute():
