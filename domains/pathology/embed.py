@@ -13,10 +13,10 @@ pooling, tiling and normalisation. Another file of ours under that name is repla
 
 A broken slide (unreadable, no resolution, no tissue, a read error part-way) is skipped with its reason; the
 others finish. A full disk stops the job (no later slide could be written either): the slide being written
-leaves nothing behind and the ones not started are listed as skipped. ``summary.json`` lists processed,
-skipped and already-complete slides (under torchrun, where slide ``i`` goes to rank ``i % world_size``, each
-rank writes ``summary_rank{r}.json`` and rank 0 merges them into it). Exit status
-(:func:`foundation.batch.exit_status`): 0 every slide done (now or before), 2 some skipped, 1 none done.
+leaves nothing behind and the ones not started are listed as skipped. The batch runs on
+:mod:`foundation.batch.runner` (slide ``i`` on rank ``i % world_size``, ``--nproc``, the common ``summary.json``
+with ``written`` / ``existing`` / ``skipped`` slides, each entry keeping its ``slide`` and ``tiles``). Exit
+status (:func:`foundation.batch.exit_status`): 0 every slide done (now or before), 2 some skipped, 1 none done.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
-import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from tqdm import tqdm
 
 from domains.pathology.feature_file import is_complete, is_ours, write_feature_file
 from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, ensure_pt_bag, write_pt_bag
-from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
+from domains.pathology.out_dir import check_out_dir, make_out_dir
 from domains.pathology.regions import qupath_origin, region_digest, region_for
 from domains.pathology.slide import SlideCache, open_slide
 from domains.pathology.slide_refs import SlideRef, slide_key_text, slide_name
@@ -53,16 +51,20 @@ from domains.pathology.source import (
     read_mpp_csv,
 )
 from domains.pathology.tissue import OTSU, Tiling, read_tile, tile_slide
-from foundation.batch import EXIT_DONE, exit_status
+from foundation.batch.report import EXISTING, SKIPPED, WRITTEN, BatchReport, ItemResult
+from foundation.batch.runner import BatchSpec, Item, Steps, finish, run_items
+from foundation.batch.summary import check_summaries
 from foundation.config import load_config
 from foundation.data.listing import is_url
 from foundation.errors import CheckpointError, ConfigError, DataError, OutputError
 from foundation.eval.features import POOLINGS, _pool
 from foundation.models.fingerprint import weights_fingerprint
-from foundation.outputs import pid_running, write_verified
-from foundation.train.distributed import barrier, destroy_distributed, init_distributed
+from foundation.outputs import pid_running
+from foundation.precision import autocast_dtype
+from foundation.train.distributed import destroy_distributed, init_distributed
 
 log = logging.getLogger(__name__)
+COMMAND = "embed"
 # what a feature file without these attributes (written before they existed) was made with
 KEY_DEFAULTS = {"tissue_threshold": OTSU, "otsu_clip": (8, 30), "overlap": 0, "region_sha256": ""}
 
@@ -140,7 +142,7 @@ def _options(overrides: list[str], img_size: int) -> PathologyOptions:
     if wrong:
         raise ConfigError(f"embed takes only data.options.* overrides for the pathology domain, got {wrong}")
     cfg = load_config(None, overrides, domain="pathology")
-    options = PathologyOptions.from_config(cfg)
+    options: PathologyOptions = cfg.data.typed_options  # typed when the config loaded
     if "tile_size" not in (cfg.data.options or {}):
         options = dataclasses.replace(options, tile_size=img_size)
     return options
@@ -381,7 +383,8 @@ class SlideEmbedder:
             DataError: a tile that cannot be read, or a reader worker that died.
         """
         n = len(started.tiling)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        amp = autocast_dtype("auto", self.device)
+        autocast = torch.autocast(self.device.type, dtype=amp, enabled=amp is not None)
         out: np.ndarray | None = None
         bar = tqdm(
             total=n, desc=slide_name(started.path), unit="tile", leave=False, disable=not self.progress
@@ -441,176 +444,72 @@ class SlideEmbedder:
         return len(tiling)
 
 
-@dataclasses.dataclass
-class ShardReport:
-    """What one rank did with its slides."""
+def existing_output(
+    embedder: SlideEmbedder, item: Item[SlideRef], *, overwrite: bool
+) -> dict[str, Any] | None:
+    """The batch runner's ``existing`` step: ``{}`` when ``item.out`` is complete with this key (done, not
+    redone), None when it must be made (absent, or one of ours made otherwise and ``overwrite``).
 
-    processed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    complete: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    disk_full: OutputError | None = None  # the write that found the disk full; the rest was not started
-
-    @property
-    def done(self) -> int:
-        """Slides whose features are on disk: embedded now or complete from an earlier run."""
-        return len(self.processed) + len(self.complete)
-
-    def skip(self, path: Path, reason: str) -> None:
-        log.warning("skipping slide: %s", reason)
-        self.skipped.append({"slide": str(path), "reason": reason})
-
-
-def plan(
-    embedder: SlideEmbedder, work: list[tuple[Path, Path]], report: ShardReport, *, overwrite: bool
-) -> list[tuple[Path, Path]]:
-    """The slides still to embed: not those complete with this key; not those whose output name is taken by a
-    file that is not ours, nor (without ``overwrite``) by one of ours made otherwise: those are left alone and
-    the slide skipped, saying why."""
-    todo = []
-    for path, out in work:
-        if not out.exists():  # nothing to compare with: the slide is looked at when it starts
-            todo.append((path, out))
-            continue
-        try:
-            slide_key = embedder.slide_key(path, out.stem)
-        except DataError as e:
-            report.skip(path, str(e))
-            continue
-        if is_complete(out, {**embedder.key, **slide_key}, KEY_DEFAULTS):
-            if embedder.bags == "pt" and not _bag_of_complete(out, path, report):
-                continue
-            report.complete.append({"slide": str(path), "out": str(out)})
-        elif not is_ours(out):
-            taken = f"{out} exists and is not a feature file of ours; it was left as it is (move it or give "
-            report.skip(path, taken + "another --out)")
-        elif not overwrite:
-            report.skip(path, f"{out} was made with other weights, settings or slide; pass --overwrite")
-        else:
-            todo.append((path, out))
-    return todo
+    Raises:
+        DataError: the slide cannot be looked at, or a feature file of ours made with other weights, settings or
+            slide is there and ``overwrite`` is off (left as it is, the slide skipped).
+        OutputError: a file there that is not ours (never replaced), or a complete slide's missing bag cannot
+            be written.
+    """
+    out = item.out
+    assert out is not None
+    if not out.exists():  # nothing to compare with: the slide is looked at when it starts
+        return None
+    slide_key = embedder.slide_key(item.source, out.stem)
+    if is_complete(out, {**embedder.key, **slide_key}, KEY_DEFAULTS):
+        if embedder.bags == "pt":
+            _bag_of_complete(out)
+        return {}
+    if not is_ours(out):
+        raise OutputError(
+            f"{out} exists and is not a feature file of ours; it was left as it is (move it or give another --out)"
+        )
+    if not overwrite:
+        raise DataError(f"{out} was made with other weights, settings or slide; pass --overwrite")
+    return None
 
 
-def _bag_of_complete(out: Path, path: Path, report: ShardReport) -> bool:
-    """A complete slide's ``pt`` bag, written from its feature file when missing or different (False: skipped)."""
+def _bag_of_complete(out: Path) -> None:
+    """A complete slide's ``pt`` bag, written from its feature file when missing or different.
+
+    Raises:
+        DataError: the bag cannot be written (the slide is skipped; a full disk here does not stop the batch).
+    """
     try:
         if ensure_pt_bag(out):
             log.info("%s: written from %s", bag_path(out, "pt"), out)
     except (OSError, OutputError) as e:
-        report.skip(path, f"{bag_path(out, 'pt')}: cannot write the bag ({e})")
-        return False
-    return True
+        raise DataError(f"{bag_path(out, 'pt')}: cannot write the bag ({e})") from e
 
 
-def embed_all(
-    embedder: SlideEmbedder,
-    todo: Iterable[tuple[Path, Path]],
-    report: ShardReport,
-    rank: int,
-    total: int | None = None,
-) -> None:
-    """Embed ``todo`` in order, the next slide's readers starting while one runs; a broken slide is skipped,
-    a full disk stops the rest (none of them could be written either). ``todo`` may be a stream (a list file
-    of 100,000 slides is never held as a list); ``total`` sizes the progress bar."""
-    items = iter(todo)
-
-    def start() -> tuple[tuple[Path, Path], StartedSlide | DataError] | None:
-        item = next(items, None)
-        return None if item is None else (item, embedder.start(item[0], item[1].stem))
-
-    current, upcoming = None, start()
-    bar = tqdm(total=total, desc=f"embed (rank {rank})", unit="slide", disable=not embedder.progress)
-    try:
-        while upcoming is not None:
-            (path, out), current = upcoming
-            upcoming = start()  # read-ahead: the next slide's workers start while this one runs
-            bar.update(1)
-            try:
-                if isinstance(current, DataError):
-                    raise current
-                n = embedder.embed(current, out)
-            except DataError as e:
-                report.skip(path, _reason(e))
-                continue
-            except OutputError as e:
-                report.skip(path, str(e))
-                if is_disk_full(e):
-                    report.disk_full = e
-                    rest = [upcoming[0]] if upcoming is not None else []
-                    for later, _ in itertools.chain(rest, items):
-                        report.skipped.append({"slide": str(later), "reason": f"not started: {e}"})
-                    return
-                continue
-            report.processed.append({"slide": str(path), "out": str(out), "tiles": n})
-    finally:  # interrupted or stopped: stop the workers still running (closing twice is harmless)
-        bar.close()
-        for started in (current, upcoming[1] if upcoming is not None else None):
-            if isinstance(started, StartedSlide):
-                started.close()
+def _started(embedder: SlideEmbedder, item: Item[SlideRef]) -> StartedSlide:
+    """The runner's read-ahead step: the slide's tiles planned and its reader workers running."""
+    assert item.out is not None
+    started = embedder.start(item.source, item.out.stem)
+    if isinstance(started, DataError):
+        raise started
+    return started
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> bool:
-    """Write a summary (verified, atomic); a failure (a full disk) is logged, the result is still printed."""
-    try:
-        write_verified(
-            path,
-            lambda tmp: tmp.write_text(json.dumps(data, indent=2)),
-            lambda tmp: json.loads(tmp.read_text()),
-        )
-    except OutputError as e:
-        log.error("summary not written: %s", e)
-        return False
-    return True
-
-
-def _merge_summaries(out_dir: Path, world_size: int) -> Path:
-    """``summary.json`` for the whole archive from the per-rank summaries of a torchrun job."""
-    paths = [out_dir / f"summary_rank{r}.json" for r in range(world_size)]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        log.error(
-            "summaries of some ranks are missing (%s): summary.json covers the others", ", ".join(missing)
-        )
-    parts = [json.loads(p.read_text()) for p in paths if p.is_file()]
-    lists = ("slides_processed", "slides_skipped", "slides_complete_before")
-    merged: dict[str, Any] = {key: [item for part in parts for item in part[key]] for key in lists}
-    done = len(merged["slides_processed"]) + len(merged["slides_complete_before"])
-    merged.update(
-        out=str(out_dir),
-        processed=len(merged["slides_processed"]),
-        skipped=len(merged["slides_skipped"]),
-        complete_before=len(merged["slides_complete_before"]),
-        tiles=sum(p["tiles"] for p in parts),
-        exit_status=exit_status(done, len(merged["slides_skipped"]) + len(missing)),
-        world_size=world_size,
-    )
-    _write_json(out_dir / "summary.json", merged)
-    return out_dir / "summary.json"
-
-
-def _finish(report: ShardReport, n_slides: int, summary_path: Path) -> None:
-    """Say what was skipped; raise when nothing is done (exit 1), the disk-full error first."""
-    if not report.skipped:
-        return
-    first = report.skipped[0]["reason"]
-    message = f"{len(report.skipped)} of {n_slides} slides skipped: see {summary_path} (first: {first})"
-    if report.done == 0:
-        if report.disk_full is not None:
-            raise report.disk_full
-        raise DataError(message)
-    if report.disk_full is not None:
-        log.error("stopped: %s; %d slide(s) done, listed in %s", report.disk_full, report.done, summary_path)
-    log.warning("%s", message)
+def _legacy_summary(data: dict[str, Any]) -> bool:
+    """A ``summary*.json`` written by embed before the common batch summary."""
+    return "slides_processed" in data
 
 
 def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """``foundation embed --domain pathology``: see the module docstring.
 
     Returns:
-        The result printed by the command, ``exit_status`` included (0 all done, 2 some skipped).
+        The result printed by the command, ``exit_status`` included (0 all done, 2 some skipped), and
+        ``error`` when the command ends with one after printing it (nothing done, or no summary written).
 
     Raises:
-        CheckpointError, ConfigError, OutputError, DataError: refused before anything is written, or no slide
-            could be done (exit 1; ``summary.json`` lists why).
+        CheckpointError, ConfigError, OutputError, DataError: refused before anything is written.
     """
     check_backbone(meta)
     if args.pooling not in POOLINGS:
@@ -626,7 +525,8 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
         options = dataclasses.replace(options, slides_csv=str(args.slides_csv))
     out_dir, root = Path(args.out), Path(args.data)
     slides = list_slides(args.data)  # not root: Path() would fold a URL's "https://" to "https:/"
-    check_out_dir(out_dir, [root], summary_key="slides_processed")
+    check_out_dir(out_dir, [root], summary_key=None)
+    check_summaries(out_dir, COMMAND, _legacy_summary)
     table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else {}
     names = output_names(slides, root)  # of every slide found: a slide list does not change its file's name
     not_listed: list[dict[str, str]] = []
@@ -643,50 +543,47 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     dist = init_distributed(args.device)
     try:
-        mine = [i for i in range(len(slides)) if i % dist.world_size == dist.rank]
-        remove_stale_temporaries(out_dir, {names[i] for i in mine})
+        remove_stale_temporaries(out_dir, set(names[dist.rank :: dist.world_size]))
         source = str(Path(meta["source"]).resolve())
         embedder = SlideEmbedder(backbone, fingerprint, args, options, table, dist.device, source, meta)
-        report = ShardReport()
+        report = BatchReport(ranks=(dist.rank,))
         if dist.is_main:  # names of the slide list that match no slide: reported once, by rank 0
-            for item in not_listed:
-                report.skip(Path(item["slide"]), item["reason"])
-        # streamed, slide by slide (no list of every slide's paths): pairs, planning, embedding
-        pairs = enumerate(zip(slides, names, strict=True))
-        work = ((s, out_dir / n) for i, (s, n) in pairs if i % dist.world_size == dist.rank)
+            for entry in not_listed:
+                log.warning("skipping %s: %s", entry["slide"], entry["reason"])
+                facts = {"slide": entry["slide"]}
+                report.results.append(
+                    ItemResult(entry["slide"], SKIPPED, reason=entry["reason"], facts=facts)
+                )
         overwrite = bool(getattr(args, "overwrite", False))
-        todo = (item for one in work for item in plan(embedder, [one], report, overwrite=overwrite))
-        embed_all(embedder, todo, report, dist.rank)  # a bar without a total: complete slides are not counted
-
-        name = f"summary_rank{dist.rank}.json" if dist.world_size > 1 else "summary.json"
-        summary_path = out_dir / name
-        status = exit_status(report.done, len(report.skipped)) if mine else EXIT_DONE
-        result = {
-            "out": str(out_dir),
-            "processed": len(report.processed),
-            "skipped": len(report.skipped),
-            "complete_before": len(report.complete),
-            "tiles": sum(p["tiles"] for p in report.processed),
-            "exit_status": status,
-        }
-        written = _write_json(
-            summary_path,
-            {
-                **result,
-                "rank": dist.rank,
-                "world_size": dist.world_size,
-                "slides_processed": report.processed,
-                "slides_skipped": report.skipped,
-                "slides_complete_before": report.complete,
-            },
+        spec = BatchSpec(
+            COMMAND, "slide", stop_on_disk_full=True, reason=_reason, progress=not args.quiet,
+            entry_keys=lambda item: {"slide": item.name},
+        )  # fmt: skip
+        steps: Steps[SlideRef, StartedSlide] = Steps(
+            run=lambda item, started: {"tiles": embedder.embed(started, item.out)},
+            existing=lambda item: existing_output(embedder, item, overwrite=overwrite),
+            start=lambda item: _started(embedder, item),
+            close=StartedSlide.close,
         )
-        result["summary"] = str(summary_path) if written else None
-        if dist.world_size > 1:
-            barrier()  # every rank's summary is on disk
-            if dist.is_main:
-                _merge_summaries(out_dir, dist.world_size)
-        _finish(report, len(mine) + (len(not_listed) if dist.is_main else 0), summary_path)
-        return result
+        items = [Item(i, str(s), s, out_dir / n) for i, (s, n) in enumerate(zip(slides, names, strict=True))]
+        run_items(items, steps, spec, rank=dist.rank, world_size=dist.world_size, report=report)
+        outcome = finish(
+            report, spec, rank=dist.rank, world_size=dist.world_size, summary_dir=out_dir, out=str(out_dir),
+            facts=lambda r: {"tiles": sum(x.facts.get("tiles", 0) for x in r.of(WRITTEN))},
+        )  # fmt: skip
     finally:
         if not was_initialised:
             destroy_distributed()
+    merged = outcome.report
+    result: dict[str, Any] = {
+        "out": str(out_dir),
+        "processed": len(merged.of(WRITTEN)),
+        "skipped": len(merged.skipped),
+        "complete_before": len(merged.of(EXISTING)),
+        "tiles": sum(x.facts.get("tiles", 0) for x in merged.of(WRITTEN)),
+        "exit_status": outcome.status,
+        "summary": str(outcome.summary) if outcome.summary is not None else None,
+    }
+    if outcome.error is not None:
+        result["error"] = outcome.error
+    return result

@@ -24,9 +24,10 @@ def _is_our_summary(path: Path, key: str) -> bool:
     return isinstance(summary, dict) and key in summary
 
 
-def check_out_dir(out: Path, inputs: Iterable[Path], *, summary_key: str) -> None:
+def check_out_dir(out: Path, inputs: Iterable[Path], *, summary_key: str | None) -> None:
     """Refuse an ``--out`` we may not write into (see the module docstring); a ``summary*.json`` in it is ours
-    when it holds ``summary_key``.
+    when it holds ``summary_key`` (None: the caller checks its summaries, e.g. with
+    :func:`foundation.batch.summary.check_summaries`).
 
     Raises:
         OutputError: the reason, naming the path; nothing was created or changed.
@@ -36,7 +37,7 @@ def check_out_dir(out: Path, inputs: Iterable[Path], *, summary_key: str) -> Non
         raise OutputError(f"--out {str(out)!r} exists and is not a folder")
     if not out.parent.is_dir():
         raise OutputError(f"the parent folder of --out {str(out)!r} does not exist; create it first")
-    for summary in sorted(out.glob("summary*.json")):
+    for summary in sorted(out.glob("summary*.json")) if summary_key is not None else ():
         if not _is_our_summary(summary, summary_key):
             raise OutputError(f"{summary} is not a summary of ours; nothing was changed. Give another --out")
 

@@ -133,7 +133,7 @@ def test_embed_writes_one_hdf5_per_dicom_slide_and_skips_broken_ones(
     assert ((coords[:, 0] > BOX[0] - 256) & (coords[:, 0] < BOX[2])).all()
     assert ((coords[:, 1] > BOX[1] - 256) & (coords[:, 1] < BOX[3])).all()
     summary = json.loads((out / "summary.json").read_text())
-    reasons = {Path(s["slide"]).name: s["reason"] for s in summary["slides_skipped"]}
+    reasons = {Path(s["slide"]).name: s["reason"] for s in summary["skipped"]}
     assert sorted(reasons) == ["junk", "truncated"]
     assert "truncated" in reasons["truncated"] and "libdicom" in reasons["truncated"]
     assert "none of its 1 .dcm file(s)" in reasons["junk"]

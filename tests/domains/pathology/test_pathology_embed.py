@@ -90,7 +90,7 @@ def test_one_hdf5_per_slide_then_resume(
         assert attrs["slide_mpp"] == pytest.approx(0.25)
     assert result["tiles"] == total
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["slides_processed"]) == 2 and summary["slides_skipped"] == []
+    assert len(summary["written"]) == 2 and summary["skipped"] == []
 
     # a rerun skips complete outputs; one whose temporary was left by a crash is redone, the temporary removed
     stamp = (out / "a.h5").stat().st_mtime_ns
@@ -124,12 +124,12 @@ def test_broken_slide_is_skipped_and_reported(
     assert sorted(p.name for p in out.glob("*.h5")) == ["a.h5", "b.ome.h5"]
     assert not list(out.glob("*.partial"))
     summary = json.loads((out / "summary.json").read_text())
-    reasons = {Path(s["slide"]).name: s["reason"] for s in summary["slides_skipped"]}
+    reasons = {Path(s["slide"]).name: s["reason"] for s in summary["skipped"]}
     assert sorted(reasons) == ["blank.tif", "corrupt.svs", "nores.tif"]
     assert "no 64 px tile" in reasons["blank.tif"]
     assert "no usable resolution" in reasons["nores.tif"]
     assert "corrupt.svs" in reasons["corrupt.svs"]
-    assert len(summary["slides_processed"]) == 2
+    assert len(summary["written"]) == 2
     # the resolution supplied by an option: that slide is embedded too, the others stay skipped
     assert _embed(slides, backbone, out, "data.options.mpp_csv=" + str(_csv(tmp_path))) == EXIT_SOME_SKIPPED
     assert (out / "nores.h5").is_file()
@@ -154,7 +154,7 @@ def test_read_error_mid_slide_with_workers(
     assert "1 of 2 slides skipped" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["b.ome.h5", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
-    reason = summary["slides_skipped"][0]["reason"]
+    reason = summary["skipped"][0]["reason"]
     assert "a.svs: cannot read tile 5: simulated decoder failure" in reason
     assert "Traceback" not in reason  # the worker's traceback is stripped
 
@@ -162,25 +162,31 @@ def test_read_error_mid_slide_with_workers(
 def test_slides_are_sharded_by_rank(
     slides: Path, backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under torchrun slide i goes to rank i % world_size, each rank writing its own summary."""
+    """Under torchrun slide i goes to rank i % world_size, each rank writing its own summary; rank 0 writes
+    the one merged over the ranks (their reports gathered)."""
     import domains.pathology.embed as embed_mod
+    import foundation.train.distributed as distributed
 
+    gathered: list = []
     info = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
     monkeypatch.setattr(embed_mod, "init_distributed", lambda device: info)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda part: gathered.append(part) or [part])
     out = tmp_path / "feats"
     assert _embed(slides, backbone, out) == 0
     # sorted listing: b.ome.tif (rank 0), case1/a.svs (rank 1)
     assert sorted(p.name for p in out.iterdir()) == ["a.h5", "summary_rank1.json"]
     summary = json.loads((out / "summary_rank1.json").read_text())
-    assert (summary["rank"], summary["world_size"], summary["processed"]) == (1, 2, 1)
+    assert (summary["ranks"], summary["world_size"], summary["counts"]["written"]) == ([1], 2, 1)
 
-    # rank 0 (run after rank 1 here; barrier() waits for it under torchrun) merges both into summary.json
+    # rank 0 (run after rank 1 here): the gather gives it rank 1's report too
     info0 = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     monkeypatch.setattr(embed_mod, "init_distributed", lambda device: info0)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda part: [part, gathered[0]])
     assert _embed(slides, backbone, out) == 0
     merged = json.loads((out / "summary.json").read_text())
-    assert merged["processed"] == 2 and merged["world_size"] == 2 and merged["skipped"] == 0
-    assert sorted(Path(s["slide"]).name for s in merged["slides_processed"]) == ["a.svs", "b.ome.tif"]
+    assert merged["counts"]["written"] == 2 and merged["world_size"] == 2 and merged["skipped"] == []
+    assert merged["ranks"] == [0, 1] and merged["facts"]["tiles"] > 0
+    assert sorted(Path(s["slide"]).name for s in merged["written"]) == ["a.svs", "b.ome.tif"]
 
 
 def test_out_parent_must_exist(slides: Path, backbone: Path, tmp_path: Path, capsys) -> None:

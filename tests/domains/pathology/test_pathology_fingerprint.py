@@ -7,11 +7,14 @@ import argparse
 from concurrent.futures import Future
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import write_svs
 
-from domains.pathology.embed import ShardReport, SlideEmbedder, fingerprint_in_background, plan
+from domains.pathology.embed import SlideEmbedder, existing_output, fingerprint_in_background
 from domains.pathology.source import PathologyOptions
+from foundation.batch.runner import Item
+from foundation.errors import OutputError
 from foundation.models.fingerprint import weights_fingerprint
 from foundation.models.vit import build_vit
 
@@ -46,13 +49,19 @@ def test_background_fingerprint_is_that_of_the_weights_when_called() -> None:
 def test_plan_waits_for_the_fingerprint_only_to_compare_with_an_existing_file(tmp_path: Path) -> None:
     write_svs(tmp_path / "a.svs")
     write_svs(tmp_path / "b.svs")
-    work = [(tmp_path / "a.svs", tmp_path / "a.h5"), (tmp_path / "b.svs", tmp_path / "b.h5")]
-    assert plan(_embedder(_NotYet(), tmp_path), work, ShardReport(), overwrite=False) == work
+    work = [
+        Item(0, "a.svs", tmp_path / "a.svs", tmp_path / "a.h5"),
+        Item(1, "b.svs", tmp_path / "b.svs", tmp_path / "b.h5"),
+    ]
+    assert [existing_output(_embedder(_NotYet(), tmp_path), item, overwrite=False) for item in work] == [
+        None,
+        None,
+    ]
 
     (tmp_path / "a.h5").write_bytes(b"not ours")  # now the key is needed for a.h5
     resolved: Future[str] = Future()
     resolved.set_result("0123456789abcdef")
-    report = ShardReport()
-    assert plan(_embedder(resolved, tmp_path), work, report, overwrite=True) == work[1:]
-    assert "is not a feature file of ours" in report.skipped[0]["reason"]
+    with pytest.raises(OutputError, match="is not a feature file of ours"):
+        existing_output(_embedder(resolved, tmp_path), work[0], overwrite=True)
+    assert existing_output(_embedder(resolved, tmp_path), work[1], overwrite=True) is None
     assert _embedder(resolved, tmp_path).key["backbone_fingerprint"] == "0123456789abcdef"

@@ -278,8 +278,8 @@ def test_embed_by_url_equals_embed_of_the_local_file(served, tmp_path: Path, cap
     assert embed(local, tmp_path / "ref") == 0
     assert embed(listing, tmp_path / "feats") == EXIT_SOME_SKIPPED
     summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
-    assert [s["slide"] for s in summary["slides_processed"]] == [server.url_of("g.tif")]
-    skipped = {s["slide"]: s["reason"] for s in summary["slides_skipped"]}
+    assert [s["slide"] for s in summary["written"]] == [server.url_of("g.tif")]
+    skipped = {s["slide"]: s["reason"] for s in summary["skipped"]}
     assert skipped.keys() == {server.url_of("broken.svs"), server.url_of("o.ome.tif")}
     assert skipped[server.url_of("broken.svs")].startswith(
         f"{server.url_of('broken.svs')}: open failed: not a slide tiffslide reads"

@@ -223,7 +223,7 @@ def test_embed_with_overlap_regions_and_a_slide_list(
     code, result = _embed(two_slides, backbone, out, capsys, *options)
     assert code == EXIT_SOME_SKIPPED and (result["processed"], result["skipped"]) == (1, 1)
     summary = json.loads((out / "summary.json").read_text())
-    assert "'ghost' of the slide list is not a slide found" in summary["slides_skipped"][0]["reason"]
+    assert "'ghost' of the slide list is not a slide found" in summary["skipped"][0]["reason"]
     assert sorted(p.name for p in out.glob("*.h5")) == ["a.h5"]  # b is not listed
     with h5py.File(out / "a.h5", "r") as f:
         coords, attrs = f["coords"][()], dict(f["coords"].attrs)
@@ -241,17 +241,15 @@ def test_embed_with_overlap_regions_and_a_slide_list(
     _geojson(regions / "a.geojson", [[[[0, 0], [2048, 0], [2048, 1536], [0, 1536], [0, 0]]]])
     assert _embed(two_slides, backbone, out, capsys, *options)[0] == EXIT_NOTHING_DONE
     summary = json.loads((out / "summary.json").read_text())  # ghost, and a.h5 made otherwise: nothing done
-    assert summary["complete_before"] == 0 and summary["skipped"] == 2
+    assert summary["counts"]["existing"] == 0 and summary["counts"]["skipped"] == 2
     # a slide whose region file is broken is skipped by name; the rest of the batch goes on
     (regions / "a.geojson").write_text("{")
     _geojson(regions / "b.geojson", [[LEFT]])
     listing.write_text("slide_id\na\nb\n")
     code, result = _embed(two_slides, backbone, tmp_path / "feats2", capsys, *options)
     summary = json.loads((tmp_path / "feats2" / "summary.json").read_text())
-    assert code == EXIT_SOME_SKIPPED and [Path(p["out"]).name for p in summary["slides_processed"]] == [
-        "b.h5"
-    ]
-    assert "a.geojson: not usable GeoJSON" in summary["slides_skipped"][0]["reason"]
+    assert code == EXIT_SOME_SKIPPED and [Path(p["out"]).name for p in summary["written"]] == ["b.h5"]
+    assert "a.geojson: not usable GeoJSON" in summary["skipped"][0]["reason"]
 
 
 def test_files_from_before_the_tiling_options_stay_complete(

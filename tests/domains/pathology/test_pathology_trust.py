@@ -134,7 +134,7 @@ def test_another_slide_under_the_same_name_is_not_complete(
     result = _last_json(capsys)
     assert (result["processed"], result["skipped"], result["complete_before"]) == (1, 1, 0)
     summary = json.loads((out / "summary.json").read_text())
-    (skipped,) = summary["slides_skipped"]
+    (skipped,) = summary["skipped"]
     assert Path(skipped["slide"]) == other / "a.svs"
     assert skipped["reason"].endswith("made with other weights, settings or slide; pass --overwrite")
     with h5py.File(out / "a.h5", "r") as f:
@@ -220,7 +220,7 @@ def test_disk_full_part_way_stops_the_job_and_lists_what_was_done(
     assert (result["processed"], result["skipped"], result["exit_status"]) == (1, 2, EXIT_SOME_SKIPPED)
     assert sorted(p.name for p in out.iterdir()) == ["a.h5", "summary.json"]  # no temporary, no partial file
     summary = json.loads((out / "summary.json").read_text())
-    reasons = {Path(s["slide"]).name: s["reason"] for s in summary["slides_skipped"]}
+    reasons = {Path(s["slide"]).name: s["reason"] for s in summary["skipped"]}
     assert reasons["b.ome.tif"] == f"{out / 'b.ome.h5'}: {NO_SPACE}"
     assert reasons["c.svs"].startswith("not started: ")  # the disk is full: the job stopped there
     assert f"stopped: {out / 'b.ome.h5'}: {NO_SPACE}" in caplog.text
@@ -237,7 +237,7 @@ def test_a_user_file_under_an_output_name_is_not_replaced(
     assert (out / "a.h5").read_text() == "my notes"
     assert _last_json(capsys)["processed"] == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert "is not a feature file of ours" in summary["slides_skipped"][0]["reason"]
+    assert "is not a feature file of ours" in summary["skipped"][0]["reason"]
 
 
 def test_a_summary_that_is_not_ours_refuses_the_folder(slides: Path, backbone: Path, tmp_path: Path, capsys):
@@ -374,8 +374,8 @@ def test_a_truncated_slide_is_skipped_and_named(slides: Path, backbone: Path, tm
     (slides / "cut.svs").write_bytes(whole[: len(whole) // 3])
     assert _embed(slides, backbone, tmp_path / "feats") == EXIT_SOME_SKIPPED
     summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
-    assert [Path(s["slide"]).name for s in summary["slides_skipped"]] == ["cut.svs"]
-    assert "cut.svs" in summary["slides_skipped"][0]["reason"]
+    assert [Path(s["slide"]).name for s in summary["skipped"]] == ["cut.svs"]
+    assert "cut.svs" in summary["skipped"][0]["reason"]
     capsys.readouterr()
     assert _qc(tmp_path / "qc", slides) == EXIT_SOME_SKIPPED
     assert [Path(f["slide"]).name for f in _last_json(capsys)["failed"]] == ["cut.svs"]
