@@ -31,11 +31,11 @@ from torch import nn
 from domains.medical.segmentation.transforms import normalise_intensity
 from domains.medical.volume import is_nifti, read_image
 from foundation.errors import ConfigError, DataError
+from foundation.precision import autocast_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
 STITCH_CHOICES = ("auto", "cpu", "device")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _SLAB_VOXELS = 1 << 22  # voxels of the input grid resampled per step (a few tens of MB of coordinates)
 
 
@@ -158,9 +158,8 @@ class Segmenter:
     ) -> None:
         if stitch not in STITCH_CHOICES:
             raise ConfigError(f"--stitch {stitch!r} is not one of {list(STITCH_CHOICES)}")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"--precision {precision!r} is not one of {list(PRECISIONS)}")
         self.device = torch.device(device)
+        resolve_precision(precision, self.device)  # refused by name before the model moves
         self.net = net.to(self.device).eval()
         self.meta = meta
         self.roi_size = tuple(int(r) for r in meta["roi_size"])
@@ -168,10 +167,8 @@ class Segmenter:
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"--overlap {self.overlap!r} must be in [0, 1)")
         self.sw_batch_size = int(sw_batch_size or meta.get("sw_batch_size", 1) or 1)
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.precision = resolve_precision(precision, self.device)  # "auto": bf16 on CUDA, else fp32
+        self.amp_dtype = autocast_dtype(self.precision, self.device)
         self.stitch = stitch
         self.in_chans = int(meta["in_chans"])
         self.num_classes = int(meta["num_classes"])

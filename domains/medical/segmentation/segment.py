@@ -11,7 +11,8 @@ any work. Under torchrun (or ``--nproc N``) volume ``i`` goes to rank ``i % worl
 a volume, unreadable, every voxel NaN, a DICOM folder mixing series or missing slices, a 4D image where 3D is
 expected) or a label map that cannot be written (full disk) is skipped with its reason; the others finish. NaN
 and infinite voxels are missing data: labelled background, their share reported. ``OUT/summary.json``
-(``summary_rank{r}.json`` per rank) lists what happened; the exit status is
+(the common batch summary of :mod:`foundation.batch.report`; under torchrun also ``summary_rank{r}.json`` per
+rank) lists what happened; the exit status is
 :func:`foundation.batch.exit_status` (0 all done, 2 some skipped, 1 none done).
 """
 
@@ -21,12 +22,14 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from foundation.batch import exit_status
+from foundation.batch.launch import should_spawn, spawn_batch
+from foundation.batch.report import EXISTING, SKIPPED, WRITTEN, BatchReport, ItemResult
+from foundation.batch.runner import BatchOutcome, BatchSpec, Item, Steps, finish, run_items
+from foundation.batch.summary import check_summaries
 from foundation.errors import CheckpointError, ConfigError, DataError, OutputError
 from foundation.outputs import check_not_input, check_writable, output_error, write_verified
 
@@ -36,7 +39,8 @@ LABEL_DESCRIPTION = b"foundation segment"  # the start of the NIfTI descrip of e
 # A label map's key is JSON in a NIfTI1 extension of code 6 ("comment", free text): other readers skip it.
 KEY_EXTENSION = "comment"
 KEY_FIELD = "foundation_segment_key"
-SUMMARY_KEYS = {"rank", "world_size", "written", "existing", "skipped"}  # exactly those of a summary of ours
+COMMAND = "segment"
+LEGACY_SUMMARY_KEYS = {"rank", "world_size", "written", "existing", "skipped"}  # an older summary's
 DESCRIPTION = """\
 Each input NAME.nii.gz (or DICOM series folder NAME) gives OUT/NAME_seg.nii.gz with exactly the input's shape
 and affine: preprocessing as in training (RAS, spacing, intensity preset), Gaussian sliding window, argmax,
@@ -46,7 +50,7 @@ weights and settings is kept, so a rerun finishes an interrupted batch; one made
 is replaced only with --overwrite (else that volume is skipped); files not written by segment (label maps, a
 summary.json) are never replaced. NaN and infinite voxels are missing data: left out of the intensity
 normalisation and labelled background (their share is in the summary). Broken inputs (and volumes entirely
-NaN) are skipped and listed in OUT/summary.json (summary_rank{r}.json under torchrun). Exit status: 0 every
+NaN) are skipped and listed in OUT/summary.json (also summary_rank{r}.json per rank under torchrun). Exit status: 0 every
 volume done, 2 some skipped, 1 none done.
 """
 EPILOG = """\
@@ -270,30 +274,9 @@ def check_out(out_dir: Path, inputs: list[str], checkpoint: str) -> None:
     check_writable(out_dir if out_dir.exists() else out_dir.parent, "--out")
 
 
-def summary_names(world_size: int) -> list[str]:
-    return ["summary.json"] if world_size == 1 else [f"summary_rank{r}.json" for r in range(world_size)]
-
-
-def is_our_summary(path: Path) -> bool:
-    """``path`` is a summary ``foundation segment`` wrote: a JSON object with exactly our keys."""
-    try:
-        data = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and set(data) == SUMMARY_KEYS
-
-
-def check_summaries(out_dir: Path, world_size: int) -> None:
-    """Refuse, before any work, an ``--out`` whose summary file(s) exist and are not ours: they would be replaced.
-
-    Raises:
-        OutputError: naming the file.
-    """
-    for path in (out_dir / name for name in summary_names(world_size)):
-        if (path.exists() or path.is_symlink()) and not is_our_summary(path):
-            raise OutputError(
-                f"{path} exists and is not a summary of foundation segment; move it or choose another --out"
-            )
+def _legacy_summary(data: dict[str, Any]) -> bool:
+    """A summary written by segment before the common batch summary: a JSON object with exactly these keys."""
+    return set(data) == LEGACY_SUMMARY_KEYS
 
 
 def checkpoint_paths(checkpoint: str | Path) -> list[Path]:
@@ -308,37 +291,32 @@ def checkpoint_paths(checkpoint: str | Path) -> list[Path]:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from foundation.cli import spawn_local
-
+    if should_spawn(args.nproc):
         check_out(Path(args.out), list(args.inputs), args.checkpoint)  # one error, not one per worker
-        check_summaries(Path(args.out), args.nproc)
-        return spawn_local(args.nproc, sys.argv[1:])
-    result, status = segment_volumes(args)
-    if result is not None:
+        check_summaries(Path(args.out), COMMAND, _legacy_summary)
+        return spawn_batch(args.nproc, sys.argv[1:])
+    result, outcome = segment_volumes(args)
+    if outcome.is_main:
         print(json.dumps(result))
-    return status
+    outcome.raise_error()
+    return outcome.exit_code()
 
 
-def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
-    """Segment every input (this rank's share under torchrun): ``(summary or None off rank 0, exit status)``;
-    a broken input is skipped, not raised. The exit status is :func:`foundation.batch.exit_status` over all
-    ranks: 0 every volume written or already there, 2 some skipped, 1 none done.
+def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any], BatchOutcome]:
+    """Segment every input (this rank's share under torchrun) on :mod:`foundation.batch.runner`: the printed
+    result (every rank's) and the batch's outcome; a broken input is skipped, not raised.
 
     Raises:
-        OutputError: ``--out`` is a file, an input, not writable, holds a ``summary.json`` that is not ours, or
-            ``summary.json`` cannot be written.
+        OutputError: ``--out`` is a file, an input, not writable, or holds a ``summary*.json`` that is not ours.
         DataError: no volume at all in the inputs.
         ConfigError / CheckpointError: bad flags, two inputs with one output name, or an unusable checkpoint.
     """
-    from tqdm import tqdm
-
     from domains.medical.segmentation.infer import Segmenter
-    from foundation.train.distributed import all_gather_objects, destroy_distributed, init_distributed
+    from foundation.train.distributed import destroy_distributed, init_distributed
 
     out_dir = Path(args.out)
     check_out(out_dir, list(args.inputs), args.checkpoint)
-    check_summaries(out_dir, int(os.environ.get("WORLD_SIZE", "1")))
+    check_summaries(out_dir, COMMAND, _legacy_summary)
     volumes, bad = list_inputs(list(args.inputs))
     volumes = [v for v in volumes if not v.is_relative_to(out_dir.resolve())]  # never our own outputs
     names = _check_names(volumes)
@@ -346,7 +324,6 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, in
         raise DataError("no volumes to segment: " + "; ".join(b["reason"] for b in bad))
 
     dist = init_distributed(args.device)
-    summary_error: OutputError | None = None
     try:
         segmenter = Segmenter.from_checkpoint(
             args.checkpoint,
@@ -357,59 +334,57 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any] | None, in
             stitch=args.stitch,
         )
         _make_folder(out_dir)  # only now: a bad checkpoint leaves nothing behind
-        written: list[dict[str, Any]] = []
-        existing: list[dict[str, str]] = []
-        skipped = [dict(b) for b in bad] if dist.is_main else []
-        mine = [i for i in range(len(volumes)) if i % dist.world_size == dist.rank]
-        bar = tqdm(mine, desc=f"segment (rank {dist.rank})", unit="volume", disable=args.quiet)
-        for i in bar:
-            path, out = volumes[i], out_dir / names[i]
-            try:
-                key = volume_key(segmenter, path)
-                action, reason = prior_output(out, key, args.overwrite)
-                if action == "skip":
-                    log.warning("skipping %s: %s", path, reason)
-                    skipped.append({"input": str(path), "reason": reason})
-                elif action == "done":
-                    existing.append({"input": str(path), "out": str(out)})
-                else:
-                    written.append(_segment_one(segmenter, path, out, key))
-            except (DataError, OutputError) as e:
-                log.warning("skipping %s", e)
-                skipped.append({"input": str(path), "reason": str(e)})
-        summary_path = out_dir / (f"summary_rank{dist.rank}.json" if dist.world_size > 1 else "summary.json")
-        summary = {"rank": dist.rank, "world_size": dist.world_size, "written": written, "existing": existing}
-        try:
-            _write_json(summary_path, {**summary, "skipped": skipped})
-        except OutputError as e:  # raised after the ranks have met, so none waits for this one forever
-            summary_error = e
-        parts = all_gather_objects((written, existing, skipped))
+        report = BatchReport(ranks=(dist.rank,))
+        if dist.is_main:  # inputs that name no volume: reported once
+            for b in bad:
+                log.warning("skipping %s: %s", b["input"], b["reason"])
+                report.results.append(ItemResult(b["input"], SKIPPED, reason=b["reason"], facts=dict(b)))
+        spec = BatchSpec(
+            COMMAND, "input", progress=not args.quiet, entry_keys=lambda item: {"input": item.name}
+        )
+        steps: Steps[Path, Item[Path]] = Steps(
+            run=lambda item, _: _segment_one(
+                segmenter, item.source, item.out, volume_key(segmenter, item.source)
+            ),
+            existing=lambda item: _existing(segmenter, item, args.overwrite),
+        )
+        items = [Item(i, str(v), v, out_dir / n) for i, (v, n) in enumerate(zip(volumes, names, strict=True))]
+        run_items(items, steps, spec, rank=dist.rank, world_size=dist.world_size, report=report)
+        outcome = finish(
+            report, spec, rank=dist.rank, world_size=dist.world_size, summary_dir=out_dir, out=str(out_dir)
+        )
     finally:
         destroy_distributed()
-    if summary_error is not None:
-        raise summary_error
-    all_written = [w for p in parts for w in p[0]]
-    all_existing = [w for p in parts for w in p[1]]
-    all_skipped = [s for p in parts for s in p[2]]
-    done = len(all_written) + len(all_existing)
+    merged = outcome.report
+    written = [{"input": r.item, "out": r.out, **r.facts} for r in merged.of(WRITTEN)]
     result = {
         "out": str(out_dir),
-        "done": done,
-        "written": len(all_written),
-        "existing": len(all_existing),
-        "skipped": len(all_skipped),
-        "outputs": [w["out"] for w in all_written],
-        "volumes": all_written,
-        "skipped_inputs": all_skipped,
+        "done": merged.done,
+        "written": len(written),
+        "existing": len(merged.of(EXISTING)),
+        "skipped": len(merged.skipped),
+        "outputs": [w["out"] for w in written],
+        "volumes": written,
+        "skipped_inputs": [{"input": r.item, "reason": r.reason} for r in merged.skipped],
     }
     if dist.is_main:
-        log.info("%d label map(s) written to %s, %d skipped", len(all_written), out_dir, len(all_skipped))
-        if all_skipped:
-            log.warning(
-                "%d input(s) skipped (see %s/summary*.json); first: %s",
-                len(all_skipped), out_dir, all_skipped[0]["reason"],
-            )  # fmt: skip
-    return (result if dist.is_main else None), exit_status(done, len(all_skipped))
+        log.info("%d label map(s) written to %s, %d skipped", len(written), out_dir, len(merged.skipped))
+    return result, outcome
+
+
+def _existing(segmenter, item: Item[Path], overwrite: bool) -> dict[str, Any] | None:
+    """The runner's ``existing`` step (:func:`prior_output`): ``{}`` for a label map of ours already made from
+    this input with this model, None to (re)make it.
+
+    Raises:
+        DataError: the input cannot be examined, or the file there is not ours (never replaced) or was made
+            otherwise and ``overwrite`` is off.
+    """
+    assert item.out is not None
+    action, reason = prior_output(item.out, volume_key(segmenter, item.source), overwrite)
+    if action == "skip":
+        raise DataError(str(reason))
+    return {} if action == "done" else None
 
 
 def _segment_one(segmenter, path: Path, out: Path, key: dict[str, Any]) -> dict[str, Any]:
@@ -444,8 +419,3 @@ def _make_folder(out_dir: Path) -> None:
         out_dir.mkdir(exist_ok=True)
     except OSError as e:
         raise output_error(e, out_dir, "cannot create the folder") from e
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2)
-    write_verified(path, lambda tmp: tmp.write_text(text), lambda tmp: json.loads(tmp.read_text()))

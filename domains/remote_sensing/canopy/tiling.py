@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from foundation.errors import ConfigError
+from foundation.precision import autocast_dtype  # also imported from here (benchmarks)
 from foundation.train.distributed import resolve_device
 
 # read(row0, row1, col0, col1) -> (C x h x w float32 normalised, invalid pixels already 0; h x w bool valid)
@@ -37,8 +38,6 @@ from foundation.train.distributed import resolve_device
 ReadFn = Callable[[int, int, int, int], tuple[np.ndarray, ...]]
 # on_rows(row0, rows h x W float32 with NaN where invalid)
 RowsFn = Callable[[int, np.ndarray], None]
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class Chunk(NamedTuple):
@@ -136,15 +135,6 @@ class TileGrid:
         for s, w in zip(starts, self.profiles(axis), strict=True):
             total[s : s + len(w)] += w
         return total
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision for inference: ``auto`` is bf16 on CUDA, fp32 elsewhere; None means no autocast."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r} is not one of {list(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def launch_batch(

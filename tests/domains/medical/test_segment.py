@@ -206,7 +206,7 @@ def test_batch_skips_and_reports_bad_inputs(tmp_path, checkpoint, capsys, caplog
         ]
     )
     assert code == EXIT_SOME_SKIPPED
-    assert "5 input(s) skipped" in caplog.text
+    assert "5 of 7 inputs skipped" in caplog.text
     summary = json.loads((out / "summary.json").read_text())
     skipped = {Path(s["input"]).name: s["reason"] for s in summary["skipped"]}
     assert set(skipped) == {"broken.nii.gz", "four_d.nii.gz", "series_gap", "series_mixed", "notes.txt"}
