@@ -241,7 +241,7 @@ def write_volume(path: Path, images: list[np.ndarray], cfg: Config) -> None:
     from domains.medical.slices import display_slice
     from domains.medical.volume import load_volume
 
-    opts = VolumeOptions.from_config(cfg.data.options)
+    opts = cfg.data.typed_options
     if opts.modality != "ct" or opts.spacing is None:
         raise SystemExit(f"{cfg.data.options}: the benchmark writes CT volumes at a fixed spacing")
     low, high = opts.window

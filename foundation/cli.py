@@ -163,14 +163,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from foundation.config import load_config
+    from foundation.tasks.base import config_flag_values
     from foundation.train.distributed import destroy_distributed, init_distributed
     from foundation.train.finetune import finetune
 
     if should_spawn(args.nproc):
         return spawn_local(args.nproc, sys.argv[1:])
     task = args.task_object
+    values = config_flag_values(args)
+    if args.backbone:  # the flags fill the config (task.backbone / task.random_init), as the task's own flags
+        values.setdefault("task", {}).update(backbone=args.backbone, random_init=False)
+    elif args.random_init:
+        values.setdefault("task", {}).update(backbone=None, random_init=True)
     cfg = load_config(
-        args.config or task.default_config, list(args.overrides), pretraining=False, domain=task.domain
+        args.config or task.default_config,
+        list(args.overrides),
+        pretraining=False,
+        task=task,
+        values=values,
+        domain=task.domain,
     )
     if args.out:
         out = Path(args.out)
@@ -179,7 +190,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         out.parent.mkdir(exist_ok=True)
     dist_info = init_distributed(args.device)
     try:
-        model = finetune(task, cfg, args, out, dist_info, quiet=args.quiet)
+        model = finetune(task, cfg, out, dist_info, quiet=args.quiet)
     finally:
         destroy_distributed()
     if dist_info.is_main:

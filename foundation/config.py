@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,10 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from foundation.errors import ConfigError
+from foundation.options import parse_options, plain, resolve_paths
+from foundation.options import reject_unknown_keys as reject_unknown_keys  # its home before options.py
 
 _ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant")
-
-
-def reject_unknown_keys(options: Any, allowed: Any, where: str, owner: str) -> None:
-    """Refuse keys of ``options`` that are not in ``allowed`` (a dataclass or names), naming each as
-    ``where.KEY`` and listing what ``owner`` accepts: the strictness of the config for domain/task options.
-
-    Raises:
-        ConfigError: e.g. "data.options.mmp is not an option of the pathology domain; allowed: [...]".
-    """
-    names = sorted(f.name for f in fields(allowed)) if is_dataclass(allowed) else sorted(allowed)
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        keys = ", ".join(f"{where}.{k}" for k in unknown)
-        verb = "is not an option" if len(unknown) == 1 else "are not options"
-        raise ConfigError(f"{keys} {verb} of {owner}; allowed: {names}")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -110,10 +97,13 @@ class DataConfig:
     path: str | None = None  # None: the domain's embedded sample
     num_workers: int = 2
     crops: CropsConfig = field(default_factory=CropsConfig)
-    options: dict[str, Any] = field(default_factory=dict)  # domain-specific (e.g. mpp, bands)
+    options: dict[str, Any] = field(default_factory=dict)  # domain-specific (e.g. mpp, bands), as written
     # Where photometric augmentation runs, for domains with device views (pathology): "workers", "device"
     # (batched on the training GPU; workers only read and crop) or "auto" (the device when CUDA is used).
     augment_on: str = "auto"
+
+    # ``options`` typed by the domain's ``options_type`` when the config loads (never written to config.yaml)
+    typed_options: Any = None
 
     def __post_init__(self) -> None:
         _check_choice("data.augment_on", self.augment_on, ("auto", "workers", "device"))
@@ -235,10 +225,21 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    """Fine-tuning (``foundation finetune TASK``); pretraining ignores it."""
+    """Fine-tuning (``foundation finetune TASK``); pretraining ignores it.
+
+    ``inputs`` are the task's data (images, labels, datalist, features...: the ``finetune`` flags fill them,
+    as absolute paths), ``backbone`` / ``random_init`` where the backbone comes from, so the saved config alone
+    re-runs a fine-tuning run. ``typed_options`` / ``typed_inputs`` are ``options`` / ``inputs`` typed by the
+    task's dataclasses when the config loads for a task (not written to config.yaml).
+    """
 
     freeze_backbone: bool = False  # train the head only
     options: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. head type, loss, bins)
+    inputs: dict[str, Any] = field(default_factory=dict)  # task-specific data paths (see the task's flags)
+    backbone: str | None = None  # --backbone: run folder, export, checkpoint or published weights
+    random_init: bool = False  # --random-init: an untrained backbone built from model.*
+    typed_options: Any = None
+    typed_inputs: Any = None
 
 
 @dataclass
@@ -355,6 +356,8 @@ def load_config(
     overrides: list[str] | None = None,
     *,
     pretraining: bool = True,
+    task: Any = None,
+    values: dict[str, Any] | None = None,
     **defaults: Any,
 ) -> Config:
     """Build a :class:`Config` from a YAML recipe plus ``key=value`` overrides.
@@ -364,6 +367,9 @@ def load_config(
             defaults.
         overrides: dotlist such as ``["train.steps=50", "train.batch_size=32"]``.
         pretraining: check the SSL crop sizes against the patch size (fine-tuning recipes have no crops).
+        task: the task (``options_type``, ``inputs_type``) whose ``task.options`` / ``task.inputs`` are typed;
+            ``None`` leaves them as written.
+        values: a nested dict applied last (command-line flags: ``{"task": {"inputs": {"images": ...}}}``).
         defaults: top-level values applied before the recipe (e.g. ``domain="pathology"``).
 
     Raises:
@@ -383,8 +389,11 @@ def load_config(
         name = path.stem
     if overrides:
         layers.append(_parse_dotlist(overrides))
+    if values:
+        layers.append(values)
     for layer in layers:
         _reject_interpolation(layer)
+        _reject_derived(layer)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), *layers, {"_name": name})
         cfg = OmegaConf.to_object(merged)
@@ -396,7 +405,59 @@ def load_config(
         _cross_checks(cfg)
     elif not math.isfinite(cfg.optim.lr):
         raise ConfigError("optim.lr must be finite")
+    _type_options(cfg, task)
     return cfg
+
+
+_DERIVED = {"data": ("typed_options",), "task": ("typed_options", "typed_inputs")}
+
+
+def _reject_derived(layer: dict[str, Any]) -> None:
+    for section, keys in _DERIVED.items():
+        node = layer.get(section)
+        for key in keys:
+            if isinstance(node, dict) and key in node:
+                raise ConfigError(f"{section}.{key} is filled when the config loads; set {section}.options")
+
+
+def _type_options(cfg: Config, task: Any) -> None:
+    """Type ``data.options`` by the domain's dataclass and, for a task, ``task.options`` / ``task.inputs`` by
+    the task's; the inputs are written back resolved (absolute paths), so config.yaml re-runs from anywhere."""
+    from foundation.domain import domain_options_type  # the domain registry imports this module
+
+    options_type = domain_options_type(cfg.domain)
+    if options_type is None:  # an unknown domain (refused where it is used) or a plug-in without options
+        cfg.data.typed_options = dict(cfg.data.options)
+    else:
+        cfg.data.typed_options = parse_options(
+            options_type, cfg.data.options, "data.options", f"the {cfg.domain} domain", cfg
+        )
+    if task is None:
+        return
+    options_type, inputs_type = getattr(task, "options_type", None), getattr(task, "inputs_type", None)
+    cfg.task.typed_options = (  # a plug-in task without the dataclasses keeps untyped dicts
+        parse_options(options_type, cfg.task.options, "task.options", task.name, cfg)
+        if options_type is not None
+        else dict(cfg.task.options)
+    )
+    if inputs_type is None:
+        cfg.task.typed_inputs = dict(cfg.task.inputs)
+    else:
+        inputs = resolve_paths(parse_options(inputs_type, cfg.task.inputs, "task.inputs", task.name, cfg))
+        cfg.task.typed_inputs = inputs
+        cfg.task.inputs = plain(inputs)
+    if cfg.task.backbone:
+        cfg.task.backbone = _absolute(cfg.task.backbone)
+
+
+def _absolute(source: str) -> str:
+    """A backbone source as an absolute path; ``timm:NAME:FILE`` and URLs keep their form."""
+    if source.startswith("timm:"):
+        name, _, file = source[len("timm:") :].partition(":")
+        return f"timm:{name}:{_absolute(file)}" if file else source
+    if "://" in source:
+        return source
+    return str(Path(source).expanduser().absolute())
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -414,7 +475,12 @@ def _cross_checks(cfg: Config) -> None:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as YAML data: options as written, without the typed values derived from them."""
+    out = dataclasses.asdict(cfg)
+    for section, keys in _DERIVED.items():
+        for key in keys:
+            out[section].pop(key, None)
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

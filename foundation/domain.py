@@ -5,21 +5,46 @@ Domains register under a name, either with :func:`register_domain` or through th
 A domain's own commands (``foundation pathology-qc``...) register separately, through the entry-point group
 ``foundation.commands`` (``name = "module:add_commands"``, a function given the CLI's subparsers): parsers
 only, so ``foundation --help`` lists them without importing any domain.
+
+The contract for a domain (built-in or a third-party plug-in) is :class:`Domain`. A domain is stateless: what
+it finds out about the data (channel count, 2D or 3D, normalisation statistics, band names) is returned as a
+:class:`~foundation.data.spec.DataSpec` with the sample source, and views and evaluation datasets are built from
+that value. Its ``data.options`` are a dataclass (``options_type``) that the config fills and checks when it
+loads (unknown keys and wrong types refused as ``data.options.KEY``); methods read ``cfg.data.typed_options``.
+A minimal plug-in::
+
+    @dataclass(frozen=True)
+    class MyOptions:
+        scale: float = 1.0
+
+    class MyDomain:
+        name = "mine"
+        options_type = MyOptions  # optional: without it data.options stay an untyped dict
+        default_spec = DataSpec(channels=2, mean=(0.0, 0.0), std=(1.0, 1.0))  # before any data is seen
+
+        def make_sample(self, root): ...  # write a small sample, return its path
+        def sample_source(self, path, cfg):  # -> DataSource(samples, spec)
+            opts = cfg.data.typed_options
+            return DataSource(MySamples(path, opts.scale), self.default_spec)
+        def ssl_transform(self, cfg, spec): ...  # views normalised with spec.mean / spec.std
+        def eval_dataset(self, path, cfg, spec=None): ...  # spec: the backbone's normalisation, if known
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from foundation.config import Config
-from foundation.errors import RegistryError
+from foundation.data.spec import DataSpec
+from foundation.errors import ConfigError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +77,42 @@ class LabelledDataset(Protocol):
 ViewTransform = Callable[[dict[str, Any], torch.Generator], dict[str, Any]]
 
 
+class DataSource(NamedTuple):
+    """What :meth:`Domain.sample_source` returns: the training samples and what the domain found about them."""
+
+    samples: SampleSource
+    spec: DataSpec
+
+
 @runtime_checkable
 class Domain(Protocol):
-    """What a domain gives the core. Attributes describe the tensors; methods build data and views."""
+    """What a domain gives the core: a name, its defaults and options type, and methods that return values.
+
+    ``default_spec`` is what the domain knows before it sees data (pathology: 3 channels and ImageNet
+    statistics); the data's own spec comes from :meth:`sample_source`. ``options_type`` (optional) is the
+    dataclass of ``data.options``; it may define ``from_options(options: dict, cfg) -> instance`` for checks and
+    conversions beyond the field types, else it is built with ``options_type(**options)``.
+    """
 
     name: str
-    channels: int
-    spatial_dims: int
-    mean: Sequence[float]
-    std: Sequence[float]
+    default_spec: DataSpec
 
     def make_sample(self, root: Path) -> Path:
         """Write the domain's small embedded sample under ``root`` (once, atomically); return the data path."""
         ...
 
-    def sample_source(self, path: str, cfg: Config) -> SampleSource:
-        """Training samples for the data at ``path``, as the domain's ``ssl_transform`` expects them."""
+    def sample_source(self, path: str, cfg: Config) -> DataSource:
+        """Training samples for the data at ``path`` and their :class:`DataSpec` (channels, statistics...)."""
         ...
 
-    def ssl_transform(self, cfg: Config) -> ViewTransform:
-        """Views for ``cfg.ssl.method``: ``global_crops``/``local_crops`` for DINOv2, ``image`` for MAE."""
+    def ssl_transform(self, cfg: Config, spec: DataSpec) -> ViewTransform:
+        """Views for ``cfg.ssl.method`` of data described by ``spec``: ``global_crops``/``local_crops`` for
+        DINOv2, ``image`` for MAE."""
         ...
 
-    def eval_dataset(self, path: str, cfg: Config) -> LabelledDataset:
-        """Deterministic labelled images at the model's input size, for kNN / linear probe / embed."""
+    def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None) -> LabelledDataset:
+        """Deterministic labelled images at the model's input size, for kNN / linear probe / embed, normalised
+        with ``spec``'s statistics (a backbone's, or the training data's) or, without one, the domain's own."""
         ...
 
 
@@ -122,10 +159,30 @@ def get_domain(name: str) -> Domain:
     if name not in _REGISTRY:
         raise RegistryError(f"unknown domain {name!r}; available: {', '.join(list_domains()) or 'none'}")
     domain = _REGISTRY[name]()
-    missing = [a for a in ("name", "channels", "spatial_dims", "mean", "std") if not hasattr(domain, a)]
+    missing = [a for a in ("name", "default_spec") if not hasattr(domain, a)]
     if missing:
-        raise RegistryError(f"domain {name!r} does not provide {missing}")
+        raise RegistryError(f"domain {name!r} does not provide {missing} (see foundation.domain.Domain)")
+    if not isinstance(domain.default_spec, DataSpec):
+        raise RegistryError(f"domain {name!r}: default_spec must be a foundation.data.spec.DataSpec")
     return domain
+
+
+def domain_options_type(name: str) -> type | None:
+    """The dataclass of the domain's ``data.options``, or None (an unknown domain, or one without options).
+
+    Raises:
+        ConfigError: ``options_type`` is not a dataclass.
+    """
+    _load_entry_points()
+    if name not in _REGISTRY:
+        return None
+    factory = _REGISTRY[name]
+    options_type = getattr(factory, "options_type", None)
+    if options_type is None:
+        options_type = getattr(get_domain(name), "options_type", None)
+    if options_type is not None and not dataclasses.is_dataclass(options_type):
+        raise ConfigError(f"domain {name!r}: options_type must be a dataclass, got {options_type!r}")
+    return options_type
 
 
 def sample_cache_dir(domain_name: str) -> Path:

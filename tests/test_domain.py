@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 
 import foundation.domain as domain_mod
+from foundation.config import load_config
+from foundation.data.spec import DataSpec
 from foundation.domain import Domain, get_domain, list_domains, register_domain, resolve_data_path
-from foundation.errors import RegistryError
+from foundation.errors import ConfigError, RegistryError
 
 
 @pytest.fixture
@@ -27,8 +30,9 @@ def test_images_domain_listed_and_instantiable() -> None:
     assert "images" in list_domains()
     dom = get_domain("images")
     assert dom.name == "images"
-    assert dom.channels == 3 and dom.spatial_dims == 2
-    assert len(dom.mean) == 3 and len(dom.std) == 3
+    spec = dom.default_spec
+    assert spec.channels == 3 and spec.spatial_dims == 2
+    assert len(spec.mean) == 3 and len(spec.std) == 3
     assert isinstance(dom, Domain)
 
 
@@ -45,12 +49,18 @@ def test_third_party_domain_through_real_entry_point(
     (tmp_path / "tinydomain.py").write_text(
         textwrap.dedent(
             """
+            from dataclasses import dataclass
+
+            from foundation.data.spec import DataSpec
+
+            @dataclass(frozen=True)
+            class TinyOptions:
+                gain: float = 1.0
+
             class TinyDomain:
                 name = "tiny"
-                channels = 2
-                spatial_dims = 2
-                mean = (0.5, 0.5)
-                std = (0.25, 0.25)
+                options_type = TinyOptions
+                default_spec = DataSpec(2, 2, (0.5, 0.5), (0.25, 0.25))
             """
         )
     )
@@ -66,8 +76,14 @@ def test_third_party_domain_through_real_entry_point(
         assert "images" in names  # the built-in still comes through its own entry point
         dom = get_domain("tiny")
         assert type(dom).__name__ == "TinyDomain"
-        assert dom.channels == 2 and tuple(dom.mean) == (0.5, 0.5)
+        assert dom.default_spec.channels == 2 and dom.default_spec.mean == (0.5, 0.5)
         assert "tiny" in fresh_registry
+        # its options are typed when a config loads, refused by name when unknown or of the wrong type
+        assert load_config(None, ["data.options.gain=2"], domain="tiny").data.typed_options.gain == 2
+        with pytest.raises(ConfigError, match=r"data\.options\.gian is not an option of the tiny domain"):
+            load_config(None, ["data.options.gian=2"], domain="tiny")
+        with pytest.raises(ConfigError, match=r"data\.options\.gain='x' must be float"):
+            load_config(None, ["data.options.gain=x"], domain="tiny")
     finally:
         sys.modules.pop("tinydomain", None)
 
@@ -90,15 +106,14 @@ def test_register_domain_decorator(fresh_registry: dict) -> None:
     @register_domain("deco")
     class DecoDomain:
         name = "deco"
-        channels = 1
-        spatial_dims = 3
-        mean = (0.0,)
-        std = (1.0,)
+        default_spec = DataSpec(1, 3, (0.0,), (1.0,))
 
     assert DecoDomain.__name__ == "DecoDomain"  # the decorator returns the class unchanged
     assert "deco" in list_domains()
     dom = get_domain("deco")
-    assert isinstance(dom, DecoDomain) and dom.spatial_dims == 3
+    assert isinstance(dom, DecoDomain) and dom.default_spec.spatial_dims == 3
+    # a domain without options_type keeps data.options as an untyped dict
+    assert load_config(None, ["data.options.x=1"], domain="deco").data.typed_options == {"x": 1}
 
 
 def test_register_domain_zero_arg_factory_and_incomplete_domain(fresh_registry: dict) -> None:
@@ -107,10 +122,17 @@ def test_register_domain_zero_arg_factory_and_incomplete_domain(fresh_registry: 
         channels = 1
 
     register_domain("partial")(Partial)
-    with pytest.raises(
-        RegistryError, match=r"domain 'partial' does not provide \['spatial_dims', 'mean', 'std'\]"
-    ):
+    with pytest.raises(RegistryError, match=r"domain 'partial' does not provide \['default_spec'\]"):
         get_domain("partial")
+
+
+def test_data_spec_is_a_checked_value() -> None:
+    spec = DataSpec(3, 2, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], ("red", "green", "blue"))
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.is_rgb
+    with pytest.raises(ConfigError, match="2 mean and 2 std values for 3 channels"):
+        DataSpec(3, 2, (0.0, 0.0), (1.0, 1.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.channels = 4  # type: ignore[misc]
 
 
 def test_resolve_data_path_uses_sample_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from domains.images.sample import make_sample_images
-from foundation.config import Config, reject_unknown_keys
+from foundation.config import Config
 from foundation.data.image_folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -15,40 +16,47 @@ from foundation.data.image_folder import (
     ImageFolderDataset,
     ImageSampleSource,
 )
+from foundation.data.spec import DataSpec
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
-from foundation.domain import ViewTransform
+from foundation.domain import DataSource, ViewTransform
 
 if TYPE_CHECKING:
     from foundation.visualize.inputs import VisualInput, VisualRequest
+
+
+@dataclass(frozen=True)
+class ImagesOptions:
+    """The images domain reads no ``data.options``: any key given is refused by name."""
+
+
+RGB = DataSpec(3, 2, IMAGENET_MEAN, IMAGENET_STD, ("red", "green", "blue"))
 
 
 class ImagesDomain:
     """A folder of ordinary images: the path for custom data and for tests."""
 
     name = "images"
-    channels = 3
-    spatial_dims = 2
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
+    options_type = ImagesOptions
+    default_spec = RGB  # every image is read as RGB, normalised with ImageNet statistics
 
     def make_sample(self, root: Path) -> Path:
         return make_sample_images(Path(root))
 
-    def sample_source(self, path: str, cfg: Config) -> ImageSampleSource:
-        reject_unknown_keys(cfg.data.options, (), "data.options", "the images domain")
-        return ImageSampleSource(ImageFolder.scan(path), cfg.seed)
+    def sample_source(self, path: str, cfg: Config) -> DataSource:
+        return DataSource(ImageSampleSource(ImageFolder.scan(path), cfg.seed), RGB)
 
-    def ssl_transform(self, cfg: Config) -> ViewTransform:
+    def ssl_transform(self, cfg: Config, spec: DataSpec) -> ViewTransform:
         crops = cfg.data.crops
         if cfg.ssl.method == "mae":
-            return ImageViews(MAEView(crops.global_size, self.mean, self.std))
-        return ImageViews(MultiCropViews(crops, self.mean, self.std))
+            return ImageViews(MAEView(crops.global_size, spec.mean, spec.std))
+        return ImageViews(MultiCropViews(crops, spec.mean, spec.std))
 
-    def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
-        return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)
+    def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None) -> ImageFolderDataset:
+        spec = spec if spec is not None and spec.channels == RGB.channels else RGB  # else: refused by channels
+        return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, spec.mean, spec.std)
 
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
         """``foundation visualize`` inputs: image files or folders (see ``visualize.py``)."""
         from domains.images.visualize import visual_inputs
 
-        return visual_inputs(request, tuple(self.mean), tuple(self.std))
+        return visual_inputs(request, RGB.mean, RGB.std)

@@ -1,8 +1,10 @@
 """The ``medical`` domain: CT and MR volumes (NIfTI, DICOM series) for 3D MAE and 2D-slice DINOv2 pretraining.
 
 The 3D recipe is MAE with cubic patches on cubic crops (arXiv 2111.06377; UNETR-style backbones,
-arXiv 2103.10504); the 2D recipe is DINOv2 on axial slices (arXiv 2312.02366). The intensity preset (CT window or MR percentiles to [0, 1]) is the normalisation, so
-``mean``/``std`` are 0/1 per channel; the channel count is learned from the data in :meth:`sample_source`.
+arXiv 2103.10504); the 2D recipe is DINOv2 on axial slices (arXiv 2312.02366). The intensity preset (CT window or
+MR percentiles to [0, 1]) is the normalisation of 3D crops, so their mean/std are 0/1 per channel; 2D slices are
+standardised with the slices' own statistics. Channels, dimensions and statistics come back from
+:meth:`MedicalDomain.sample_source` as a :class:`~foundation.data.spec.DataSpec`.
 nibabel, pydicom and MONAI are imported only when data is touched, so ``foundation --help`` stays fast.
 """
 
@@ -16,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from domains.medical.options import VolumeOptions
 from foundation.config import Config
-from foundation.domain import ViewTransform
+from foundation.data.spec import DataSpec
+from foundation.domain import DataSource, ViewTransform
 from foundation.errors import ConfigError, DataError, FoundationError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -73,16 +77,17 @@ class MAEVolumeView:
         return {"image": ((x - self.mean) / self.std).float().contiguous()}
 
 
+def unit_spec(channels: int, spatial_dims: int) -> DataSpec:
+    """Intensities already in [0, 1] by the preset: mean 0, std 1 per channel."""
+    return DataSpec(channels, spatial_dims, (0.0,) * channels, (1.0,) * channels)
+
+
 class MedicalDomain:
     """3D CT/MR volumes: NIfTI files and DICOM series folders, reoriented to RAS and resampled."""
 
     name = "medical"
-    spatial_dims = 3
-
-    def __init__(self) -> None:
-        self.channels: int = 1  # CT until the data says otherwise
-        self.mean: Sequence[float] = (0.0,)
-        self.std: Sequence[float] = (1.0,)
+    options_type = VolumeOptions
+    default_spec = unit_spec(1, 3)  # one CT channel, 3D crops, until the data and recipe say otherwise
 
     def make_sample(self, root: Path) -> Path:
         _require_medical()
@@ -90,22 +95,21 @@ class MedicalDomain:
 
         return make_sample_volumes(Path(root))
 
-    def sample_source(self, path: str, cfg: Config):
-        """Random ``global_size^3`` crops (3D) or axial slices (2D) of the volumes at ``path``; sets ``channels``
-        and ``spatial_dims`` from the data and the recipe.
+    def sample_source(self, path: str, cfg: Config) -> DataSource:
+        """Random ``global_size^3`` crops (3D) or axial slices (2D) of the volumes at ``path``, and their spec:
+        channels from the data, dimensions from the recipe, slice statistics in 2D.
 
         Raises:
             ConfigError: DINOv2 on 3D crops.
             DataError: nothing usable at ``path``, or volumes with different channel counts.
         """
         _require_medical()
-        from domains.medical.options import VolumeOptions
         from domains.medical.slices import SliceSampleSource, slice_statistics
         from domains.medical.source import VolumeSampleSource
         from domains.medical.volume import channel_count, find_volumes, read_image
 
         slices = slice_mode(cfg)  # before the data is scanned and a model built for nothing
-        opts = VolumeOptions.from_config(cfg.data.options)
+        opts: VolumeOptions = cfg.data.typed_options
         volumes = find_volumes(path)
         counts = {}
         for v in volumes:  # NIfTI headers only; DICOM series are always one channel and checked on load
@@ -115,38 +119,38 @@ class MedicalDomain:
             raise DataError(
                 f"{path}: volumes have different channel counts: {by}; train on one kind at a time"
             )
-        self.channels = next(iter(counts.values()))
-        self.mean, self.std = (0.0,) * self.channels, (1.0,) * self.channels
-        self.spatial_dims = 2 if slices else 3
+        channels = next(iter(counts.values()))
         log.info(
             "medical: %d volume(s) at %s, %d channel(s), %s preset, spacing %s mm, %s",
-            len(volumes), path, self.channels, opts.modality, opts.spacing or "native",
+            len(volumes), path, channels, opts.modality, opts.spacing or "native",
             "2D axial slices" if slices else "3D crops",
         )  # fmt: skip
         if slices:
             source = SliceSampleSource(volumes, opts, cfg.data.crops.global_size)
-            self.mean, self.std = slice_statistics(source, cfg.seed)
-            log.info("medical: 2D views standardised with the slices' mean %s, std %s", self.mean, self.std)
-            return source
-        return VolumeSampleSource(volumes, opts, cfg.data.crops.global_size)
+            mean, std = slice_statistics(source, cfg.seed)
+            log.info("medical: 2D views standardised with the slices' mean %s, std %s", mean, std)
+            return DataSource(source, DataSpec(channels, 2, mean, std))
+        volume_source = VolumeSampleSource(volumes, opts, cfg.data.crops.global_size)
+        return DataSource(volume_source, unit_spec(channels, 3))
 
-    def ssl_transform(self, cfg: Config) -> ViewTransform:
+    def ssl_transform(self, cfg: Config, spec: DataSpec) -> ViewTransform:
         """3D: MAE views of crops. 2D slices: the shared multi-crop (DINOv2) or MAE view pipelines on [0, 1]
         float images, without colour jitter or solarisation (intensities are calibrated: HU windows)."""
         if not slice_mode(cfg):
-            return MAEVolumeView(self.mean, self.std)
+            return MAEVolumeView(spec.mean, spec.std)
         from foundation.data.views import ImageViews, MAEView, MultiCropViews
 
         if cfg.ssl.method == "mae":
-            return ImageViews(MAEView(cfg.data.crops.global_size, self.mean, self.std, max_pixel_value=1.0))
+            return ImageViews(MAEView(cfg.data.crops.global_size, spec.mean, spec.std, max_pixel_value=1.0))
         views = MultiCropViews(
-            cfg.data.crops, self.mean, self.std, color=False, solarize=False, max_pixel_value=1.0
+            cfg.data.crops, spec.mean, spec.std, color=False, solarize=False, max_pixel_value=1.0
         )
         return ImageViews(views)
 
-    def eval_dataset(self, path: str, cfg: Config):
+    def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None):
         """Slice backbones: ``ROOT/<class>/<volume>``, every axial slice an item of its folder's class, read as
-        pretraining reads it. 3D backbones have no kNN/linear protocol here (volumes carry no class labels)."""
+        pretraining reads it, normalised with ``spec`` (the backbone's or the training slices' statistics; else
+        0/1). 3D backbones have no kNN/linear protocol here (volumes carry no class labels)."""
         if not slice_mode(cfg):
             raise NotAvailableYetError(
                 "kNN/linear probes of 3D medical backbones are not available (volumes carry no class labels); "
@@ -154,11 +158,11 @@ class MedicalDomain:
                 "DATALIST.json`, then `foundation evaluate organ-segmentation`"
             )
         _require_medical()
-        from domains.medical.options import VolumeOptions
         from domains.medical.slices import LabelledSliceDataset
 
-        opts = VolumeOptions.from_config(cfg.data.options)
-        return LabelledSliceDataset(path, opts, cfg.data.crops.global_size, self.mean, self.std)
+        spec = spec or unit_spec(1, 2)
+        opts: VolumeOptions = cfg.data.typed_options
+        return LabelledSliceDataset(path, opts, cfg.data.crops.global_size, spec.mean, spec.std)
 
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
         """``foundation visualize`` inputs: axial/coronal/sagittal planes of volumes (see ``visualize.py``)."""

@@ -35,8 +35,13 @@ class VolumeOptions:
         return self.channels if self.channels is not None else (1 if self.modality == "ct" else None)
 
     @classmethod
-    def from_config(cls, options: dict[str, Any]) -> VolumeOptions:
-        """Raises: ConfigError naming the ``data.options`` key and the allowed values."""
+    def from_options(cls, options: dict[str, Any], cfg: Any = None) -> VolumeOptions:
+        """``data.options`` as written (typed once, when the config loads: ``cfg.data.typed_options``; also
+        ``visualize --option``).
+
+        Raises:
+            ConfigError: naming the ``data.options`` key and the allowed values.
+        """
         reject_unknown_keys(options, cls, "data.options", "the medical domain")
         kw = dict(options)
         if kw.get("spacing") is not None:

@@ -53,7 +53,7 @@ def visual_inputs(request: VisualRequest) -> Iterator[VisualInput]:
     request.refuse(
         "medical", "region", "mpp", "bands", "rgb", options=("modality", "spacing", "window", "channels")
     )
-    opts = VolumeOptions.from_config(request.options)
+    opts = VolumeOptions.from_options(request.options)
     for given in request.inputs:
         for path in find_volumes(given):
             array = load_volume(path, opts).array  # C x X x Y x Z in [0, 1]

@@ -26,8 +26,9 @@ from domains.pathology.stain import HEDJitter, HEDJitterOnDevice
 from foundation.config import Config
 from foundation.data.device_views import DeviceMAEView, DeviceMultiCropViews, augment_on_device
 from foundation.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageFolderDataset
+from foundation.data.spec import DataSpec
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
-from foundation.domain import ViewTransform
+from foundation.domain import DataSource, ViewTransform
 
 if TYPE_CHECKING:
     from domains.pathology.slide_refs import SlideRef
@@ -35,23 +36,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# ImageNet statistics, as UNI and most public pathology backbones use: fine-tuning from RGB weights then needs no
+# re-normalisation. Tiles are RGB whatever the slide, so this is also the spec of any data.
+RGB = DataSpec(3, 2, IMAGENET_MEAN, IMAGENET_STD, ("red", "green", "blue"))
+
 
 class PathologyDomain:
     """Whole-slide images (every format OpenSlide reads, plus OME-TIFF and plain TIFF through tifffile)."""
 
     name = "pathology"
-    channels = 3
-    spatial_dims = 2
-    # ImageNet statistics, as UNI and most public pathology backbones use: fine-tuning from RGB weights
-    # then needs no re-normalisation.
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
+    options_type = PathologyOptions
+    default_spec = RGB
 
     def make_sample(self, root: Path) -> Path:
         return make_sample_slide(Path(root))
 
-    def sample_source(self, path: str, cfg: Config) -> SlideSampleSource:
-        options = PathologyOptions.from_config(cfg)
+    def sample_source(self, path: str, cfg: Config) -> DataSource:
+        options: PathologyOptions = cfg.data.typed_options
         table = read_mpp_csv(options.mpp_csv) if options.mpp_csv else None
         slides = list_slides(path)
         names: dict[SlideRef, str] | None = None
@@ -67,36 +68,39 @@ class PathologyDomain:
             for item in choice.missing:
                 log.warning("slide list: %s", item["reason"])
             slides = choice.chosen
-        return SlideSampleSource(slides, options, cfg.seed, root=Path(path), mpp_table=table, names=names)
+        source = SlideSampleSource(slides, options, cfg.seed, root=Path(path), mpp_table=table, names=names)
+        return DataSource(source, RGB)
 
-    def ssl_transform(self, cfg: Config) -> ViewTransform:
+    def ssl_transform(self, cfg: Config, spec: DataSpec) -> ViewTransform:
         """The pathology recipe. With ``data.augment_on`` resolving to the device (a CUDA run), workers only
         read tiles and cut uint8 crops, and stain jitter, colour ops and normalisation run batched on the GPU
         (``device_transform``), so a worker's time goes to reading slides; otherwise workers do it all."""
-        options = PathologyOptions.from_config(cfg)
+        options: PathologyOptions = cfg.data.typed_options
+        mean, std = spec.mean, spec.std
         crops = cfg.data.crops
         mae = cfg.ssl.method == "mae"
         if augment_on_device(cfg.data):
             stain = [HEDJitterOnDevice(options.hed_scale, options.hed_shift)]
             if mae:
                 return ImageViews(
-                    DeviceMAEView(crops.global_size, self.mean, self.std, rot90=True, tile_ops=stain)
+                    DeviceMAEView(crops.global_size, mean, std, rot90=True, tile_ops=stain)
                 )
             views = DeviceMultiCropViews(
-                crops, self.mean, self.std, rot90=True, solarize=False, color_strength=0.5, tile_ops=stain
+                crops, mean, std, rot90=True, solarize=False, color_strength=0.5, tile_ops=stain
             )
             return ImageViews(views)
         pre = [HEDJitter(options.hed_scale, options.hed_shift, p=1.0)]
         if mae:
-            return ImageViews(MAEView(crops.global_size, self.mean, self.std, rot90=True, pre=pre))
+            return ImageViews(MAEView(crops.global_size, mean, std, rot90=True, pre=pre))
         views = MultiCropViews(
-            crops, self.mean, self.std, rot90=True, solarize=False, color_strength=0.5, pre=pre
+            crops, mean, std, rot90=True, solarize=False, color_strength=0.5, pre=pre
         )
         return ImageViews(views)
 
-    def eval_dataset(self, path: str, cfg: Config) -> ImageFolderDataset:
+    def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None) -> ImageFolderDataset:
         """Labelled tile images in class sub-folders (the layout of public patch benchmarks)."""
-        return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, self.mean, self.std)
+        spec = spec if spec is not None and spec.channels == RGB.channels else RGB  # else: refused by channels
+        return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, spec.mean, spec.std)
 
     def embed_data(self, backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict:
         """``foundation embed --domain pathology``: one HDF5 of tile features per slide (see ``embed.py``)."""
@@ -108,4 +112,4 @@ class PathologyDomain:
         """``foundation visualize`` inputs: slide regions, tissue tiles, feature-file tiles (``visualize.py``)."""
         from domains.pathology.visualize import visual_inputs
 
-        return visual_inputs(request, tuple(self.mean), tuple(self.std))
+        return visual_inputs(request, RGB.mean, RGB.std)

@@ -118,15 +118,17 @@ class PathologyOptions:
         return TileRules(self.min_tissue, threshold, self.otsu_clip, self.overlap)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> PathologyOptions:
-        """Read ``cfg.data.options``; ``tile_size`` defaults to the global crop size.
+    def from_options(cls, options: dict[str, Any], cfg: Config | None = None) -> PathologyOptions:
+        """``data.options`` as written (typed once, when the config loads: ``cfg.data.typed_options``);
+        ``tile_size`` defaults to ``cfg``'s global crop size.
 
         Raises:
             ConfigError: unknown key, wrong type or value out of range; the message names the key.
         """
-        options: dict[str, Any] = dict(cfg.data.options or {})
+        options = dict(options or {})
         reject_unknown_keys(options, cls, "data.options", "the pathology domain")
-        options.setdefault("tile_size", cfg.data.crops.global_size)
+        if cfg is not None:
+            options.setdefault("tile_size", cfg.data.crops.global_size)
         for key in ("mpp", "min_tissue", "slide_mpp", "hed_scale", "hed_shift"):
             value = options.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

@@ -1,9 +1,9 @@
 """The ``remote_sensing`` domain: multispectral rasters of any band count, DINOv2 multi-crop or MAE views.
 
-The band count and normalisation are properties of the data, so the domain learns them when it first sees
-it: :meth:`RemoteSensingDomain.sample_source` and :meth:`~RemoteSensingDomain.eval_dataset` inspect the
-rasters and set ``channels``, ``mean`` and ``std`` (from a statistics file, explicit values, or an estimate
-over a bounded random sample of windows). Until then they describe the embedded sample scene.
+The band count and normalisation are properties of the data: :meth:`RemoteSensingDomain.sample_source`
+inspects the rasters and returns them as a :class:`~foundation.data.spec.DataSpec` (statistics from a
+statistics file, explicit values, or an estimate over a bounded random sample of windows). Before any data is
+seen, ``default_spec`` describes the embedded sample scene.
 
 rasterio is imported only when data is touched, so ``foundation --help`` stays fast and a missing install
 says how to fix it.
@@ -16,13 +16,15 @@ import importlib.util
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from domains.remote_sensing.options import RasterOptions, parse_bands
 from foundation.config import Config
+from foundation.data.spec import DataSpec
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
-from foundation.domain import ViewTransform
+from foundation.domain import DataSource, ViewTransform
 from foundation.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -41,18 +43,68 @@ def _require_rasterio() -> None:
         )
 
 
+@dataclass(frozen=True)
+class Normalisation:
+    """What :func:`normalisation` found for a set of rasters: their spec, the statistics file's content (when
+    estimated or loaded) and the files that estimating the statistics could not read."""
+
+    spec: DataSpec
+    stats: Any = None  # BandStats
+    unreadable: frozenset[str] = frozenset()
+
+
+def normalisation(infos: list, scales: list[float], opts: RasterOptions, seed: int) -> Normalisation:
+    """The spec of ``infos`` in scaled (reflectance-like) units: channels, mean/std from ``opts`` (explicit
+    values or a statistics file) or estimated over a bounded random sample of windows, and band names."""
+    from domains.remote_sensing.stats import UNREADABLE, BandStats, compute_band_stats
+
+    channels = infos[0].channels
+    stats = None
+    unreadable: set[str] = set()
+    if opts.mean is not None:
+        mean, std, source = opts.mean, opts.std, "data.options.mean/std"
+    elif opts.stats:
+        stats = BandStats.load(opts.stats)
+        _check_stats(stats, opts, channels)
+        mean, std, source = stats.mean, stats.std, opts.stats
+    else:
+        stats = compute_band_stats(
+            infos,
+            scales,
+            bands=opts.bands,
+            scale_option=opts.scale,
+            nodata=opts.nodata,
+            window=STATS_WINDOW,
+            max_windows=opts.stats_windows,
+            seed=seed,
+        )
+        mean, std = stats.mean, stats.std
+        source = f"{stats.windows} windows of {stats.files} raster(s)"
+        unreadable = {s["file"] for s in stats.skipped if s["kind"] == UNREADABLE}
+    if len(mean) != channels:
+        raise ConfigError(f"{source}: {len(mean)} values for {channels} bands")
+    names = infos[0].colorinterp if all(i.colorinterp == infos[0].colorinterp for i in infos) else None
+    spec = DataSpec(
+        channels,
+        2,
+        tuple(float(m) for m in mean),
+        tuple(max(float(s), 1e-6) for s in std),  # a constant band must not divide by zero
+        tuple(names) if names else None,
+    )
+    log.info(
+        "remote_sensing: %d raster(s), %d bands, normalisation from %s: mean %s std %s",
+        len(infos), channels, source, _fmt(spec.mean), _fmt(spec.std),
+    )  # fmt: skip
+    return Normalisation(spec, stats, frozenset(unreadable))
+
+
 class RemoteSensingDomain:
     """Multispectral rasters (GeoTIFF, COG, VRT, JPEG2000, any GDAL format) with nodata-aware sampling."""
 
     name = "remote_sensing"
-    spatial_dims = 2
-
-    def __init__(self) -> None:
-        self.channels: int = SAMPLE_BANDS
-        self.mean: Sequence[float] = (0.0,) * SAMPLE_BANDS
-        self.std: Sequence[float] = (1.0,) * SAMPLE_BANDS
-        self.stats = None  # BandStats of the data seen last, when estimated or loaded
-        self.rgb = False  # every raster's selected bands are red, green, blue
+    options_type = RasterOptions
+    # the embedded sample scene's bands, in scaled units, before any data is seen
+    default_spec = DataSpec(SAMPLE_BANDS, 2, (0.0,) * SAMPLE_BANDS, (1.0,) * SAMPLE_BANDS)
 
     def make_sample(self, root: Path) -> Path:
         _require_rasterio()
@@ -60,49 +112,9 @@ class RemoteSensingDomain:
 
         return make_sample_scene(Path(root))
 
-    # -- data --------------------------------------------------------------------------------------------------
-    def _configure(self, infos: list, scales: list[float], opts: RasterOptions, seed: int) -> set[str]:
-        """Set channels, mean, std and rgb for ``infos``, in scaled (reflectance-like) units; returns the
-        files that estimating the statistics found unreadable (none when they are given)."""
-        from domains.remote_sensing.stats import UNREADABLE, BandStats, compute_band_stats
-
-        channels = infos[0].channels
-        self.stats = None
-        unreadable: set[str] = set()
-        if opts.mean is not None:
-            mean, std, source = opts.mean, opts.std, "data.options.mean/std"
-        elif opts.stats:
-            self.stats = BandStats.load(opts.stats)
-            _check_stats(self.stats, opts, channels)
-            mean, std, source = self.stats.mean, self.stats.std, opts.stats
-        else:
-            self.stats = compute_band_stats(
-                infos,
-                scales,
-                bands=opts.bands,
-                scale_option=opts.scale,
-                nodata=opts.nodata,
-                window=STATS_WINDOW,
-                max_windows=opts.stats_windows,
-                seed=seed,
-            )
-            mean, std = self.stats.mean, self.stats.std
-            source = f"{self.stats.windows} windows of {self.stats.files} raster(s)"
-            unreadable = {s["file"] for s in self.stats.skipped if s["kind"] == UNREADABLE}
-        if len(mean) != channels:
-            raise ConfigError(f"{source}: {len(mean)} values for {channels} bands")
-        self.channels = channels
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(max(float(s), 1e-6) for s in std)  # a constant band must not divide by zero
-        self.rgb = channels == 3 and all(i.is_rgb for i in infos)
-        log.info(
-            "remote_sensing: %d raster(s), %d bands, normalisation from %s: mean %s std %s",
-            len(infos), channels, source, _fmt(self.mean), _fmt(self.std),
-        )  # fmt: skip
-        return unreadable
-
-    def sample_source(self, path: str, cfg: Config):
-        """Random windows of ``window_scale x global_size`` pixels from the rasters at ``path``.
+    def sample_source(self, path: str, cfg: Config) -> DataSource:
+        """Random windows of ``window_scale x global_size`` pixels from the rasters at ``path``, and their spec
+        (the source also keeps the statistics as ``stats``, for ``foundation stats``-like reuse).
 
         Files the statistics pass could not read are left out (named in its log); one that fails later, in
         some of its windows, is handled by the sampler (another window is drawn for that sample).
@@ -111,54 +123,57 @@ class RemoteSensingDomain:
         from domains.remote_sensing.raster import scan_rasters, value_scale
         from domains.remote_sensing.sampling import RasterSampleSource
 
-        opts = RasterOptions.from_config(cfg.data.options)
+        opts: RasterOptions = cfg.data.typed_options
         infos = scan_rasters(path, opts.bands)
         scales = [value_scale(i, opts.scale) for i in infos]
-        unreadable = self._configure(infos, scales, opts, cfg.seed)
-        if unreadable:
-            log.warning("remote_sensing: %d unreadable raster(s) left out of training", len(unreadable))
-            kept = [k for k, info in enumerate(infos) if info.path not in unreadable]
+        found = normalisation(infos, scales, opts, cfg.seed)
+        if found.unreadable:
+            log.warning("remote_sensing: %d unreadable raster(s) left out of training", len(found.unreadable))
+            kept = [k for k, info in enumerate(infos) if info.path not in found.unreadable]
             infos, scales = [infos[k] for k in kept], [scales[k] for k in kept]
         size = cfg.data.crops.global_size
-        return RasterSampleSource(
+        source = RasterSampleSource(
             infos,
             scales,
-            self.mean,
+            found.spec.mean,
             window=max(size, round(size * opts.window_scale)),
             min_valid=opts.min_valid,
             nodata=opts.nodata,
         )
+        source.stats = found.stats
+        return DataSource(source, found.spec)
 
-    def ssl_transform(self, cfg: Config) -> ViewTransform:
+    def ssl_transform(self, cfg: Config, spec: DataSpec) -> ViewTransform:
         """Flips and 90-degree rotations (rasters have no "up"); colour ops only on red-green-blue data."""
-        opts = RasterOptions.from_config(cfg.data.options)
-        color = self.rgb if opts.color == "auto" else bool(opts.color)
+        opts: RasterOptions = cfg.data.typed_options
+        color = spec.is_rgb if opts.color == "auto" else bool(opts.color)
         crops = cfg.data.crops
         if cfg.ssl.method == "mae":
             return ImageViews(
-                MAEView(crops.global_size, self.mean, self.std, rot90=True, max_pixel_value=1.0)
+                MAEView(crops.global_size, spec.mean, spec.std, rot90=True, max_pixel_value=1.0)
             )
         views = MultiCropViews(
-            crops, self.mean, self.std, color=color, solarize=color, rot90=True, max_pixel_value=1.0
+            crops, spec.mean, spec.std, color=color, solarize=color, rot90=True, max_pixel_value=1.0
         )
         return ImageViews(views)
 
-    def eval_dataset(self, path: str, cfg: Config):
+    def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None):
         """Labelled chips in class sub-folders, centre-cropped and resized to ``data.crops.global_size``.
 
-        Normalise with the backbone's statistics (``data.options.stats`` or ``mean``/``std``); without them
-        they are estimated from the chips themselves.
+        Normalised with ``spec``'s statistics (the backbone's, or the training data's) when they have the chips'
+        band count, else with ``data.options.stats`` or ``mean``/``std``, else statistics of the chips themselves.
         """
         _require_rasterio()
         from domains.remote_sensing.chips import RasterChipDataset, scan_chips
         from domains.remote_sensing.raster import value_scale
 
-        opts = RasterOptions.from_config(cfg.data.options)
+        opts: RasterOptions = cfg.data.typed_options
         infos = scan_chips(path, opts.bands)
         scales = [value_scale(i, opts.scale) for i in infos]
-        self._configure(infos, scales, opts, cfg.seed)
+        if spec is None or spec.channels != infos[0].channels:
+            spec = normalisation(infos, scales, opts, cfg.seed).spec
         return RasterChipDataset(
-            path, infos, scales, cfg.data.crops.global_size, self.mean, self.std, opts.nodata
+            path, infos, scales, cfg.data.crops.global_size, spec.mean, spec.std, opts.nodata
         )
 
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:

@@ -59,8 +59,12 @@ class RasterOptions:
     color: str | bool = "auto"
 
     @classmethod
-    def from_config(cls, options: dict[str, Any]) -> RasterOptions:
-        """Raises: ConfigError: unknown key or bad value, named as ``data.options.KEY``."""
+    def from_options(cls, options: dict[str, Any], cfg: Any = None) -> RasterOptions:
+        """``data.options`` as written (typed once, when the config loads: ``cfg.data.typed_options``).
+
+        Raises:
+            ConfigError: unknown key or bad value, named as ``data.options.KEY``.
+        """
         reject_unknown_keys(options, cls, "data.options", "the remote_sensing domain")
         values = dict(options)
         values["bands"] = parse_bands(values.get("bands"))

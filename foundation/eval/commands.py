@@ -12,6 +12,7 @@ import torch
 
 from foundation.batch.embedder import BatchEmbedder
 from foundation.config import load_config
+from foundation.data.spec import DataSpec
 from foundation.domain import get_domain
 from foundation.errors import ConfigError, DataError
 from foundation.eval.embed import embed_dataset
@@ -39,12 +40,19 @@ def _eval_config(meta: dict[str, Any], size: int, domain: str):
     return load_config(None, overrides, domain=domain)
 
 
+def backbone_spec(meta: dict[str, Any]) -> DataSpec | None:
+    """The data a backbone takes, with the statistics it was trained with; None when it records none."""
+    args = meta["backbone_args"]
+    mean, std = meta.get("mean") or (), meta.get("std") or ()
+    if not mean or len(mean) != args["in_chans"] or len(std) != len(mean):
+        return None
+    return DataSpec(int(args["in_chans"]), int(args.get("spatial_dims", 2)), tuple(mean), tuple(std))
+
+
 def _eval_dataset(domain_name: str, path: str, meta: dict[str, Any], size: int):
     """The domain's labelled dataset, normalised with the backbone's own statistics, checked for channels."""
     domain = get_domain(domain_name)
-    if meta.get("mean") and meta.get("std"):  # the statistics the backbone was trained with
-        domain.mean, domain.std = tuple(meta["mean"]), tuple(meta["std"])
-    dataset = domain.eval_dataset(path, _eval_config(meta, size, domain_name))
+    dataset = domain.eval_dataset(path, _eval_config(meta, size, domain_name), backbone_spec(meta))
     if len(dataset) == 0:
         raise DataError(f"{path}: no labelled items found")
     channels = int(dataset[0]["image"].shape[0])

@@ -39,9 +39,9 @@ def draw_crops(run: Path, samples: int) -> list[CropSample]:
     """
     cfg = load_config(Path(run) / "config.yaml", ["data.augment_on=workers"])
     domain = get_domain(cfg.domain)
-    source = domain.sample_source(resolve_data_path(domain, cfg.data.path), cfg)
-    transform = domain.ssl_transform(cfg)  # after sample_source: a domain learns its statistics there
-    mean, std = tuple(float(m) for m in domain.mean), tuple(float(s) for s in domain.std)
+    source, spec = domain.sample_source(resolve_data_path(domain, cfg.data.path), cfg)
+    transform = domain.ssl_transform(cfg, spec)
+    mean, std = spec.mean, spec.std
     out = []
     for i in range(samples):
         g = generator_for(cfg.seed, CROP_SEED, i)

@@ -4,6 +4,11 @@ A task (canopy height, organ segmentation, ...) lives in its domain package and 
 ``foundation.tasks`` entry-point group. ``foundation finetune TASK`` loads the backbone, asks the task for its
 :class:`TaskParts` and hands them to the same :class:`~foundation.train.engine.Trainer` that pretrains: resume,
 DDP, AMP, gradient accumulation, non-finite guard and SIGTERM checkpoints come for free.
+
+Everything a fine-tuning run trains on is in its config: ``task.options`` (typed by the task's ``options_type``),
+``task.inputs`` (its data, typed by ``inputs_type``; the task's flags fill them through :func:`add_config_flag`),
+``task.backbone`` / ``task.random_init``. So ``RUN/config.yaml`` alone re-runs it:
+``foundation finetune TASK --config RUN/config.yaml --out OTHER``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,30 @@ from torch.utils.data import Dataset
 
 from foundation.config import Config
 from foundation.models.vit import ViT
+
+FLAG_DEST = "config:"  # argparse dest prefix of a flag that fills a config key
+
+
+def add_config_flag(parser: argparse.ArgumentParser, flag: str, key: str, **kwargs: Any) -> None:
+    """A ``finetune`` flag that fills the config key ``key`` (``task.inputs.images``): the flag wins over the
+    recipe and ``key=value`` overrides, and the run's ``config.yaml`` records the value."""
+    kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    parser.add_argument(flag, dest=FLAG_DEST + key, **kwargs)
+
+
+def config_flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config flags given on the command line, as a nested dict for ``load_config(values=...)``."""
+    nested: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith(FLAG_DEST) or value is None:
+            continue
+        *sections, last = dest[len(FLAG_DEST) :].split(".")
+        node = nested
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
+
 
 LossFn = Callable[[Any, dict[str, Any]], dict[str, torch.Tensor]]
 Validate = Callable[[nn.Module, torch.device], dict[str, float]]
@@ -67,17 +96,20 @@ class Task(Protocol):
     name: str
     domain: str
     default_config: Path  # the recipe used when --config is not given
+    options_type: type  # dataclass of task.options (may define from_options(options, cfg))
+    inputs_type: type  # dataclass of task.inputs; foundation.options.path_field values are made absolute
 
     def add_finetune_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Task-specific flags of ``foundation finetune NAME`` (e.g. ``--images``, ``--labels``)."""
+        """Task-specific flags of ``foundation finetune NAME`` (e.g. ``--images``, ``--labels``), each filling a
+        config key through :func:`add_config_flag`."""
 
-    def build(
-        self, cfg: Config, args: argparse.Namespace, backbone: ViT, backbone_meta: dict[str, Any]
-    ) -> TaskParts:
-        """Data, network and loss for training ``backbone`` (already loaded, on CPU) on this task."""
+    def build(self, cfg: Config, backbone: ViT | None, backbone_meta: dict[str, Any]) -> TaskParts:
+        """Data, network and loss for training ``backbone`` (already loaded, on CPU) on this task; the data
+        comes from ``cfg.task.typed_inputs``, the settings from ``cfg.task.typed_options``."""
 
-    def data_channels(self, cfg: Config, args: argparse.Namespace) -> int | None:
-        """Optional: the channel count of the task's data, so ``--random-init`` builds a matching backbone."""
+    def data_channels(self, cfg: Config) -> int | None:
+        """The channel count of the task's data, so ``--random-init`` builds a matching backbone; None: the
+        recipe's ``model.in_chans`` or the domain's default spec decides."""
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Flags of ``foundation evaluate NAME``."""

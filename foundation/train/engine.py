@@ -131,19 +131,17 @@ def ssl_setup(cfg: Config) -> TrainingSetup:
     """The pretraining objective (DINOv2 or MAE) and its view stream for ``cfg.domain``."""
     domain: Domain = get_domain(cfg.domain)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    # The source comes first: some domains learn their channel count and statistics from the data.
-    source = domain.sample_source(resolve_data_path(domain, cfg.data.path), cfg)
-    if cfg.model.in_chans and cfg.model.in_chans != domain.channels:
+    source, spec = domain.sample_source(resolve_data_path(domain, cfg.data.path), cfg)
+    if cfg.model.in_chans and cfg.model.in_chans != spec.channels:
         raise ConfigError(
             f"model.in_chans={cfg.model.in_chans} does not match the {cfg.domain!r} domain's "
-            f"{domain.channels} channels; remove the override (the data sets it)"
+            f"{spec.channels} channels; remove the override (the data sets it)"
         )
-    args = backbone_args(cfg.model, domain.channels, domain.spatial_dims)
-    backbone = build_backbone(cfg.model, domain.channels, domain.spatial_dims)
+    args = backbone_args(cfg.model, spec.channels, spec.spatial_dims)
+    backbone = build_backbone(cfg.model, spec.channels, spec.spatial_dims)
     make_objective = get_objective_factory(cfg.ssl.method)
     objective, extras = make_objective(backbone, cfg.ssl, cfg.data.crops, cfg.train.steps)
-    mean, std = tuple(domain.mean), tuple(domain.std)
-    transform = domain.ssl_transform(cfg)
+    transform = domain.ssl_transform(cfg, spec)
     device_transform = getattr(transform, "device_transform", None)
     if cfg.data.augment_on == "device" and device_transform is None:
         raise ConfigError(
@@ -154,12 +152,12 @@ def ssl_setup(cfg: Config) -> TrainingSetup:
         objective=objective,
         dataset=SSLViewDataset(source, transform, cfg.seed, extras),
         backbone_args=args,
-        mean=mean,
-        std=std,
+        mean=spec.mean,
+        std=spec.std,
         checkpoint_meta={"domain": cfg.domain},
         export_extra={"domain": cfg.domain, "ssl_method": cfg.ssl.method, "steps": cfg.train.steps},
         device_transform=device_transform,
-        monitor=PretrainMonitor.build(cfg, domain, mean, std),
+        monitor=PretrainMonitor.build(cfg, domain, spec),
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -21,33 +20,29 @@ from foundation.train.run_folder import run_identity
 log = logging.getLogger(__name__)
 
 
-def task_setup(task: Task, cfg: Config, args: argparse.Namespace) -> TrainingSetup:
-    """Load the backbone (``--backbone``, or a fresh one from ``cfg.model`` with ``--random-init``), let the task
-    build its parts, and wrap them for the engine."""
+def task_setup(task: Task, cfg: Config) -> TrainingSetup:
+    """Load the backbone (``task.backbone``, or a fresh one from ``cfg.model`` with ``task.random_init``), let
+    the task build its parts, and wrap them for the engine."""
     torch.manual_seed(cfg.seed)  # the same head initialisation on every rank
     uses_backbone = getattr(task, "uses_backbone", True)
     if not uses_backbone:  # a head on features made earlier (e.g. slide bags of `foundation embed`)
         backbone, meta = None, {"backbone_args": {}, "source": "features"}
-    elif getattr(args, "backbone", None):
-        backbone, meta = load_backbone(args.backbone)
-    elif getattr(args, "random_init", False):
+    elif cfg.task.backbone:
+        backbone, meta = load_backbone(cfg.task.backbone)
+    elif cfg.task.random_init:
         from foundation.domain import get_domain
 
-        domain = get_domain(task.domain)
-        from_data = task.data_channels(cfg, args) if hasattr(task, "data_channels") else None
-        channels = cfg.model.in_chans or from_data or domain.channels
-        meta = {
-            "backbone_args": backbone_args(
-                cfg.model, channels, cfg.model.spatial_dims or domain.spatial_dims
-            ),
-            "source": "random-init",
-        }
-        backbone = build_backbone(cfg.model, channels, cfg.model.spatial_dims or domain.spatial_dims)
+        default = get_domain(task.domain).default_spec
+        channels = cfg.model.in_chans or task.data_channels(cfg) or default.channels
+        dims = cfg.model.spatial_dims or default.spatial_dims
+        meta = {"backbone_args": backbone_args(cfg.model, channels, dims), "source": "random-init"}
+        backbone = build_backbone(cfg.model, channels, dims)
     else:
         raise ConfigError(
-            f"finetune {task.name}: give --backbone RUN|EXPORT|CKPT (or --random-init for a baseline)"
+            f"finetune {task.name}: give --backbone RUN|EXPORT|CKPT (task.backbone) or --random-init "
+            "(task.random_init=true) for a baseline"
         )
-    parts: TaskParts = task.build(cfg, args, backbone, meta)
+    parts: TaskParts = task.build(cfg, backbone, meta)
     objective = TaskModel(
         parts.net,
         parts.loss,
@@ -79,9 +74,7 @@ def task_setup(task: Task, cfg: Config, args: argparse.Namespace) -> TrainingSet
     )
 
 
-def finetune(
-    task: Task, cfg: Config, args: argparse.Namespace, out: Path, dist_info: DistInfo, *, quiet: bool = False
-) -> Path:
+def finetune(task: Task, cfg: Config, out: Path, dist_info: DistInfo, *, quiet: bool = False) -> Path:
     """Fine-tune (or resume) into ``out``; returns ``out/model.pt``, the deployable model file."""
     if cfg.train.parallel != "ddp":  # validation and the task model run on the main rank alone
         raise ConfigError(
@@ -105,7 +98,7 @@ def finetune(
         cfg,
         out,
         dist_info,
-        lambda: task_setup(task, cfg, args),
+        lambda: task_setup(task, cfg),
         identity=run_identity("finetune", task.domain, task=task.name),
         quiet=quiet,
         finish=write_model,

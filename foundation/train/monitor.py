@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from foundation.config import Config
+from foundation.data.spec import DataSpec
 from foundation.domain import Domain
 from foundation.errors import DataError
 from foundation.eval.features import extract_features, remap_labels
@@ -41,9 +42,9 @@ class KnnSets:
     num_classes: int
 
 
-def _labelled(domain: Domain, path: str, cfg: Config, key: str) -> Any:
+def _labelled(domain: Domain, path: str, cfg: Config, key: str, spec: DataSpec | None) -> Any:
     try:
-        dataset = domain.eval_dataset(path, cfg)
+        dataset = domain.eval_dataset(path, cfg, spec)
     except DataError as e:
         raise DataError(f"eval.knn.{key}={path!r}: {e}") from e
     if len(dataset) == 0:
@@ -51,8 +52,9 @@ def _labelled(domain: Domain, path: str, cfg: Config, key: str) -> Any:
     return dataset
 
 
-def load_knn_sets(domain: Domain, cfg: Config) -> KnnSets | None:
-    """The kNN folders as the domain's labelled datasets, checked: two or more classes, val classes known.
+def load_knn_sets(domain: Domain, cfg: Config, spec: DataSpec | None = None) -> KnnSets | None:
+    """The kNN folders as the domain's labelled datasets (normalised as the training data, ``spec``), checked:
+    two or more classes, val classes known.
 
     Raises:
         DataError: a folder without class sub-folders, with one class, or with val classes not in train.
@@ -60,8 +62,8 @@ def load_knn_sets(domain: Domain, cfg: Config) -> KnnSets | None:
     knn = cfg.eval.knn
     if knn.train is None:
         return None
-    train = _labelled(domain, knn.train, cfg, "train")
-    val = _labelled(domain, knn.val, cfg, "val")
+    train = _labelled(domain, knn.train, cfg, "train", spec)
+    val = _labelled(domain, knn.val, cfg, "val", spec)
     classes = list(train.classes)
     if len(classes) < 2:
         raise DataError(
@@ -114,12 +116,12 @@ class PretrainMonitor:
         self.crops_done = False
 
     @classmethod
-    def build(cls, cfg: Config, domain: Domain, mean, std) -> PretrainMonitor | None:
+    def build(cls, cfg: Config, domain: Domain, spec: DataSpec) -> PretrainMonitor | None:
         """None when nothing is monitored (no kNN folders, no pictures)."""
-        knn = load_knn_sets(domain, cfg)
+        knn = load_knn_sets(domain, cfg, spec)
         if knn is None and not cfg.eval.images:
             return None
-        return cls(cfg, knn, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+        return cls(cfg, knn, spec.mean, spec.std)
 
     def due(self, step: int, total: int) -> bool:
         """kNN after step ``step`` (0-based): every ``eval.every`` steps and after the last one."""

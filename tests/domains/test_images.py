@@ -218,8 +218,9 @@ def test_each_epoch_visits_every_file_once(flat: Path) -> None:
 def test_dinov2_transform_shapes_and_normalisation(flat: Path) -> None:
     cfg = small_cfg()
     dom = ImagesDomain()
-    source = dom.sample_source(str(flat), cfg)
-    transform = dom.ssl_transform(cfg)
+    source, spec = dom.sample_source(str(flat), cfg)
+    assert (spec.channels, spec.spatial_dims, spec.band_names) == (3, 2, ("red", "green", "blue"))
+    transform = dom.ssl_transform(cfg, spec)
     g = torch.Generator().manual_seed(0)
     views = transform(source.sample(0, g), g)
     assert set(views) == {"global_crops", "local_crops"}
@@ -238,7 +239,8 @@ def test_dinov2_transform_without_local_crops(flat: Path) -> None:
     cfg = small_cfg("data.crops.n_local=0")
     dom = ImagesDomain()
     g = torch.Generator().manual_seed(0)
-    views = dom.ssl_transform(cfg)(dom.sample_source(str(flat), cfg).sample(0, g), g)
+    source, spec = dom.sample_source(str(flat), cfg)
+    views = dom.ssl_transform(cfg, spec)(source.sample(0, g), g)
     assert views["local_crops"] == [] and len(views["global_crops"]) == 2
 
 
@@ -246,7 +248,8 @@ def test_mae_transform_gives_one_image(flat: Path) -> None:
     cfg = small_cfg("ssl.method=mae")
     dom = ImagesDomain()
     g = torch.Generator().manual_seed(0)
-    views = dom.ssl_transform(cfg)(dom.sample_source(str(flat), cfg).sample(0, g), g)
+    source, spec = dom.sample_source(str(flat), cfg)
+    views = dom.ssl_transform(cfg, spec)(source.sample(0, g), g)
     assert set(views) == {"image"}
     assert views["image"].shape == (3, 32, 32) and views["image"].dtype == torch.float32
     assert views["image"].min() >= IMAGENET_LOW - 1e-4 and views["image"].max() <= IMAGENET_HIGH + 1e-4
@@ -282,6 +285,5 @@ def test_embedded_sample_has_three_classes(tmp_path: Path) -> None:
 def test_unknown_data_options_are_refused_by_name(flat: Path) -> None:
     from foundation.errors import ConfigError
 
-    cfg = load_config(None, [f"data.path={flat}", "data.options.foo=1"])
     with pytest.raises(ConfigError, match=r"data.options.foo is not an option of the images domain"):
-        ImagesDomain().sample_source(str(flat), cfg)
+        load_config(None, [f"data.path={flat}", "data.options.foo=1"])  # refused when the config loads

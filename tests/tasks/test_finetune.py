@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from foundation.cli import main
 from foundation.data.seeding import generator_for
 from foundation.errors import CheckpointError
 from foundation.tasks import TaskParts, register_task
+from foundation.tasks.base import add_config_flag
 from foundation.tasks.checkpoint import load_net_weights, load_task_checkpoint
 from foundation.train import checkpoint as ckpt
 
@@ -61,18 +63,33 @@ def _loss(pred, batch):
     return {"loss": loss, "mse": loss.detach()}
 
 
+@dataclass(frozen=True)
+class ToyOptions:
+    target: float = 0.0
+
+
+@dataclass(frozen=True)
+class ToyInputs:
+    flavour: str = "plain"
+
+
 @register_task("toy-brightness")
 class ToyTask:
     name = "toy-brightness"
     domain = "images"
     default_config = Path("unused.yaml")
+    options_type = ToyOptions
+    inputs_type = ToyInputs
     validations: list = []
 
     def add_finetune_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--flavour", default="plain")
+        add_config_flag(parser, "--flavour", "task.inputs.flavour")
 
-    def build(self, cfg, args, backbone, backbone_meta):
-        assert args.flavour == "salty"
+    def data_channels(self, cfg):
+        return None
+
+    def build(self, cfg, backbone, backbone_meta):
+        assert cfg.task.typed_inputs.flavour == "salty"
 
         def validate(net, device):
             ToyTask.validations.append(net.training)
@@ -84,7 +101,7 @@ class ToyTask:
             loss=_loss,
             dataset=BrightnessDataset(cfg.seed),
             validate=validate,
-            meta={"target": cfg.task.options["target"], "bands": [1, 2, 3]},
+            meta={"target": cfg.task.typed_options.target, "bands": [1, 2, 3]},
         )
 
     def add_evaluate_arguments(self, parser):
@@ -190,3 +207,35 @@ def test_finetune_needs_a_backbone(recipe, tmp_path, capsys):
     assert main([*argv, "--flavour", "salty"]) == 1
     assert "--backbone" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_saved_config_reruns_the_run_alone(recipe, tmp_path, monkeypatch, single_thread):
+    """RUN/config.yaml holds the task's inputs and backbone choice: `finetune TASK --config RUN/config.yaml`
+    (no flags, another working directory) trains the same weights."""
+    assert _finetune(recipe, tmp_path / "first", "train.steps=2") == 0
+    saved = (tmp_path / "first" / "config.yaml").read_text()
+    assert "flavour: salty" in saved and "random_init: true" in saved and "typed_" not in saved
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["finetune", "toy-brightness", "--config", str(tmp_path / "first" / "config.yaml")]
+    assert main([*argv, "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    first, again = (load_task_checkpoint(tmp_path / run).net_state for run in ("first", "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_task_options_and_inputs_are_typed_at_load(recipe, tmp_path, capsys):
+    argv = [
+        "finetune",
+        "toy-brightness",
+        "--random-init",
+        "--config",
+        str(recipe),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main([*argv, "task.options.targt=1"]) == 1
+    assert "task.options.targt is not an option of toy-brightness" in capsys.readouterr().err
+    assert main([*argv, "task.options.target=[1]"]) == 1
+    assert "task.options.target=[1] must be float" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

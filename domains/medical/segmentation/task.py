@@ -24,7 +24,8 @@ from domains.medical.segmentation.model import TASK_NAME, build_segmentation_net
 from foundation.config import RECIPES, Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
-from foundation.tasks.base import TaskParts
+from foundation.options import path_field
+from foundation.tasks.base import TaskParts, add_config_flag
 from foundation.tasks.checkpoint import load_task_checkpoint
 from foundation.train.distributed import resolve_device
 
@@ -60,8 +61,12 @@ class SegmentationOptions:
     labels: dict[str, int] | None = None
 
     @classmethod
-    def from_config(cls, options: dict[str, Any]) -> SegmentationOptions:
-        """Raises: ConfigError naming the ``task.options`` key and what it accepts."""
+    def from_options(cls, options: dict[str, Any], cfg: Any = None) -> SegmentationOptions:
+        """``task.options`` as written (typed once, when the config loads: ``cfg.task.typed_options``).
+
+        Raises:
+            ConfigError: naming the ``task.options`` key and what it accepts.
+        """
         reject_unknown_keys(options, cls, "task.options", "organ-segmentation")
         kw = dict(options)
         if "roi_size" in kw:
@@ -87,6 +92,19 @@ class SegmentationOptions:
         if kw.get("labels") is not None:
             kw["labels"] = _check_labels(kw["labels"], "task.options.labels")
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class SegmentationInputs:
+    """``task.inputs`` of organ segmentation (flags ``--data``, ``--data-root``).
+
+    Attributes:
+        data: MONAI/Decathlon datalist JSON; None: the synthetic CT phantoms.
+        data_root: folder the datalist's relative paths start from; None: the datalist's folder.
+    """
+
+    data: str | None = path_field()
+    data_root: str | None = path_field()
 
 
 def _check_labels(labels: Any, where: str) -> dict[str, int]:
@@ -215,9 +233,10 @@ class DiceEvaluator:
         return out
 
 
-def _datalist(args: argparse.Namespace, **kw: Any) -> Datalist:
-    path = getattr(args, "data", None) or sample_datalist()
-    return load_datalist(path, data_root=getattr(args, "data_root", None), **kw)
+def _datalist(inputs: SegmentationInputs | argparse.Namespace, **kw: Any) -> Datalist:
+    """The datalist of ``task.inputs`` (fine-tuning) or of the evaluate flags (same names)."""
+    path = getattr(inputs, "data", None) or sample_datalist()
+    return load_datalist(path, data_root=getattr(inputs, "data_root", None), **kw)
 
 
 class OrganSegmentationTask:
@@ -226,20 +245,29 @@ class OrganSegmentationTask:
     name = TASK_NAME
     domain = "medical"
     default_config = RECIPE
+    options_type = SegmentationOptions
+    inputs_type = SegmentationInputs
 
     def add_finetune_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
+        add_config_flag(
+            parser,
             "--data",
+            "task.inputs.data",
             help="MONAI/Decathlon datalist JSON (training [+ validation] image/label pairs); "
             "default: synthetic CT phantoms",
         )
-        parser.add_argument(
-            "--data-root", help="folder the datalist's relative paths start from; default: its folder"
+        add_config_flag(
+            parser,
+            "--data-root",
+            "task.inputs.data_root",
+            help="folder the datalist's relative paths start from; default: its folder",
         )
 
-    def build(
-        self, cfg: Config, args: argparse.Namespace, backbone: ViT, backbone_meta: dict[str, Any]
-    ) -> TaskParts:
+    def data_channels(self, cfg: Config) -> int | None:
+        """``data.options.channels`` when the recipe fixes it (1 for CT); else the domain's default."""
+        return cfg.data.typed_options.expected_channels
+
+    def build(self, cfg: Config, backbone: ViT, backbone_meta: dict[str, Any]) -> TaskParts:
         """Check the datalist and the options against the backbone, then the network, DiceCE loss and crops.
 
         Raises:
@@ -250,8 +278,8 @@ class OrganSegmentationTask:
 
         from domains.medical.segmentation.data import SegmentationCropDataset
 
-        opts = SegmentationOptions.from_config(cfg.task.options)
-        vol = VolumeOptions.from_config(cfg.data.options)
+        opts: SegmentationOptions = cfg.task.typed_options
+        vol: VolumeOptions = cfg.data.typed_options
         if backbone.spatial_dims != 3:
             raise ConfigError(
                 f"organ segmentation needs a 3D backbone; {backbone_meta.get('source', 'this one')} is 2D"
@@ -262,7 +290,9 @@ class OrganSegmentationTask:
                 f"task.options.roi_size={list(opts.roi_size)} must be multiples of the backbone's patch size "
                 f"{backbone.patch_size}"
             )
-        data = _datalist(args, in_chans=backbone.in_chans, val_fraction=opts.val_fraction, seed=cfg.seed)
+        data = _datalist(
+            cfg.task.typed_inputs, in_chans=backbone.in_chans, val_fraction=opts.val_fraction, seed=cfg.seed
+        )
         labels = opts.labels or data.labels or _labels_from_maps(data.training)
         if 0 not in labels.values():
             labels = {"background": 0, **labels}

@@ -8,6 +8,7 @@ from typing import Any
 from domains.pathology.slide_classification.model import HEADS
 from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
+from foundation.options import path_field
 
 BALANCE = ("weights", "sampling", "none")
 TASK_NAME = "slide-classification"
@@ -41,8 +42,12 @@ class SlideOptions:
     patience: int = 5
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> SlideOptions:
-        """Raises: ConfigError naming ``task.options.KEY``."""
+    def from_options(cls, options: dict[str, Any], cfg: Any = None) -> SlideOptions:
+        """``task.options`` as written (typed once, when the config loads: ``cfg.task.typed_options``).
+
+        Raises:
+            ConfigError: naming ``task.options.KEY``.
+        """
         reject_unknown_keys(options, cls, "task.options", TASK_NAME)
         opts = cls(**options)
         if opts.head not in HEADS:
@@ -60,3 +65,16 @@ class SlideOptions:
         if opts.patience < 0:
             raise ConfigError(f"task.options.patience={opts.patience!r} must be >= 0")
         return opts
+
+
+@dataclass(frozen=True)
+class SlideInputs:
+    """``task.inputs`` of slide classification (flags ``--features``, ``--labels``).
+
+    Attributes:
+        features: the ``--out`` folder of ``foundation embed`` (``*.h5``).
+        labels: CSV ``slide_id,label[,case_id][,split]``.
+    """
+
+    features: str | None = path_field()
+    labels: str | None = path_field()

@@ -24,12 +24,12 @@ from domains.pathology.slide_classification.labels import read_labels, sort_labe
 from domains.pathology.slide_classification.loss import SlideLoss
 from domains.pathology.slide_classification.matching import match
 from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
-from domains.pathology.slide_classification.options import TASK_NAME, SlideOptions
+from domains.pathology.slide_classification.options import TASK_NAME, SlideInputs, SlideOptions
 from domains.pathology.slide_classification.splits import Fold, check_folds, fixed_split, kfold
 from domains.pathology.slide_classification.validation import make_validator
 from foundation.config import RECIPES, Config
 from foundation.errors import ConfigError
-from foundation.tasks.base import TaskParts
+from foundation.tasks.base import TaskParts, add_config_flag
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +69,39 @@ class SlideClassificationTask:
     name = TASK_NAME
     domain = "pathology"
     default_config = CONFIG
+    options_type = SlideOptions
+    inputs_type = SlideInputs
     uses_backbone = False  # trains on the features `foundation embed` made
 
     def add_finetune_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--features", required=True, help="the --out folder of `foundation embed` (*.h5)")
-        parser.add_argument("--labels", required=True, help="CSV: slide_id,label[,case_id][,split]")
+        add_config_flag(
+            parser, "--features", "task.inputs.features", help="the --out folder of `foundation embed` (*.h5)"
+        )
+        add_config_flag(
+            parser, "--labels", "task.inputs.labels", help="CSV: slide_id,label[,case_id][,split]"
+        )
 
-    def build(
-        self, cfg: Config, args: argparse.Namespace, backbone: Any, backbone_meta: dict[str, Any]
-    ) -> TaskParts:
-        if getattr(args, "backbone", None) or getattr(args, "random_init", False):
+    def data_channels(self, cfg: Config) -> None:
+        """No backbone is trained: the features are the data."""
+        return None
+
+    def build(self, cfg: Config, backbone: Any, backbone_meta: dict[str, Any]) -> TaskParts:
+        if cfg.task.backbone or cfg.task.random_init:
             raise ConfigError(
                 f"finetune {TASK_NAME} trains on features: give --features (the backbone is the one "
                 "`foundation embed` used), not --backbone or --random-init"
             )
-        opts = SlideOptions.from_dict(cfg.task.options)
-        table = read_labels(args.labels)
-        folder = scan_features(args.features)
+        opts: SlideOptions = cfg.task.typed_options
+        inputs: SlideInputs = cfg.task.typed_inputs
+        missing = [f"--{k} (task.inputs.{k})" for k in ("features", "labels") if not getattr(inputs, k)]
+        if missing:
+            raise ConfigError(f"finetune {TASK_NAME}: give {' and '.join(missing)}")
+        table = read_labels(inputs.labels)
+        folder = scan_features(inputs.features)
         matched = match(table, folder)
         _log_skipped(matched.skipped)
         if not matched.rows:
-            raise ConfigError(f"no slide of {table.path} has a usable feature file in {args.features}")
+            raise ConfigError(f"no slide of {table.path} has a usable feature file in {inputs.features}")
         classes = sort_labels({r.label for r in matched.rows})
         if len(classes) < 2:
             raise ConfigError(
@@ -131,7 +143,7 @@ class SlideClassificationTask:
             "splits": [f.to_dict() for f in folds],
             "feature_dim": folder.dim,
             "feature_backbone": folder.backbone,
-            "features": str(Path(args.features).resolve()),
+            "features": str(Path(inputs.features).resolve()),
             "labels": str(table.path.resolve()),
             "skipped": matched.skipped,
         }

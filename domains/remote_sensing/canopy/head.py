@@ -45,7 +45,7 @@ class HeadOptions:
     layers: tuple[int, ...] | None = None
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> HeadOptions:
+    def from_options(cls, options: dict[str, Any] | None, cfg: Any = None) -> HeadOptions:
         """Raises: ConfigError: unknown key or bad value, named as ``task.options.head.KEY``."""
         options = dict(options or {})
         reject_unknown_keys(options, cls, "task.options.head", "the canopy-height head")

@@ -83,7 +83,7 @@ class LossOptions:
     l1_weight: float = 0.05
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> LossOptions:
+    def from_options(cls, options: dict[str, Any] | None, cfg: Any = None) -> LossOptions:
         """Raises: ConfigError: unknown key or bad value, named as ``task.options.loss.KEY``."""
         options = dict(options or {})
         reject_unknown_keys(options, cls, "task.options.loss", "the canopy-height loss")

@@ -66,7 +66,7 @@ def build_canopy_net(backbone: ViT, head: dict[str, Any]) -> CanopyNet:
     Raises:
         ConfigError: an unknown head option or a bad value.
     """
-    return CanopyNet(backbone, HeadOptions.from_dict(head))
+    return CanopyNet(backbone, HeadOptions.from_options(head))
 
 
 def load_canopy_model(path: str | Path) -> tuple[CanopyNet, dict[str, Any]]:

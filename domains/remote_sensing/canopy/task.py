@@ -42,7 +42,8 @@ from domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scal
 from foundation.config import RECIPES, Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
-from foundation.tasks.base import TaskParts
+from foundation.options import path_field
+from foundation.tasks.base import TaskParts, add_config_flag
 from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class CanopyOptions:
         loss: the loss (:class:`~domains.remote_sensing.canopy.losses.LossOptions`).
         tile_size: training windows in pixels (a multiple of the patch size); also the evaluation tile.
         min_valid: fraction of labelled pixels a training window should have.
-        bands: 1-based image bands (``--bands`` wins); default every band but alpha.
+        bands: 1-based image bands (the ``--bands`` flag sets it); default every band but alpha.
         scale: divisor to reflectance-like units, as the remote_sensing domain (``auto`` or a number).
         nodata: image nodata value (raw units) for files that declare none.
         label_nodata: label nodata value for label files that declare none.
@@ -70,11 +71,11 @@ class CanopyOptions:
         stats_windows: 256-px windows read to estimate band statistics when the backbone has none for the bands.
     """
 
-    head: dict[str, Any] = field(default_factory=dict)
-    loss: dict[str, Any] = field(default_factory=dict)
+    head: HeadOptions = field(default_factory=HeadOptions)
+    loss: LossOptions = field(default_factory=LossOptions)
     tile_size: int = 64
     min_valid: float = 0.5
-    bands: Any = None
+    bands: tuple[int, ...] | None = None
     scale: str | float = "auto"
     nodata: float | None = None
     label_nodata: float | None = None
@@ -82,10 +83,18 @@ class CanopyOptions:
     stats_windows: int = 64
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> CanopyOptions:
-        """Raises: ConfigError: unknown key or bad value, named as ``task.options.KEY``."""
+    def from_options(cls, options: dict[str, Any], cfg: Any = None) -> CanopyOptions:
+        """``task.options`` as written (typed once, when the config loads: ``cfg.task.typed_options``).
+
+        Raises:
+            ConfigError: unknown key or bad value, named as ``task.options.KEY``.
+        """
         reject_unknown_keys(options, cls, "task.options", "canopy-height")
-        opts = cls(**options)
+        values = dict(options)
+        values["head"] = HeadOptions.from_options(values.get("head"))
+        values["loss"] = LossOptions.from_options(values.get("loss"))
+        values["bands"] = parse_bands(values.get("bands"), key="task.options.bands")
+        opts = cls(**values)
         if opts.resampling not in RESAMPLING:
             raise ConfigError(f"task.options.resampling={opts.resampling!r} is not one of {list(RESAMPLING)}")
         if not 0 <= opts.min_valid <= 1:
@@ -93,6 +102,22 @@ class CanopyOptions:
         if opts.tile_size < 1 or opts.stats_windows < 1:
             raise ConfigError("task.options.tile_size and task.options.stats_windows must be >= 1")
         return opts
+
+
+@dataclass(frozen=True)
+class CanopyInputs:
+    """``task.inputs`` of canopy height (the ``finetune`` flags of the same names fill them).
+
+    Attributes:
+        images, labels: image rasters and canopy-height rasters (metres) with the same file names; neither:
+            the embedded sample.
+        val_images, val_labels: validation pairs, scored every ``train.eval_every`` steps.
+    """
+
+    images: str | None = path_field()
+    labels: str | None = path_field()
+    val_images: str | None = path_field()
+    val_labels: str | None = path_field()
 
 
 def _pairs(images: str | None, labels: str | None, flags: str = "--images/--labels") -> list[Pair]:
@@ -202,30 +227,54 @@ class CanopyHeightTask:
     name = TASK_NAME
     domain = "remote_sensing"
     default_config = CONFIG
+    options_type = CanopyOptions
+    inputs_type = CanopyInputs
 
     # -- finetune --------------------------------------------------------------------------------------------
     def add_finetune_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--images", help="folder (or file) of image rasters; default: the embedded sample"
+        flag = add_config_flag
+        flag(
+            parser,
+            "--images",
+            "task.inputs.images",
+            help="folder (or file) of image rasters; default: the embedded sample",
         )
-        parser.add_argument("--labels", help="canopy-height rasters (metres) with the images' file names")
-        parser.add_argument("--val-images", help="validation images, scored every train.eval_every steps")
-        parser.add_argument("--val-labels", help="validation labels (same file names as --val-images)")
-        parser.add_argument("--bands", help="1-based image bands in order, e.g. 4,3,2,8 (default: all)")
+        flag(
+            parser,
+            "--labels",
+            "task.inputs.labels",
+            help="canopy-height rasters (metres) with the images' file names",
+        )
+        flag(
+            parser,
+            "--val-images",
+            "task.inputs.val_images",
+            help="validation images, scored every train.eval_every steps",
+        )
+        flag(
+            parser,
+            "--val-labels",
+            "task.inputs.val_labels",
+            help="validation labels (same file names as --val-images)",
+        )
+        flag(
+            parser,
+            "--bands",
+            "task.options.bands",
+            help="1-based image bands in order, e.g. 4,3,2,8 (default: all)",
+        )
 
-    def build(
-        self, cfg: Config, args: argparse.Namespace, backbone: ViT, backbone_meta: dict[str, Any]
-    ) -> TaskParts:
-        opts = CanopyOptions.from_dict(cfg.task.options)
-        head = HeadOptions.from_dict(opts.head)
-        loss_opts = LossOptions.from_dict(opts.loss)
+    def build(self, cfg: Config, backbone: ViT, backbone_meta: dict[str, Any]) -> TaskParts:
+        opts: CanopyOptions = cfg.task.typed_options
+        inputs: CanopyInputs = cfg.task.typed_inputs
+        head, loss_opts = opts.head, opts.loss
         if opts.tile_size % backbone.patch_size:
             raise ConfigError(
                 f"task.options.tile_size={opts.tile_size} is not a multiple of the backbone's patch size "
                 f"{backbone.patch_size}"
             )
-        bands = parse_bands(getattr(args, "bands", None) or opts.bands, key="--bands")
-        pairs = _pairs(getattr(args, "images", None), getattr(args, "labels", None))
+        bands = opts.bands
+        pairs = _pairs(inputs.images, inputs.labels)
         infos = inspect_images(pairs, bands)
         random_init = backbone_meta.get("source") == "random-init"
         check_band_count(
@@ -261,7 +310,7 @@ class CanopyHeightTask:
             resampling=opts.resampling,
             label_nodata=opts.label_nodata,
         )
-        validate = self._validator(args, opts, meta)
+        validate = self._validator(inputs, opts, meta)
         centers = net.bin_centers.clone() if head.mode == "bins" else None
         return TaskParts(
             net=net,
@@ -271,15 +320,15 @@ class CanopyHeightTask:
             meta=meta,
         )
 
-    def data_channels(self, cfg: Config, args: argparse.Namespace) -> int:
-        """Bands of the first training image after ``--bands``: what a ``--random-init`` backbone takes."""
-        opts = CanopyOptions.from_dict(cfg.task.options)
-        bands = parse_bands(getattr(args, "bands", None) or opts.bands, key="--bands")
-        pairs = _pairs(getattr(args, "images", None), getattr(args, "labels", None))
-        return inspect_images(pairs[:1], bands)[0].channels
+    def data_channels(self, cfg: Config) -> int:
+        """Bands of the first training image after ``task.options.bands``: what a ``--random-init`` backbone
+        takes."""
+        inputs: CanopyInputs = cfg.task.typed_inputs
+        pairs = _pairs(inputs.images, inputs.labels)
+        return inspect_images(pairs[:1], cfg.task.typed_options.bands)[0].channels
 
-    def _validator(self, args: argparse.Namespace, opts: CanopyOptions, meta: dict[str, Any]):
-        images, labels = getattr(args, "val_images", None), getattr(args, "val_labels", None)
+    def _validator(self, inputs: CanopyInputs, opts: CanopyOptions, meta: dict[str, Any]):
+        images, labels = inputs.val_images, inputs.val_labels
         if not images and not labels:
             return None
         if not (images and labels):
