@@ -95,9 +95,11 @@ class _Run(Generic[S, H]):
     def __init__(self, steps: Steps[S, H], spec: BatchSpec, report: BatchReport) -> None:
         self.steps, self.spec, self.report = steps, spec, report
 
-    def add(self, item: Item, status: str, reason: str | None = None, **facts: Any) -> None:
+    def add(
+        self, item: Item, status: str, reason: str | None = None, facts: dict[str, Any] | None = None
+    ) -> None:
         out = str(item.out) if item.out is not None and status != SKIPPED else None
-        facts = {**self.spec.entry_keys(item), **facts}
+        facts = {**self.spec.entry_keys(item), **(facts or {})}
         self.report.results.append(ItemResult(item.name, status, out, reason, item.index, facts))
 
     def skip(self, item: Item, error: BaseException) -> None:
@@ -116,7 +118,7 @@ class _Run(Generic[S, H]):
                 bar.update(1)
                 continue
             if facts is not None:
-                self.add(item, EXISTING, **facts)
+                self.add(item, EXISTING, facts=facts)
                 bar.update(1)
                 continue
             yield item, self.begin(item)
@@ -183,7 +185,7 @@ def run_items(
                 bar.update(1)
                 run.close(current)
                 current = None
-            run.add(item, WRITTEN, **facts)
+            run.add(item, WRITTEN, facts=facts)
     finally:  # stopped or interrupted: close what was begun (closing twice is harmless)
         bar.close()
         for started in (current, upcoming[1] if upcoming is not None else None):

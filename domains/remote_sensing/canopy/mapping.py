@@ -4,7 +4,9 @@ Each scene is read in windows with the checkpoint's own band selection, scale an
 :class:`~domains.remote_sensing.canopy.data.Normalization` as training), predicted in overlapping tiles
 blended without seams (:mod:`.tiling`), written row strip by row strip to a temporary GeoTIFF and turned into
 a validated COG (:mod:`.cog`) under the final name only at the end. Memory is bounded by the tile rows in
-flight, not by the scene. Under ``torchrun`` (or ``--nproc N``) scenes are shared out by rank.
+flight, not by the scene. The batch runs on :mod:`foundation.batch.runner`: under ``torchrun`` (or ``--nproc
+N``) scene ``i`` goes to rank ``i % world_size``; with a folder ``--out`` the common ``OUT/summary.json``
+(``written`` / ``existing`` / ``skipped`` scenes, each entry also holding its JSON line's keys) is written.
 
 NaN and infinite pixel values are missing data, like nodata: fed to the network as the mean, NaN in the map;
 their fraction is logged and reported per scene (``nonfinite_fraction``).
@@ -40,6 +42,10 @@ import torch
 
 from domains.remote_sensing.commands import OUT_SUFFIX
 from foundation.batch import exit_status
+from foundation.batch.launch import should_spawn, spawn_batch
+from foundation.batch.report import SKIPPED, BatchReport
+from foundation.batch.runner import BatchSpec, Item, Steps, finish, run_items
+from foundation.batch.summary import check_summaries
 from foundation.errors import ConfigError, DataError, FoundationError, OutputError
 from foundation.outputs import check_not_input, check_writable, output_error, temporary_name
 
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 GSD_TOLERANCE = 1.5  # warn when scene and training resolution differ by more than this factor
 GDAL_CACHE_MB = 64  # GDAL's block cache (default: 5% of RAM) bounded, so memory does not grow with the scene
 M_PER_DEG = 111_320.0  # metres per degree of latitude / of longitude at the equator
+COMMAND = "canopy-height"
 
 
 @dataclass(frozen=True)
@@ -73,13 +80,12 @@ class MapOptions:
 
 # -- the command line (parser: domains/remote_sensing/commands.py) -----------------------------------------
 def cmd_canopy_height(args: argparse.Namespace) -> int:
-    """Map every scene (this rank's share), print one JSON line per scene, return the exit status."""
-    from foundation.train.distributed import all_gather_objects, destroy_distributed, init_distributed
+    """Map every scene (this rank's share) on :mod:`foundation.batch.runner`, print one JSON line per scene
+    (main rank), write ``OUT/summary.json`` when ``--out`` is a folder; return the exit status."""
+    from foundation.train.distributed import destroy_distributed, init_distributed
 
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from foundation.cli import spawn_local
-
-        return spawn_local(args.nproc, sys.argv[1:])
+    if should_spawn(args.nproc):
+        return spawn_batch(args.nproc, sys.argv[1:])
     out = Path(args.out)
     labels = getattr(args, "labels", None)
     if labels and not args.quicklook:
@@ -89,6 +95,9 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
     scenes = list_scenes(args.scenes, out)
     protected = [Path(args.checkpoint), *([Path(labels)] if labels else [])]
     outputs = output_paths(scenes, out, protected=protected)
+    summary_dir = None if outputs == [out] else out  # one map written to the file named: no summary
+    if summary_dir is not None:
+        check_summaries(summary_dir, COMMAND)
     from domains.remote_sensing.canopy.model import load_canopy_model
 
     dist_info = init_distributed(args.device)
@@ -112,13 +121,56 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
             quiet=args.quiet or not dist_info.is_main,
         )
         check_tile(net, opts)
-        jobs = list(enumerate(zip(scenes, outputs, strict=True)))[dist_info.rank :: dist_info.world_size]
-        results = [(i, map_scene_safely(net, meta, src, dst, opts)) for i, (src, dst) in jobs]
-        gathered = sorted(r for part in all_gather_objects(results) for r in part)  # input order
-        results = [r for _, r in gathered]
+        spec = BatchSpec(
+            COMMAND, "scene", skip_errors=(FoundationError,), progress=not args.quiet,
+            entry_keys=lambda item: {"scene": item.name, "out": str(item.out)},
+        )  # fmt: skip
+        steps: Steps[Path, Item[Path]] = Steps(
+            run=lambda item, _: map_scene(net, meta, item.source, item.out, opts),
+            existing=lambda item: _done_before(net, meta, item, opts),
+        )
+        items = [
+            Item(i, str(src), src, dst) for i, (src, dst) in enumerate(zip(scenes, outputs, strict=True))
+        ]
+        report_ = run_items(items, steps, spec, rank=dist_info.rank, world_size=dist_info.world_size)
+        outcome = finish(
+            report_, spec, rank=dist_info.rank, world_size=dist_info.world_size, summary_dir=summary_dir,
+            out=str(out), facts=lambda r: {"checkpoint": str(args.checkpoint)},
+        )  # fmt: skip
     finally:
         destroy_distributed()
-    return report(results, dist_info.is_main, args.checkpoint)
+    report(scene_lines(outcome.report), outcome.is_main, args.checkpoint)
+    outcome.raise_error()
+    return outcome.exit_code()
+
+
+def _done_before(
+    net: torch.nn.Module, meta: dict[str, Any], item: Item[Path], opts: MapOptions
+) -> dict | None:
+    """The runner's ``existing`` step: the JSON line of a scene this model already mapped (``"status":
+    "exists"``; a missing quicklook asked for is drawn), None when it is to be mapped.
+
+    Raises:
+        OutputError, DataError: as :func:`existing_map` (a file that is not ours, one of ours made otherwise).
+    """
+    assert item.out is not None
+    fingerprint = meta.get("fingerprint") or model_fingerprint(net, meta)
+    if not existing_map(item.out, item.source, fingerprint, opts.overwrite):
+        return None
+    return map_scene(net, meta, item.source, item.out, opts)
+
+
+def scene_lines(merged: BatchReport) -> list[dict[str, Any]]:
+    """One JSON line per scene in input order: ``status`` done, exists or skipped (with its reason)."""
+    lines = []
+    for r in merged.results:
+        if r.status == SKIPPED:
+            lines.append(
+                {"scene": r.item, "status": "skipped", "out": r.facts.get("out"), "reason": r.reason}
+            )
+        else:
+            lines.append(r.facts)
+    return lines
 
 
 def report(results: list[dict[str, Any]], is_main: bool, checkpoint: str) -> int:

@@ -180,7 +180,12 @@ def test_cli_maps_several_scenes_skips_bad_ones_and_never_overwrites(
         with rasterio.open(cog) as ds:
             heights = ds.read(1)
         assert np.isfinite(heights).all() and (heights >= 0).all()
-    assert sorted(p.name for p in out.iterdir()) == ["a_chm.png", "a_chm.tif", "b_chm.png", "b_chm.tif"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_chm.png", "a_chm.tif", "b_chm.png", "b_chm.tif", "summary.json"
+    ]  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())  # the common batch summary
+    assert summary["command"] == "canopy-height" and summary["counts"]["written"] == 2
+    assert [Path(s["scene"]).name for s in summary["written"]] == ["a.tif", "b.tif"]
     before = os.path.getmtime(out / "a_chm.tif")
     assert main([*argv[:2], *argv[4:], "--quiet"]) == EXIT_DONE  # already mapped by this model: done
     assert _json_lines(capsys.readouterr().out)[0]["status"] == "exists"
@@ -217,5 +222,6 @@ def test_under_torchrun_each_rank_maps_its_share(
     out = tmp_path / "maps"
     argv = ["canopy-height", *map(str, scenes), "--checkpoint", str(checkpoint), "--out", str(out), "--quiet"]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["s1_chm.tif"]  # rank 1 of 2: scenes 1, 3, 5, ...
+    # rank 1 of 2: scenes 1, 3, 5, ... and its own summary (rank 0 writes the merged summary.json)
+    assert sorted(p.name for p in out.iterdir()) == ["s1_chm.tif", "summary_rank1.json"]
     assert capsys.readouterr().out == ""  # only the main rank prints the summary
