@@ -237,7 +237,6 @@ def write_volume(path: Path, images: list[np.ndarray], cfg: Config) -> None:
     slice display (same pixels, unresampled, same orientation)."""
     import nibabel as nib
 
-    from domains.medical.options import VolumeOptions
     from domains.medical.slices import display_slice
     from domains.medical.volume import load_volume
 

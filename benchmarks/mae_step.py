@@ -125,18 +125,19 @@ def run(args: argparse.Namespace, dims: int, size: int, patch: int, chans: int) 
 def _trainer(cfg, tmp: Path, device: torch.device, chans: int, dims: int) -> Trainer:
     """A Trainer whose domain matches the synthetic input (channels, dimensionality)."""
     from foundation import domain as registry
+    from foundation.data.spec import DataSpec
 
     class Synthetic:
-        name, channels, spatial_dims = "bench", chans, dims
-        mean, std = (0.0,) * chans, (1.0,) * chans
+        name = "bench"
+        default_spec = DataSpec(chans, dims, (0.0,) * chans, (1.0,) * chans)
 
         def make_sample(self, root):
             return str(root)
 
         def sample_source(self, path, cfg):
-            return None
+            return registry.DataSource(None, self.default_spec)
 
-        def ssl_transform(self, cfg):
+        def ssl_transform(self, cfg, spec):
             return None
 
     registry._REGISTRY["bench"] = Synthetic

@@ -79,10 +79,10 @@ def main() -> None:
         return load_config(None, overrides, domain="pathology")
 
     cfg = config(args.augment_on)
-    source = domain.sample_source(data, cfg)
+    source, spec = domain.sample_source(data, cfg)
     n = args.tiles
     datasets = {
-        where: SSLViewDataset(source, domain.ssl_transform(config(where)), seed=0)
+        where: SSLViewDataset(source, domain.ssl_transform(config(where), spec), seed=0)
         for where in ("workers", "device")
     }
     dataset = datasets[args.augment_on]

@@ -59,10 +59,20 @@ def parse_options(
     build = getattr(cls, "from_options", None)
     try:
         value = build(values, cfg) if build is not None else cls(**values)
-    except TypeError as e:  # a dataclass's own arithmetic or comparison on a value of the wrong type
-        raise ConfigError(f"{where}: {e}") from e
+    except (TypeError, ValueError) as e:  # the class's own checks met a value of the wrong type
+        raise ConfigError(_wrong_type(cls, values, where) or f"{where}: {e}") from e
     check_types(value, where)
     return value
+
+
+def _wrong_type(cls: type, values: dict[str, Any], where: str) -> str | None:
+    """The first value given that fits its field's annotation in no way, as a message naming the key."""
+    hints = typing.get_type_hints(cls)
+    for key, item in values.items():
+        hint = hints.get(key, Any)
+        if not _fits(item, hint) and not _fits([item], hint):  # a scalar may stand for a list
+            return f"{where}.{key}={item!r} must be {_name(hint)}"
+    return None
 
 
 def check_types(value: Any, where: str) -> None:

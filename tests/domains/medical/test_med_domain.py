@@ -26,7 +26,7 @@ QUICK = ["train.steps=2", "train.batch_size=2", "train.checkpoint_every=2", "dat
 
 def test_registered_through_the_entry_point() -> None:
     domain = get_domain("medical")
-    assert isinstance(domain, MedicalDomain) and domain.spatial_dims == 3
+    assert isinstance(domain, MedicalDomain) and domain.default_spec.spatial_dims == 3
 
 
 def test_embedded_phantoms(tmp_path: Path) -> None:
@@ -47,7 +47,8 @@ def test_embedded_phantoms(tmp_path: Path) -> None:
 
 
 def test_mae_view_flips_and_normalises_deterministically() -> None:
-    view = MedicalDomain().ssl_transform(load_config(RECIPE))
+    domain = MedicalDomain()
+    view = domain.ssl_transform(load_config(RECIPE), domain.default_spec)
     sample = {"image": torch.rand(1, 16, 16, 16)}
     a = view(sample, torch.Generator().manual_seed(1))["image"]
     b = view(sample, torch.Generator().manual_seed(1))["image"]
@@ -57,7 +58,9 @@ def test_mae_view_flips_and_normalises_deterministically() -> None:
 def test_dinov2_on_3d_and_3d_eval_are_refused_clearly() -> None:
     domain = MedicalDomain()
     with pytest.raises(ConfigError, match="runs DINOv2 on 2D slices"):
-        domain.ssl_transform(load_config(RECIPE, ["ssl.method=dinov2", "model.spatial_dims=3"]))
+        domain.ssl_transform(
+            load_config(RECIPE, ["ssl.method=dinov2", "model.spatial_dims=3"]), domain.default_spec
+        )
     with pytest.raises(NotAvailableYetError, match="probes of 3D medical backbones are not available"):
         domain.eval_dataset("anything", load_config(RECIPE))  # the 3D MAE recipe
 
@@ -119,14 +122,14 @@ def test_slices_are_shown_radiologically_and_skip_air(tmp_path: Path) -> None:
     write_nifti(tmp_path / "v.nii.gz", volume, np.eye(4))
     cfg = load_config(SLICES, ["data.options.spacing=null", "data.crops.global_size=16"])
     domain = MedicalDomain()
-    source = domain.sample_source(str(tmp_path), cfg)
-    assert domain.spatial_dims == 2
+    source, spec = domain.sample_source(str(tmp_path), cfg)
+    assert spec.spatial_dims == 2 and domain.default_spec.spatial_dims == 3
     for i in range(6):
         image = source.sample(i, torch.Generator().manual_seed(i))["image"]
         assert image.shape == (20, 20, 1) and image.dtype == np.float32
         assert image.mean() > 0.3  # a tissue slice, not air
         assert image[:5, :5].mean() > image[-5:, -5:].mean()  # bright corner at the top left
-    views = domain.ssl_transform(cfg)({"image": image}, torch.Generator().manual_seed(0))
+    views = domain.ssl_transform(cfg, spec)({"image": image}, torch.Generator().manual_seed(0))
     assert [v.shape for v in views["global_crops"]] == [(1, 16, 16)] * 2
 
 

@@ -56,17 +56,17 @@ def test_slice_runs_standardise_with_the_slices_own_statistics(tmp_path: Path) -
         domain="medical",
     )
     domain = MedicalDomain()
-    source = domain.sample_source(str(tmp_path / "train"), cfg)
+    source, spec = domain.sample_source(str(tmp_path / "train"), cfg)
     # every slice: 0.2 except the bright 4x4 corner (1.0) of 12x12: mean 0.289, std 0.251
-    assert domain.mean[0] == pytest.approx(0.2 + 0.8 * 16 / 144, abs=1e-4)
-    assert domain.std[0] == pytest.approx(0.8 * np.sqrt(16 / 144 * (1 - 16 / 144)), abs=1e-4)
-    assert (domain.mean, domain.std) == slice_statistics(source, 3)  # deterministic, own generator
+    assert spec.mean[0] == pytest.approx(0.2 + 0.8 * 16 / 144, abs=1e-4)
+    assert spec.std[0] == pytest.approx(0.8 * np.sqrt(16 / 144 * (1 - 16 / 144)), abs=1e-4)
+    assert (spec.mean, spec.std) == tuple(map(tuple, slice_statistics(source, 3)))  # deterministic
     state = torch.random.get_rng_state()
     slice_statistics(source, 3)
     assert torch.equal(state, torch.random.get_rng_state())  # the global stream is untouched
     # the evaluation hook reads labelled slices with those statistics
     write_nifti(tmp_path / "eval" / "liver" / "b.nii.gz", _volume(20.0, 2), np.eye(4))
-    data = domain.eval_dataset(str(tmp_path / "eval"), cfg)
+    data = domain.eval_dataset(str(tmp_path / "eval"), cfg, spec)
     assert data.classes == ["liver"] and data[0]["image"][0, -1, -1] == pytest.approx(
-        (0.2 - domain.mean[0]) / domain.std[0]
+        (0.2 - spec.mean[0]) / spec.std[0]
     )

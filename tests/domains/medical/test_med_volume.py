@@ -113,7 +113,7 @@ def test_random_crop_is_deterministic_and_inside_the_volume() -> None:
 
 def test_unknown_or_bad_options_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"data.options.spacng is not an option of the medical domain"):
-        VolumeOptions.from_config({"spacng": [1, 1, 1]})
+        VolumeOptions.from_options({"spacng": [1, 1, 1]})
     with pytest.raises(ConfigError, match="modality"):
-        VolumeOptions.from_config({"modality": "pet"})
-    assert VolumeOptions.from_config({"spacing": 2}).spacing == (2.0, 2.0, 2.0)
+        VolumeOptions.from_options({"modality": "pet"})
+    assert VolumeOptions.from_options({"spacing": 2}).spacing == (2.0, 2.0, 2.0)

@@ -3,7 +3,6 @@ the run resumes exactly, `foundation evaluate` prints per-organ Dice, bad set-up
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -63,11 +62,10 @@ def trained(tmp_path_factory, single_thread) -> tuple[Path, Path]:
 
 def _untrained_dice(recipe: Path) -> float:
     """Validation Dice of the same network before any step (same seed, same head initialisation)."""
-    cfg = load_config(recipe, [], pretraining=False, domain="medical")
+    cfg = load_config(recipe, [], pretraining=False, task=OrganSegmentationTask(), domain="medical")
     torch.manual_seed(cfg.seed)
     backbone = build_vit("vit_tiny", in_chans=1, spatial_dims=3, img_size=32, patch_size=16)
-    args = argparse.Namespace(data=None, data_root=None)
-    parts = OrganSegmentationTask().build(cfg, args, backbone, {"source": "random-init"})
+    parts = OrganSegmentationTask().build(cfg, backbone, {"source": "random-init"})
     with torch.no_grad():
         return parts.validate(parts.net.eval(), torch.device("cpu"))["dice_mean"]
 
@@ -152,9 +150,9 @@ def test_setup_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(ConfigError, match="overlap"):
         from domains.medical.segmentation.task import SegmentationOptions
 
-        SegmentationOptions.from_config({"overlap": 1.0})
+        SegmentationOptions.from_options({"overlap": 1.0})
     with pytest.raises(ConfigError, match="norm_name='group' is not one of"):
-        SegmentationOptions.from_config({"norm_name": "group"})
+        SegmentationOptions.from_options({"norm_name": "group"})
 
 
 def test_evaluate_skips_broken_and_nan_volumes_scores_the_rest(trained, tmp_path, capsys):
@@ -221,7 +219,28 @@ def test_the_shipped_recipe_is_valid():
 
     task = OrganSegmentationTask()
     assert task.default_config.is_file()
-    cfg = load_config(task.default_config, [], pretraining=False, domain="medical")
-    opts = SegmentationOptions.from_config(cfg.task.options)
+    cfg = load_config(task.default_config, [], pretraining=False, task=task, domain="medical")
+    opts = cfg.task.typed_options
+    assert isinstance(opts, SegmentationOptions) and isinstance(cfg.data.typed_options, VolumeOptions)
     assert all(s % cfg.model.patch_size == 0 for s in opts.roi_size) and opts.overlap == 0.5
-    assert VolumeOptions.from_config(cfg.data.options).modality == "ct"
+    assert cfg.data.typed_options.modality == "ct"
+
+
+def test_saved_config_reproduces_the_run_from_another_folder(tmp_path, monkeypatch, single_thread):
+    """RUN/config.yaml holds the datalist (absolute) and the backbone choice: `finetune organ-segmentation
+    --config RUN/config.yaml` alone, from another working directory, trains the same weights."""
+    datalist = Path(sample_datalist())
+    recipe = _recipe(tmp_path, steps=2, every=2)
+    monkeypatch.chdir(datalist.parent)
+    assert _finetune(recipe, tmp_path / "first", "--data", datalist.name, "train.eval_every=0") == 0
+    saved = (tmp_path / "first" / "config.yaml").read_text()
+    assert f"data: {datalist}" in saved and "random_init: true" in saved
+    monkeypatch.chdir(tmp_path)
+    argv = ["finetune", "organ-segmentation", "--config", str(tmp_path / "first" / "config.yaml")]
+    assert main([*argv, "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    first, again = (torch.load(tmp_path / r / "model.pt", weights_only=True) for r in ("first", "again"))
+    assert first["task_meta"] == again["task_meta"]
+    assert all(torch.equal(first["net"][k], again["net"][k]) for k in first["net"])
+    assert [r.get("loss") for r in _records(tmp_path / "first")] == [
+        r.get("loss") for r in _records(tmp_path / "again")
+    ]

@@ -93,7 +93,7 @@ def test_stream_gives_tissue_tiles_from_the_dicom_slide(slides: Path) -> None:
     small = ["model.patch_size=8", "model.img_size=32", "data.crops.global_size=32"]
     small += ["data.crops.local_size=16", "ssl.head_prototypes=128", "ssl.head_hidden_dim=64"]
     cfg = load_config(overrides=["domain=pathology", *small, "data.options.mpp=1.0"])
-    source = PathologyDomain().sample_source(str(slides), cfg)
+    source = PathologyDomain().sample_source(str(slides), cfg).samples
     samples = [source.sample(i, torch.Generator().manual_seed(i)) for i in range(0, 160, 8)]
     assert {Path(s["path"]).name for s in samples} == {"a.svs", "case2"}
     for s in (s for s in samples if Path(s["path"]).name == "case2"):

@@ -17,7 +17,7 @@ from PIL import Image
 from domains.pathology import PathologyDomain
 from domains.pathology.sample import SAMPLE_NAME
 from domains.pathology.slide import open_slide
-from domains.pathology.source import PathologyOptions, list_slides
+from domains.pathology.source import list_slides
 from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.config import load_config
@@ -55,21 +55,22 @@ def slides(tmp_path: Path) -> Path:
 def test_registered_through_entry_point() -> None:
     dom = get_domain("pathology")
     assert isinstance(dom, PathologyDomain)
-    assert (dom.channels, dom.spatial_dims, len(dom.mean), len(dom.std)) == (3, 2, 3, 3)
+    spec = dom.default_spec
+    assert (spec.channels, spec.spatial_dims, len(spec.mean), len(spec.std)) == (3, 2, 3, 3)
 
 
 def test_options_defaults_and_refusals() -> None:
-    opts = PathologyOptions.from_config(cfg_with())
+    opts = cfg_with().data.typed_options
     assert (opts.mpp, opts.tile_size, opts.min_tissue) == (1.0, 32, 0.25)  # tile size = global crop
-    assert PathologyOptions.from_config(cfg_with("data.options.tile_size=48")).tile_size == 48
+    assert cfg_with("data.options.tile_size=48").data.typed_options.tile_size == 48
     with pytest.raises(
         ConfigError, match=r"data.options.mmp is not an option of the pathology domain; allowed"
     ):
-        PathologyOptions.from_config(cfg_with("data.options.mmp=0.5"))
+        cfg_with("data.options.mmp=0.5")
     with pytest.raises(ConfigError, match="data.options.mpp=-1"):
-        PathologyOptions.from_config(cfg_with("data.options.mpp=-1"))
+        cfg_with("data.options.mpp=-1")
     with pytest.raises(ConfigError, match="data.options.mpp='x'"):
-        PathologyOptions.from_config(cfg_with("data.options.mpp=x"))
+        cfg_with("data.options.mpp=x")
 
 
 def test_list_slides(slides: Path, tmp_path: Path) -> None:
@@ -85,7 +86,7 @@ def test_list_slides(slides: Path, tmp_path: Path) -> None:
 
 def test_stream_gives_tissue_tiles_deterministically(slides: Path) -> None:
     cfg = cfg_with()
-    source = PathologyDomain().sample_source(str(slides), cfg)
+    source = PathologyDomain().sample_source(str(slides), cfg).samples
     samples = [source.sample(i, torch.Generator().manual_seed(i)) for i in range(0, 200, 7)]
     assert {Path(s["path"]).name for s in samples} == {"a.svs", "b.ome.tif"}  # both readers used
     for s in samples:
@@ -93,7 +94,7 @@ def test_stream_gives_tissue_tiles_deterministically(slides: Path) -> None:
         x, y = (int(v) for v in s["coords"])  # level-0 pixels, on the tissue rectangle
         assert TISSUE[0] - 128 <= x < TISSUE[2] and TISSUE[1] - 128 <= y < TISSUE[3]
         assert s["image"].astype(float).mean() < 215  # stained, not glass
-    again = PathologyDomain().sample_source(str(slides), cfg)
+    again = PathologyDomain().sample_source(str(slides), cfg).samples
     s35 = again.sample(35, torch.Generator().manual_seed(35))
     assert s35["path"] == samples[5]["path"] and (s35["coords"] == samples[5]["coords"]).all()
     np.testing.assert_array_equal(s35["image"], samples[5]["image"])
@@ -103,7 +104,7 @@ def test_stream_gives_tissue_tiles_deterministically(slides: Path) -> None:
 
 
 def test_multi_magnification_draws_each_resolution(slides: Path) -> None:
-    source = PathologyDomain().sample_source(str(slides), cfg_with("data.options.mpps=[1.0,2.0]"))
+    source = PathologyDomain().sample_source(str(slides), cfg_with("data.options.mpps=[1.0,2.0]")).samples
     samples = [source.sample(i, torch.Generator().manual_seed(i)) for i in range(0, 120, 3)]
     assert {s["mpp"] for s in samples} == {1.0, 2.0}
     for s in samples:
@@ -111,9 +112,9 @@ def test_multi_magnification_draws_each_resolution(slides: Path) -> None:
         assert s["image"].shape == (32, 32, 3)  # same pixels, twice the tissue at 2 um/px
         assert tiling.extent == round(32 * s["mpp"] / source.handles.get(Path(s["path"])).mpp)
     with pytest.raises(ConfigError, match="mpps"):
-        PathologyOptions.from_config(cfg_with("data.options.mpps=[0.5,fast]"))
+        cfg_with("data.options.mpps=[0.5,fast]")
     with pytest.raises(ConfigError, match="mpps"):
-        PathologyOptions.from_config(cfg_with("data.options.mpps=[]"))
+        cfg_with("data.options.mpps=[]")
 
 
 def test_broken_and_empty_slides_are_skipped_with_a_warning(
@@ -126,7 +127,7 @@ def test_broken_and_empty_slides_are_skipped_with_a_warning(
     )
     whole = (slides / "case1" / "a.svs").read_bytes()
     (slides / "cut.svs").write_bytes(whole[: len(whole) // 3])  # a header, then regions that cannot be read
-    source = PathologyDomain().sample_source(str(slides), cfg_with())
+    source = PathologyDomain().sample_source(str(slides), cfg_with()).samples
     with caplog.at_level(logging.WARNING, logger="domains.pathology.source"):
         samples = [source.sample(i, torch.Generator().manual_seed(i)) for i in range(0, 400, 8)]
     assert {Path(s["path"]).name for s in samples} == {"a.svs", "b.ome.tif"}
@@ -140,7 +141,7 @@ def test_broken_and_empty_slides_are_skipped_with_a_warning(
 
 def test_all_broken_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "x.svs").write_bytes(b"nope" * 100)
-    source = PathologyDomain().sample_source(str(tmp_path), cfg_with())
+    source = PathologyDomain().sample_source(str(tmp_path), cfg_with()).samples
     with pytest.raises(DataError, match="no slide under .* gave a tissue tile"):
         source.sample(0, torch.Generator())
 
@@ -149,15 +150,15 @@ def test_mpp_overrides_for_slides_without_resolution(tmp_path: Path) -> None:
     root = tmp_path / "nores"
     root.mkdir()
     write_levels(root / "n.tif", [tissue_image(1024, 768, box=(256, 256, 768, 512))])
-    source = PathologyDomain().sample_source(str(root), cfg_with())
+    source = PathologyDomain().sample_source(str(root), cfg_with()).samples
     with pytest.raises(DataError, match="no slide under"):
         source.sample(0, torch.Generator())
     assert "n.tif" in str(next(iter(source.broken)))
-    ok = PathologyDomain().sample_source(str(root), cfg_with("data.options.slide_mpp=0.5"))
+    ok = PathologyDomain().sample_source(str(root), cfg_with("data.options.slide_mpp=0.5")).samples
     assert ok.sample(0, torch.Generator())["image"].shape == (32, 32, 3)
     table = tmp_path / "mpp.csv"
     table.write_text("slide,mpp\nn.tif,0.5\n")
-    via_csv = PathologyDomain().sample_source(str(root), cfg_with(f"data.options.mpp_csv={table}"))
+    via_csv = PathologyDomain().sample_source(str(root), cfg_with(f"data.options.mpp_csv={table}")).samples
     assert via_csv.mpp_override(root / "n.tif") == 0.5
     assert via_csv.sample(0, torch.Generator())["image"].shape == (32, 32, 3)
     table.write_text("name,mpp\nn.tif,0.5\n")
@@ -170,9 +171,9 @@ def test_views_augmented_in_workers(slides: Path, method: str) -> None:
     cfg = cfg_with(f"ssl.method={method}", "data.augment_on=workers")
     dom = PathologyDomain()
     g = torch.Generator().manual_seed(0)
-    transform = dom.ssl_transform(cfg)
+    transform = dom.ssl_transform(cfg, dom.default_spec)
     assert transform.device_transform is None
-    views = transform(dom.sample_source(str(slides), cfg).sample(0, g), g)
+    views = transform(dom.sample_source(str(slides), cfg).samples.sample(0, g), g)
     if method == "mae":
         assert views["image"].shape == (3, 32, 32)
     else:
@@ -191,8 +192,8 @@ def test_views_augmented_on_device(slides: Path, method: str) -> None:
     the stain jitter of their tile."""
     cfg = cfg_with(f"ssl.method={method}", "data.augment_on=device")
     dom = PathologyDomain()
-    transform = dom.ssl_transform(cfg)
-    source = dom.sample_source(str(slides), cfg)
+    transform = dom.ssl_transform(cfg, dom.default_spec)
+    source = dom.sample_source(str(slides), cfg).samples
     samples = []
     for i in range(3):
         g = torch.Generator().manual_seed(i)

@@ -54,7 +54,7 @@ def test_a_fixed_threshold_replaces_otsu() -> None:
 
 def test_options_are_checked_by_name() -> None:
     def options(*overrides: str) -> PathologyOptions:
-        return PathologyOptions.from_config(load_config(None, list(overrides), domain="pathology"))
+        return load_config(None, list(overrides), domain="pathology").data.typed_options
 
     o = options(
         "data.options.tissue_threshold=20", "data.options.overlap=16", "data.options.otsu_clip=[4,40]"
@@ -282,7 +282,7 @@ def test_pretraining_uses_the_slide_list_and_regions(two_slides: Path, tmp_path:
         "data.options.mpp=1.0",
     ]
     cfg = load_config(None, [*overrides, "data.options.tile_size=64"], domain="pathology")
-    source = PathologyDomain().sample_source(str(two_slides), cfg)
+    source = PathologyDomain().sample_source(str(two_slides), cfg).samples
     assert source.slides == (two_slides / "b.svs",)  # ghost reported in the log, a.svs not listed
     generator = torch.Generator().manual_seed(0)
     centres = np.array([source.sample(i, generator)["coords"] + 128 for i in range(16)])
@@ -416,7 +416,9 @@ def test_slides_with_one_name_in_two_folders_need_their_own_regions(tmp_path: Pa
     from domains.pathology.domain import PathologyDomain
 
     overrides = [f"data.options.regions={regions}", "data.options.mpp=1.0", "data.options.tile_size=64"]
-    source = PathologyDomain().sample_source(str(root), load_config(None, overrides, domain="pathology"))
+    source = (
+        PathologyDomain().sample_source(str(root), load_config(None, overrides, domain="pathology")).samples
+    )
     assert [source.region_name(s) for s in source.slides] == ["x__s", "y__s"]
     assert len(source.tiling(root / "x" / "s.svs")) > 0
     with pytest.raises(DataError, match="y__s.geojson"):
@@ -424,5 +426,7 @@ def test_slides_with_one_name_in_two_folders_need_their_own_regions(tmp_path: Pa
     listing = tmp_path / "list.csv"  # names of the whole folder, as embed's: a list does not rename a slide
     listing.write_text("slide_id\ny/s.svs\n")
     overrides.append(f"data.options.slides_csv={listing}")
-    source = PathologyDomain().sample_source(str(root), load_config(None, overrides, domain="pathology"))
+    source = (
+        PathologyDomain().sample_source(str(root), load_config(None, overrides, domain="pathology")).samples
+    )
     assert source.slides == (root / "y" / "s.svs",) and source.region_name(root / "y" / "s.svs") == "y__s"

@@ -145,3 +145,25 @@ def test_early_stopping_ends_the_run_and_a_rerun_is_finished(
     stamp = (run / "model.pt").stat().st_mtime_ns
     assert _finetune(feats, labels, run, *args) == EXIT_NOTHING_DONE
     assert "splits_sha256" in capsys.readouterr().err and (run / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_saved_config_reproduces_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
+) -> None:
+    """The features and labels are in RUN/config.yaml (absolute): `finetune slide-classification --config
+    RUN/config.yaml`, without flags and from another folder, trains the same weights."""
+    planted_cohort(
+        tmp_path / "feats", tmp_path / "labels.csv", per_class=4, tiles=(10, 20), planted=2, signal=8.0
+    )
+    monkeypatch.chdir(tmp_path)
+    assert _finetune(Path("feats"), Path("labels.csv"), tmp_path / "first", "train.steps=4") == 0
+    saved = (tmp_path / "first" / "config.yaml").read_text()
+    assert f"features: {tmp_path / 'feats'}" in saved and f"labels: {tmp_path / 'labels.csv'}" in saved
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    argv = ["finetune", "slide-classification", "--config", str(tmp_path / "first" / "config.yaml")]
+    assert main([*argv, "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    first, again = (torch.load(tmp_path / r / "model.pt", weights_only=True) for r in ("first", "again"))
+    assert first["task_meta"] == again["task_meta"]
+    assert all(torch.equal(first["net"][k], again["net"][k]) for k in first["net"])
+    assert main([*argv[:2], "--out", str(tmp_path / "none"), "--quiet"]) == 1  # no inputs at all: named

@@ -77,14 +77,14 @@ def test_default_layers_are_evenly_spaced_and_end_with_the_last_block():
 
 def test_head_options_are_checked_by_name():
     with pytest.raises(ConfigError, match=r"task\.options\.head\.bogus"):
-        HeadOptions.from_dict({"bogus": 1})
+        HeadOptions.from_options({"bogus": 1})
     with pytest.raises(ConfigError, match=r"mode='depth'"):
-        HeadOptions.from_dict({"mode": "depth"})
+        HeadOptions.from_options({"mode": "depth"})
     with pytest.raises(ConfigError, match="must name 4 blocks"):
-        HeadOptions.from_dict({"layers": [1, 2]})
+        HeadOptions.from_options({"layers": [1, 2]})
     with pytest.raises(ConfigError, match="depth 3"):
         build_canopy_net(_vit(depth=3), {"layers": [0, 1, 2, 5]})
-    assert HeadOptions.from_dict({"layers": [0, 1, 2, 2]}).to_dict()["layers"] == [0, 1, 2, 2]
+    assert HeadOptions.from_options({"layers": [0, 1, 2, 2]}).to_dict()["layers"] == [0, 1, 2, 2]
 
 
 def test_load_canopy_model_rebuilds_the_saved_network(tmp_path, single_thread):

@@ -144,6 +144,6 @@ def test_bins_by_hand():
 
 def test_loss_options_are_checked_by_name():
     with pytest.raises(ConfigError, match=r"task\.options\.loss\.kind"):
-        LossOptions.from_dict({"kind": "l2"})
+        LossOptions.from_options({"kind": "l2"})
     with pytest.raises(ConfigError, match="'l2'"):
-        LossOptions.from_dict({"regression": "l2"})
+        LossOptions.from_options({"regression": "l2"})

@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import rasterio
+import torch
+import yaml
 from affine import Affine
 from rs_testdata import write_raster
 
@@ -224,3 +226,24 @@ def test_a_pretrained_backbone_brings_its_statistics(data, tmp_path, capsys, sin
     argv += ["--backbone", str(_export(tmp_path, 3)), "--out", str(tmp_path / "run3")]
     assert main(argv) == EXIT_NOTHING_DONE
     assert "t0.tif: gives 4 bands but the backbone takes 3" in capsys.readouterr().err
+
+
+def test_saved_config_reproduces_the_run_from_another_folder(data, tmp_path, monkeypatch, single_thread):
+    """RUN/config.yaml holds the images, labels, bands and backbone choice (absolute paths): `finetune
+    canopy-height --config RUN/config.yaml` alone, from another working directory, gives the same weights."""
+    monkeypatch.chdir(data)  # relative flags: stored resolved
+    argv = ["finetune", "canopy-height", "--random-init", "--config", "recipe.yaml", "--quiet"]
+    argv += ["--images", "train/images", "--labels", "train/labels", "--bands", "1,2,3,4"]
+    short = ["train.steps=3", "train.eval_every=0"]
+    assert main([*argv, "--out", str(tmp_path / "first"), *short]) == 0
+    saved = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
+    assert saved["task"]["inputs"]["images"] == str(data / "train" / "images")
+    assert saved["task"]["random_init"] is True and saved["task"]["options"]["bands"] == "1,2,3,4"
+    monkeypatch.chdir(tmp_path)
+    again = ["finetune", "canopy-height", "--config", str(tmp_path / "first" / "config.yaml"), "--quiet"]
+    assert main([*again, "--out", str(tmp_path / "again")]) == 0
+    first, second = (torch.load(tmp_path / r / "model.pt", weights_only=True) for r in ("first", "again"))
+    assert first["task_meta"] == second["task_meta"]
+    assert all(torch.equal(first["net"][k], second["net"][k]) for k in first["net"])
+    losses = [[r["loss"] for r in _records(tmp_path / r) if "loss" in r] for r in ("first", "again")]
+    assert losses[0] == losses[1]
