@@ -226,13 +226,19 @@ def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", help="pretrained backbone: run folder, export folder or checkpoint")
+    p.add_argument(
+        "--backbone", help="pretrained backbone: run folder, export folder or checkpoint (task.backbone)"
+    )
     p.add_argument(
         "--random-init",
         action="store_true",
-        help="start from an untrained backbone (a baseline; uses model.*)",
+        help="start from an untrained backbone (a baseline; uses model.*; task.random_init)",
     )
-    p.add_argument("--config", help="YAML recipe; default: the task's tiny recipe")
+    p.add_argument(
+        "--config",
+        help="YAML recipe, or a fine-tuning run's RUN/config.yaml to repeat that run (its inputs and backbone "
+        "are in it); default: the task's tiny recipe",
+    )
     p.add_argument("--out", help="run folder (its parent must exist); default: runs/<task>-<recipe>")
     p.add_argument(
         "--nproc", type=int, default=0, help="spawn this many local workers (torchrun --standalone)"

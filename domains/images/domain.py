@@ -52,7 +52,8 @@ class ImagesDomain:
         return ImageViews(MultiCropViews(crops, spec.mean, spec.std))
 
     def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None) -> ImageFolderDataset:
-        spec = spec if spec is not None and spec.channels == RGB.channels else RGB  # else: refused by channels
+        # the backbone's statistics when they are RGB's; other channel counts are refused by the caller
+        spec = spec if spec is not None and spec.channels == RGB.channels else RGB
         return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, spec.mean, spec.std)
 
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:

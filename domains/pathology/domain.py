@@ -82,9 +82,7 @@ class PathologyDomain:
         if augment_on_device(cfg.data):
             stain = [HEDJitterOnDevice(options.hed_scale, options.hed_shift)]
             if mae:
-                return ImageViews(
-                    DeviceMAEView(crops.global_size, mean, std, rot90=True, tile_ops=stain)
-                )
+                return ImageViews(DeviceMAEView(crops.global_size, mean, std, rot90=True, tile_ops=stain))
             views = DeviceMultiCropViews(
                 crops, mean, std, rot90=True, solarize=False, color_strength=0.5, tile_ops=stain
             )
@@ -92,14 +90,13 @@ class PathologyDomain:
         pre = [HEDJitter(options.hed_scale, options.hed_shift, p=1.0)]
         if mae:
             return ImageViews(MAEView(crops.global_size, mean, std, rot90=True, pre=pre))
-        views = MultiCropViews(
-            crops, mean, std, rot90=True, solarize=False, color_strength=0.5, pre=pre
-        )
+        views = MultiCropViews(crops, mean, std, rot90=True, solarize=False, color_strength=0.5, pre=pre)
         return ImageViews(views)
 
     def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None) -> ImageFolderDataset:
         """Labelled tile images in class sub-folders (the layout of public patch benchmarks)."""
-        spec = spec if spec is not None and spec.channels == RGB.channels else RGB  # else: refused by channels
+        # the backbone's statistics when they are RGB's; other channel counts are refused by the caller
+        spec = spec if spec is not None and spec.channels == RGB.channels else RGB
         return ImageFolderDataset(ImageFolder.scan(path), cfg.data.crops.global_size, spec.mean, spec.std)
 
     def embed_data(self, backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict:

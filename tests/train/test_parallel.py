@@ -290,7 +290,7 @@ def test_checkpoint_with_a_missing_rank_file_is_refused(recipe, image_folder, ru
 def test_finetune_refuses_fsdp(tiny_recipe):
     cfg = load_config(tiny_recipe, ["train.parallel=fsdp"])
     with pytest.raises(ConfigError, match="train.parallel='fsdp' is for pretraining"):
-        finetune(None, cfg, None, Path("unused"), CPU1)
+        finetune(None, cfg, Path("unused"), CPU1)
 
 
 # -- part 4: several nodes ----------------------------------------------------------------------------------
