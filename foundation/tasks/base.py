@@ -25,6 +25,8 @@ from torch.utils.data import Dataset
 
 from foundation.config import Config
 from foundation.models.vit import ViT
+from foundation.tasks.loaded import LoadedTask
+from foundation.tasks.meta import TaskMeta
 
 FLAG_DEST = "config:"  # argparse dest prefix of a flag that fills a config key
 
@@ -66,8 +68,9 @@ class TaskParts:
         collate: batch collation; default ``torch.utils.data.default_collate``.
         validate: optional ``validate(net, device) -> {metric: value}``, run on the main rank every
             ``train.eval_every`` steps and at the end; values go to ``metrics.jsonl`` as ``val/<metric>``.
-        meta: JSON-able facts stored in every checkpoint under ``"task_meta"`` and needed to rebuild ``net`` and
-            to run inference later (normalisation, bands, spacing, class names, head arguments, ...).
+        meta: the task's typed inference metadata (a :class:`~foundation.tasks.meta.TaskMeta`: normalisation,
+            bands, spacing, class names, head arguments, ...); its ``to_dict()`` is stored in every checkpoint
+            under ``"task_meta"`` and ``Task.load`` reads it back. A plain JSON-able dict is stored as it is.
         input_key: the batch key fed to ``net``, or a tuple of keys fed as positional arguments (a bag of
             features and its padding mask).
         inputs_identity: for a task without a backbone, what its inputs are (the features' backbone and width,
@@ -80,7 +83,7 @@ class TaskParts:
     dataset: Dataset
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     validate: Validate | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: TaskMeta | dict[str, Any] = field(default_factory=dict)
     input_key: str | tuple[str, ...] = "image"
     inputs_identity: dict[str, Any] | None = None
 
@@ -117,6 +120,16 @@ class Task(Protocol):
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
         """Metrics of a fine-tuned checkpoint on labelled data; printed as one JSON line (the command exits 1
         when the result has a non-empty ``"skipped"`` list)."""
+
+    def load(self, path: str | Path) -> LoadedTask:
+        """The fine-tuned model at ``path`` (``RUN/model.pt``, a run folder or a training checkpoint) for
+        inference: the network in eval mode and the task's typed metadata, read and checked once (most tasks
+        call :func:`foundation.tasks.loaded.load_task_model`).
+
+        Raises:
+            CheckpointError: unreadable, a model of another task, broken metadata (file and key named), or
+                weights that do not fit.
+        """
 
 
 class TaskModel(nn.Module):

@@ -57,7 +57,7 @@ def task_setup(task: Task, cfg: Config) -> TrainingSetup:
     std = tuple(meta.get("std", ()))
     setup_meta = {
         "task": task.name,
-        "task_meta": parts.meta,
+        "task_meta": parts.meta if isinstance(parts.meta, dict) else parts.meta.to_dict(),
         "domain": task.domain,
         "backbone_source": str(meta.get("source", "")),
     }
