@@ -36,7 +36,8 @@ from affine import Affine
 from rasterio.windows import Window
 
 from domains.remote_sensing.canopy.mapping import MapOptions, open_scene
-from domains.remote_sensing.canopy.model import build_canopy_net, load_canopy_model
+from domains.remote_sensing.canopy.meta import CanopyMeta
+from domains.remote_sensing.canopy.model import build_canopy_net, load_canopy
 from domains.remote_sensing.canopy.tiling import (
     TileGrid,
     autocast_dtype,
@@ -57,22 +58,14 @@ def make_checkpoint(path: Path, tile: int, patch: int, features: int) -> Path:
     backbone_args = {"arch": "vit_tiny", "in_chans": BANDS, "img_size": tile, "patch_size": patch}
     head = {"mode": "regression", "features": features}
     net = build_canopy_net(build_vit(**backbone_args), head)
-    meta = {
-        "head": head,
-        "bands": None,
-        "scale": "auto",
-        "mean": [0.1] * BANDS,
-        "std": [0.05] * BANDS,
-        "in_chans": BANDS,
-        "tile_size": tile,
-        "gsd": 10.0,
-        "max_height": 96.0,
-    }
+    meta = CanopyMeta(
+        head=head, in_chans=BANDS, mean=(0.1,) * BANDS, std=(0.05,) * BANDS, tile_size=tile, gsd=10.0
+    )
     config = {}
     return save_task_model(
         path,
         task="canopy-height",
-        task_meta=meta,
+        task_meta=meta.to_dict(),
         backbone_args=backbone_args,
         net=net,
         config=config,
@@ -110,7 +103,8 @@ def make_scene(path: Path, size: int, strip: int = 512) -> Path:
 
 def model_only(ckpt: Path, scene: Path, tile: int, overlap: int, batch: int, device: str, precision: str):
     """A function running ``predict_height`` over the scene's tiles, pre-cut and normalised in memory."""
-    net, meta = load_canopy_model(ckpt)
+    model = load_canopy(ckpt)
+    net, meta = model.net, model.meta
     dev = resolve_device(device)
     net = net.to(dev)
     opts = MapOptions(tile=tile, overlap=overlap, device=dev)

@@ -51,6 +51,7 @@ from foundation.outputs import check_not_input, check_writable, output_error, te
 
 if TYPE_CHECKING:  # rasterio is imported only when a scene is mapped
     from domains.remote_sensing.canopy.data import Normalization
+    from domains.remote_sensing.canopy.meta import CanopyMeta
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +99,15 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
     summary_dir = None if outputs == [out] else out  # one map written to the file named: no summary
     if summary_dir is not None:
         check_summaries(summary_dir, COMMAND)
-    from domains.remote_sensing.canopy.model import load_canopy_model
+    from domains.remote_sensing.canopy.model import load_canopy
 
     dist_info = init_distributed(args.device)
     try:
-        net, meta = load_canopy_model(args.checkpoint)
+        model = load_canopy(args.checkpoint)
         make_output_folder(outputs[0].parent)  # only now: a bad checkpoint leaves nothing behind
-        net = net.to(dist_info.device)
-        meta = {**meta, "fingerprint": model_fingerprint(net, meta)}
-        tile = int(args.tile or meta.get("tile_size") or 256)
+        net, meta = model.net.to(dist_info.device), model.meta
+        fingerprint = model_fingerprint(net, meta)
+        tile = int(args.tile or meta.tile_size)
         opts = MapOptions(
             tile=tile,
             overlap=tile // 4 if args.overlap is None else int(args.overlap),
@@ -117,7 +118,7 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
             quicklook=args.quicklook,
             labels=labels,
             resample=args.resample,
-            nodata=args.nodata if args.nodata is not None else meta.get("nodata"),
+            nodata=args.nodata if args.nodata is not None else meta.nodata,
             quiet=args.quiet or not dist_info.is_main,
         )
         check_tile(net, opts)
@@ -126,8 +127,8 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
             entry_keys=lambda item: {"scene": item.name, "out": str(item.out)},
         )  # fmt: skip
         steps: Steps[Path, Item[Path]] = Steps(
-            run=lambda item, _: map_scene(net, meta, item.source, item.out, opts),
-            existing=lambda item: _done_before(net, meta, item, opts),
+            run=lambda item, _: map_scene(net, meta, item.source, item.out, opts, fingerprint=fingerprint),
+            existing=lambda item: _done_before(net, meta, item, opts, fingerprint),
         )
         items = [
             Item(i, str(src), src, dst) for i, (src, dst) in enumerate(zip(scenes, outputs, strict=True))
@@ -145,7 +146,7 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
 
 
 def _done_before(
-    net: torch.nn.Module, meta: dict[str, Any], item: Item[Path], opts: MapOptions
+    net: torch.nn.Module, meta: CanopyMeta, item: Item[Path], opts: MapOptions, fingerprint: str
 ) -> dict | None:
     """The runner's ``existing`` step: the JSON line of a scene this model already mapped (``"status":
     "exists"``; a missing quicklook asked for is drawn), None when it is to be mapped.
@@ -154,10 +155,9 @@ def _done_before(
         OutputError, DataError: as :func:`existing_map` (a file that is not ours, one of ours made otherwise).
     """
     assert item.out is not None
-    fingerprint = meta.get("fingerprint") or model_fingerprint(net, meta)
     if not existing_map(item.out, item.source, fingerprint, opts.overwrite):
         return None
-    return map_scene(net, meta, item.source, item.out, opts)
+    return map_scene(net, meta, item.source, item.out, opts, fingerprint=fingerprint)
 
 
 def scene_lines(merged: BatchReport) -> list[dict[str, Any]]:
@@ -274,11 +274,12 @@ def make_output_folder(folder: Path) -> None:
         raise output_error(e, folder, "--out: cannot create the folder") from e
 
 
-def model_fingerprint(net: torch.nn.Module, meta: dict[str, Any]) -> str:
-    """What makes the map: the weights and the checkpoint's reading of the data (bands, scale, statistics)."""
+def model_fingerprint(net: torch.nn.Module, meta: CanopyMeta) -> str:
+    """What makes the map: the weights and the checkpoint's reading of the data (bands, scale, statistics),
+    as stored (``to_dict``), so maps made before the metadata was typed keep their fingerprint."""
     from foundation.models.fingerprint import weights_fingerprint
 
-    reading = json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}, sort_keys=True, default=str)
+    reading = json.dumps(meta.to_dict(), sort_keys=True, default=str)
     return hashlib.sha256(f"{weights_fingerprint(net)}\0{reading}".encode()).hexdigest()[:16]
 
 
@@ -290,9 +291,7 @@ def check_tile(net: torch.nn.Module, opts: MapOptions) -> None:
 
 
 # -- one scene -----------------------------------------------------------------------------------------------
-def map_scene_safely(
-    net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, opts: MapOptions
-) -> dict:
+def map_scene_safely(net: torch.nn.Module, meta: CanopyMeta, src: Path, dst: Path, opts: MapOptions) -> dict:
     """:func:`map_scene`, with a bad scene turned into a ``skipped`` summary (batch jobs go on)."""
     try:
         return map_scene(net, meta, src, dst, opts)
@@ -301,8 +300,17 @@ def map_scene_safely(
         return {"scene": str(src), "status": "skipped", "out": str(dst), "reason": str(e)}
 
 
-def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, opts: MapOptions) -> dict:
-    """Map ``src`` to the COG ``dst`` (and ``dst.png`` with ``quicklook``); returns a summary.
+def map_scene(
+    net: torch.nn.Module,
+    meta: CanopyMeta,
+    src: Path,
+    dst: Path,
+    opts: MapOptions,
+    *,
+    fingerprint: str | None = None,
+) -> dict:
+    """Map ``src`` to the COG ``dst`` (and ``dst.png`` with ``quicklook``); returns a summary. ``fingerprint``:
+    :func:`model_fingerprint` of ``net`` and ``meta``, computed once by a batch (else here).
 
     Raises:
         DataError: the scene cannot be read or mapped (the message names the file), or ``dst`` is a map of
@@ -318,9 +326,9 @@ def map_scene(net: torch.nn.Module, meta: dict[str, Any], src: Path, dst: Path, 
     from domains.remote_sensing.canopy.tiling import TileGrid, blend_tiles
     from domains.remote_sensing.raster import gdal_env, is_remote, raster_name
 
-    fingerprint = meta.get("fingerprint") or model_fingerprint(net, meta)
+    fingerprint = fingerprint or model_fingerprint(net, meta)
     png = dst.with_suffix(".png")
-    max_height = float(meta.get("max_height") or 96.0)
+    max_height = float(meta.max_height)
     reference = find_reference(src, opts.labels) if opts.quicklook else None
     if reference is not None:
         check_reference_plots(dst, [reference] if is_remote(src) else [src, reference])
@@ -542,7 +550,7 @@ class Scene:
 
 
 @contextlib.contextmanager
-def open_scene(path: Path, meta: dict[str, Any], opts: MapOptions) -> Iterator[Scene]:
+def open_scene(path: Path, meta: CanopyMeta, opts: MapOptions) -> Iterator[Scene]:
     """Open ``path``, check it against the checkpoint, and give a :class:`Scene` (resampled if asked).
 
     Raises:
@@ -550,7 +558,7 @@ def open_scene(path: Path, meta: dict[str, Any], opts: MapOptions) -> Iterator[S
     """
     from domains.remote_sensing.raster import inspect_raster, open_raster, value_scale
 
-    bands = tuple(int(b) for b in meta["bands"]) if meta.get("bands") else None
+    bands = meta.bands
     with open_raster(path) as ds:  # a file GDAL cannot open is named by open_raster
         count = ds.count
     if bands and max(bands) > count:
@@ -559,7 +567,7 @@ def open_scene(path: Path, meta: dict[str, Any], opts: MapOptions) -> Iterator[S
             f"({len(bands)} band(s)); map scenes of the sensor it was trained on"
         )
     info = inspect_raster(path, bands)
-    expected = int(meta["in_chans"])
+    expected = meta.in_chans
     if info.channels != expected:
         raise DataError(
             f"{path}: gives {info.channels} band(s) (bands {','.join(map(str, info.bands))}) but the "
@@ -568,15 +576,12 @@ def open_scene(path: Path, meta: dict[str, Any], opts: MapOptions) -> Iterator[S
         )
     if info.crs is None:
         log.info("%s: no CRS, so the map has none either", path)
-    mean, std = meta["mean"], meta["std"]
-    if len(mean) != expected or len(std) != expected:
-        raise DataError(f"checkpoint meta: {len(mean)} means / {len(std)} stds for {expected} bands")
     from domains.remote_sensing.canopy.data import Normalization
 
-    norm = Normalization(tuple(mean), tuple(max(float(v), 1e-6) for v in std), opts.nodata)
-    scale = value_scale(info, meta.get("scale", "auto"))
+    norm = Normalization(tuple(meta.mean), tuple(max(float(v), 1e-6) for v in meta.std), opts.nodata)
+    scale = value_scale(info, meta.scale)
     with open_raster(path) as ds:
-        gsd, train_gsd = scene_gsd(ds), meta.get("gsd")
+        gsd, train_gsd = scene_gsd(ds), meta.gsd
         if opts.resample and train_gsd:
             if gsd is None:
                 raise DataError(f"{path}: --resample needs a georeferenced scene (no CRS or unknown units)")

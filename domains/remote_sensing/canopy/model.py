@@ -14,10 +14,10 @@ from torch import nn
 
 from domains.remote_sensing.canopy.head import DPTHead, HeadOptions
 from domains.remote_sensing.canopy.losses import expected_height
+from domains.remote_sensing.canopy.meta import TASK_NAME, CanopyMeta
 from foundation.models.vit import ViT, build_vit
-from foundation.tasks.checkpoint import load_net_weights, load_task_checkpoint
+from foundation.tasks.loaded import LoadedTask, load_task_model
 
-TASK_NAME = "canopy-height"
 # Regression outputs softplus(z) * max_height / REGRESSION_UNITS, so an untrained head starts near 7 m and
 # Adam's parameter-sized steps move the output by a useful number of metres.
 REGRESSION_UNITS = 10.0
@@ -69,17 +69,18 @@ def build_canopy_net(backbone: ViT, head: dict[str, Any]) -> CanopyNet:
     return CanopyNet(backbone, HeadOptions.from_options(head))
 
 
-def load_canopy_model(path: str | Path) -> tuple[CanopyNet, dict[str, Any]]:
-    """A fine-tuned canopy-height network in eval mode and its ``task_meta`` (bands, scale, mean, std, ...).
+def load_canopy(path: str | Path) -> LoadedTask[CanopyMeta]:
+    """A fine-tuned canopy-height network in eval mode and its :class:`CanopyMeta` (``CanopyHeightTask.load``).
 
     Args:
         path: ``RUN/model.pt``, a run folder or a training checkpoint of ``foundation finetune canopy-height``.
 
     Raises:
-        CheckpointError: missing or unreadable file, a model of another task, weights that do not fit.
+        CheckpointError: missing or unreadable file, a model of another task, broken metadata, weights that do
+            not fit.
     """
-    ckpt = load_task_checkpoint(path, TASK_NAME)
-    backbone = build_vit(**ckpt.backbone_args, init_weights=False)
-    net = build_canopy_net(backbone, ckpt.task_meta["head"])
-    load_net_weights(net, ckpt)
-    return net.eval(), dict(ckpt.task_meta)
+
+    def build(backbone_args: dict[str, Any], meta: CanopyMeta) -> CanopyNet:
+        return build_canopy_net(build_vit(**backbone_args, init_weights=False), meta.head)
+
+    return load_task_model(path, TASK_NAME, CanopyMeta.from_dict, build)

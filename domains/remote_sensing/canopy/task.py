@@ -2,7 +2,7 @@
 
 A DPT head on the pretrained ViT learns canopy height from image rasters and lidar-derived height rasters
 (Tolan et al. 2023, arXiv 2304.07213), trained by the pretraining engine (resume, DDP, AMP come with it).
-Normalisation, bands, scale and the head's shape are stored with the model (``task_meta``), because
+Normalisation, bands, scale and the head's shape are stored with the model (:class:`.meta.CanopyMeta`), because
 statistics that differ between training and map making silently ruin the maps
 (shared/reference/remote_sensing.md).
 """
@@ -33,8 +33,9 @@ from domains.remote_sensing.canopy.data import (
 )
 from domains.remote_sensing.canopy.head import HeadOptions
 from domains.remote_sensing.canopy.losses import CanopyLoss, LossOptions
+from domains.remote_sensing.canopy.meta import TASK_NAME, CanopyMeta
 from domains.remote_sensing.canopy.metrics import CanopyMetrics, scalar_metrics
-from domains.remote_sensing.canopy.model import TASK_NAME, CanopyNet, build_canopy_net, load_canopy_model
+from domains.remote_sensing.canopy.model import CanopyNet, build_canopy_net, load_canopy
 from domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
 from domains.remote_sensing.json_outputs import check_json_output, write_json_output
 from domains.remote_sensing.options import parse_bands
@@ -44,6 +45,7 @@ from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.options import path_field
 from foundation.tasks.base import TaskParts, add_config_flag
+from foundation.tasks.loaded import LoadedTask
 from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,7 @@ def _normalisation(
 def evaluate_pairs(
     net: CanopyNet,
     pairs: list[Pair],
-    meta: dict[str, Any],
+    meta: CanopyMeta,
     device: torch.device,
     *,
     tile: int,
@@ -198,15 +200,15 @@ def evaluate_pairs(
     """
     from domains.remote_sensing.canopy.tiling import predict_image
 
-    norm = Normalization(mean=tuple(meta["mean"]), std=tuple(meta["std"]), nodata=meta.get("nodata"))
-    bands = tuple(meta["bands"]) if meta.get("bands") else None
+    norm = Normalization(mean=meta.mean, std=meta.std, nodata=meta.nodata)
+    bands = meta.bands
     metrics, skipped = metrics if metrics is not None else CanopyMetrics(), []
     for pair in tqdm(pairs, desc="canopy-height evaluation", unit="image", disable=not progress):
         try:
             info = inspect_raster(pair.image, bands)
-            check_band_count(info, int(meta["in_chans"]), "the model")
+            check_band_count(info, meta.in_chans, "the model")
             image, valid, label = read_pair(
-                pair, norm, info.bands, value_scale(info, meta["scale"]), resampling, label_nodata
+                pair, norm, info.bands, value_scale(info, meta.scale), resampling, label_nodata
             )
         except (DataError, ConfigError) as e:
             if not skip_broken:
@@ -286,19 +288,18 @@ class CanopyHeightTask:
         scales = [value_scale(i, opts.scale) for i in infos]
         norm = _normalisation(infos, scales, opts, backbone_meta, cfg.seed)
         net = build_canopy_net(backbone, head.to_dict())
-        meta = {
-            "head": head.to_dict(),
-            "bands": list(bands) if bands else None,
-            "scale": _single_scale(infos, scales, opts.scale),
-            "mean": list(norm.mean),
-            "std": list(norm.std),
-            "in_chans": backbone.in_chans,
-            "tile_size": opts.tile_size,
-            "gsd": image_gsd(pairs[0].image),
-            "max_height": float(head.max_height),
-        }
-        if opts.nodata is not None:  # the image nodata value map making must honour too
-            meta["nodata"] = opts.nodata
+        meta = CanopyMeta(
+            head=head.to_dict(),
+            in_chans=backbone.in_chans,
+            mean=norm.mean,
+            std=norm.std,
+            bands=tuple(bands) if bands else None,
+            scale=_single_scale(infos, scales, opts.scale),
+            tile_size=opts.tile_size,
+            gsd=image_gsd(pairs[0].image),
+            max_height=float(head.max_height),
+            nodata=opts.nodata,  # the image nodata value map making must honour too
+        )
         dataset = CanopyTileDataset(
             pairs,
             infos,
@@ -327,16 +328,15 @@ class CanopyHeightTask:
         pairs = _pairs(inputs.images, inputs.labels)
         return inspect_images(pairs[:1], cfg.task.typed_options.bands)[0].channels
 
-    def _validator(self, inputs: CanopyInputs, opts: CanopyOptions, meta: dict[str, Any]):
+    def _validator(self, inputs: CanopyInputs, opts: CanopyOptions, meta: CanopyMeta):
         images, labels = inputs.val_images, inputs.val_labels
         if not images and not labels:
             return None
         if not (images and labels):
             raise ConfigError("--val-images and --val-labels go together")
         pairs = match_pairs(images, labels)
-        bands = tuple(meta["bands"]) if meta["bands"] else None
-        for info in inspect_images(pairs, bands):
-            check_band_count(info, meta["in_chans"], "the backbone")
+        for info in inspect_images(pairs, meta.bands):
+            check_band_count(info, meta.in_chans, "the backbone")
         _check_labels(pairs, opts)
         tile = opts.tile_size
 
@@ -348,6 +348,10 @@ class CanopyHeightTask:
             return scalar_metrics(result)
 
         return validate
+
+    def load(self, path: str | Path) -> LoadedTask[CanopyMeta]:
+        """The fine-tuned network (eval mode) and its :class:`CanopyMeta`; see :func:`.model.load_canopy`."""
+        return load_canopy(path)
 
     # -- evaluate --------------------------------------------------------------------------------------------
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -380,10 +384,11 @@ class CanopyHeightTask:
         if args.out:
             check_metrics_output(Path(args.out), inputs)
             check_error_plots(Path(args.out).with_suffix(""), inputs)
-        net, meta = load_canopy_model(args.checkpoint)
+        model = self.load(args.checkpoint)
+        net, meta = model.net, model.meta
         device = resolve_device(getattr(args, "device", "auto"))
         net.to(device)
-        tile = args.tile or int(meta["tile_size"])
+        tile = args.tile or meta.tile_size
         overlap = tile // 4 if args.overlap is None else args.overlap
         metrics = CanopyMetrics()
         with torch.inference_mode():

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from domains.remote_sensing.canopy.mapping import MapOptions
+from domains.remote_sensing.canopy.meta import CanopyMeta
 
 TILE = 32
 
@@ -31,7 +32,8 @@ class FirstBand(torch.nn.Module):
         return x[:, :1].clone()
 
 
-def meta_for(channels: int, **kw) -> dict:
+def meta_dict_for(channels: int, **kw) -> dict:
+    """A canopy-height ``task_meta`` as finetune stores it."""
     meta = {
         "head": {"mode": "regression", "features": 8},
         "bands": None,
@@ -45,6 +47,11 @@ def meta_for(channels: int, **kw) -> dict:
     }
     meta.update(kw)
     return meta
+
+
+def meta_for(channels: int, **kw) -> CanopyMeta:
+    """The typed metadata map making gets from a model with ``meta_dict_for(channels, **kw)``."""
+    return CanopyMeta.from_dict(meta_dict_for(channels, **kw), Path("test-model.pt"))
 
 
 def opts(**kw) -> MapOptions:
@@ -68,7 +75,7 @@ def write_checkpoint(path: Path) -> Path:
     save_task_model(
         path,
         task="canopy-height",
-        task_meta=meta_for(4, head=head, gsd=10.0),
+        task_meta=meta_dict_for(4, head=head, gsd=10.0),
         backbone_args=backbone_args,
         net=net,
         config={},

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from domains.remote_sensing.canopy.head import HeadOptions, default_layers
-from domains.remote_sensing.canopy.model import CanopyNet, build_canopy_net, load_canopy_model
+from domains.remote_sensing.canopy.model import CanopyNet, build_canopy_net
+from domains.remote_sensing.canopy.task import CanopyHeightTask
 from foundation.errors import CheckpointError, ConfigError
 from foundation.models.vit import ViT, build_vit
 from foundation.tasks.checkpoint import save_task_model
@@ -87,7 +88,7 @@ def test_head_options_are_checked_by_name():
     assert HeadOptions.from_options({"layers": [0, 1, 2, 2]}).to_dict()["layers"] == [0, 1, 2, 2]
 
 
-def test_load_canopy_model_rebuilds_the_saved_network(tmp_path, single_thread):
+def test_task_load_rebuilds_the_saved_network(tmp_path, single_thread):
     torch.manual_seed(0)
     args = dict(arch="vit_tiny", in_chans=3, img_size=32, patch_size=16, reg_tokens=2)
     head = HeadOptions(mode="bins", features=8, bins=4).to_dict()
@@ -103,9 +104,10 @@ def test_load_canopy_model_rebuilds_the_saved_network(tmp_path, single_thread):
         config={},
         step=1,
     )
-    loaded, loaded_meta = load_canopy_model(tmp_path)
+    model = CanopyHeightTask().load(tmp_path)
+    loaded = model.net
     assert isinstance(loaded, CanopyNet) and not loaded.training
-    assert loaded_meta == meta
+    assert model.meta.to_dict() == meta and model.source == path and model.step == 1
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(loaded.predict_height(x), net.predict_height(x))
@@ -114,4 +116,4 @@ def test_load_canopy_model_rebuilds_the_saved_network(tmp_path, single_thread):
         path, task="organ-segmentation", task_meta=meta, backbone_args=args, net=net, config={}, step=1
     )
     with pytest.raises(CheckpointError, match="'canopy-height' model"):
-        load_canopy_model(path)
+        CanopyHeightTask().load(path)

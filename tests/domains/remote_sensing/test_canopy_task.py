@@ -15,7 +15,7 @@ import yaml
 from affine import Affine
 from rs_testdata import write_raster
 
-from domains.remote_sensing.canopy.model import load_canopy_model
+from domains.remote_sensing.canopy.task import CanopyHeightTask
 from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.plotting import is_our_png
@@ -98,7 +98,7 @@ def test_finetune_learns_and_stores_what_inference_needs(trained, single_thread)
     assert [r["step"] for r in val] == [14, 29]
     assert {"val/rmse", "val/r2", "val/bias", "val/tree_cover_iou"} <= set(val[-1])
 
-    net, meta = load_canopy_model(trained)
+    meta = CanopyHeightTask().load(trained).meta.to_dict()
     keys = {"head", "bands", "scale", "mean", "std", "in_chans", "tile_size", "gsd", "max_height"}
     assert set(meta) == keys
     assert meta["in_chans"] == 4 and meta["tile_size"] == 32 and meta["gsd"] == 10.0 and meta["bands"] is None
@@ -152,8 +152,9 @@ def test_finetune_resumes_exactly(data, tmp_path, single_thread):
 def test_binned_head_with_a_frozen_backbone_trains(data, tmp_path, single_thread):
     extra = ["train.steps=3", "train.eval_every=0", "task.freeze_backbone=true"]
     assert _finetune(data, tmp_path / "bins", *extra, "task.options.head={mode: bins, bins: 8}") == 0
-    net, meta = load_canopy_model(tmp_path / "bins")
-    assert meta["head"]["bins"] == 8 and net.head.out[-1].out_channels == 8
+    model = CanopyHeightTask().load(tmp_path / "bins")
+    net, meta = model.net, model.meta
+    assert meta.head["bins"] == 8 and net.head.out[-1].out_channels == 8
 
 
 def test_band_count_that_does_not_fit_the_backbone_is_named(data, tmp_path, capsys):
@@ -219,8 +220,9 @@ def test_a_pretrained_backbone_brings_its_statistics(data, tmp_path, capsys, sin
     argv += ["--images", str(train / "images"), "--labels", str(train / "labels")]
     argv += ["train.steps=2", "train.eval_every=0"]
     assert main([*argv, "--backbone", str(_export(tmp_path, 4)), "--out", str(tmp_path / "run")]) == 0
-    net, meta = load_canopy_model(tmp_path / "run")
-    assert meta["mean"] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and meta["std"] == [0.5] * 4
+    model = CanopyHeightTask().load(tmp_path / "run")
+    net, meta = model.net, model.meta
+    assert meta.mean == pytest.approx([0.1, 0.2, 0.3, 0.4]) and meta.std == (0.5,) * 4
     assert net.backbone.reg_token is not None
 
     argv += ["--backbone", str(_export(tmp_path, 3)), "--out", str(tmp_path / "run3")]
