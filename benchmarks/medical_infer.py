@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_median  # noqa: E402
 
 from domains.medical.segmentation.infer import Segmenter, nearest_to_grid  # noqa: E402
+from domains.medical.segmentation.meta import SegmentationMeta  # noqa: E402
 from domains.medical.segmentation.model import build_segmentation_net  # noqa: E402
 from foundation.models.vit import ARCHS, build_vit  # noqa: E402
 from foundation.tasks.checkpoint import save_task_model  # noqa: E402
@@ -59,22 +60,22 @@ CHILD = (
 )
 
 
-def task_meta(args: argparse.Namespace) -> dict:
-    return {
-        "head": {"out_channels": len(BTCV), "feature_size": 16},
-        "in_chans": 1,
-        "roi_size": [args.roi] * 3,
-        "spacing": [1.5, 1.5, 2.0],
-        "modality": "ct",
-        "window": [-175.0, 250.0],
-        "labels": {name: i for i, name in enumerate(BTCV)},
-        "num_classes": len(BTCV),
-        "overlap": args.overlap,
-        "sw_batch_size": args.sw_batch_size,
-    }
+def task_meta(args: argparse.Namespace) -> SegmentationMeta:
+    return SegmentationMeta(
+        head={"out_channels": len(BTCV), "feature_size": 16},
+        in_chans=1,
+        roi_size=(args.roi,) * 3,
+        num_classes=len(BTCV),
+        labels={name: i for i, name in enumerate(BTCV)},
+        spacing=(1.5, 1.5, 2.0),
+        modality="ct",
+        window=(-175.0, 250.0),
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+    )
 
 
-def throughput(args: argparse.Namespace, net: torch.nn.Module, meta: dict) -> dict:
+def throughput(args: argparse.Namespace, net: torch.nn.Module, meta: SegmentationMeta) -> dict:
     from monai.inferers import sliding_window_inference
 
     device = torch.device(args.device)
@@ -104,10 +105,10 @@ def throughput(args: argparse.Namespace, net: torch.nn.Module, meta: dict) -> di
         ):
             out = sliding_window_inference(
                 image[None].to(device),
-                roi_size=meta["roi_size"],
-                sw_batch_size=meta["sw_batch_size"],
+                roi_size=list(meta.roi_size),
+                sw_batch_size=meta.sw_batch_size,
                 predictor=net,
-                overlap=meta["overlap"],
+                overlap=meta.overlap,
                 mode="gaussian",
             )
             out.argmax(1).to("cpu", torch.uint8)
@@ -138,7 +139,9 @@ def throughput(args: argparse.Namespace, net: torch.nn.Module, meta: dict) -> di
     }
 
 
-def peak_memory(args: argparse.Namespace, net: torch.nn.Module, meta: dict, backbone_args: dict) -> dict:
+def peak_memory(
+    args: argparse.Namespace, net: torch.nn.Module, meta: SegmentationMeta, backbone_args: dict
+) -> dict:
     """Run ``foundation segment`` on a synthetic CT in a subprocess; its peak RSS from ``wait4``."""
     shape = (512, 512, 300) if args.big else tuple(args.ct)
     spacing = (0.75, 0.75, 1.0) if args.big else (1.5, 1.5, 2.5)
@@ -147,7 +150,7 @@ def peak_memory(args: argparse.Namespace, net: torch.nn.Module, meta: dict, back
         ckpt = save_task_model(
             root / "model.pt",
             task="organ-segmentation",
-            task_meta=meta,
+            task_meta=meta.to_dict(),
             backbone_args=backbone_args,
             net=net,
             config={},
@@ -218,7 +221,7 @@ def main() -> None:
         "patch_size": 16,
     }
     meta = task_meta(args)
-    net = build_segmentation_net(build_vit(**backbone_args), meta["head"]).eval()
+    net = build_segmentation_net(build_vit(**backbone_args), meta.head).eval()
     if args.only != "memory":
         print(json.dumps(throughput(args, net.to(args.device), meta)), flush=True)
     if args.only != "throughput":

@@ -132,9 +132,7 @@ def export_bundle(
         CheckpointError: unreadable checkpoint, another task than ``task``, or weights that do not fit.
         DataError: the ``license_file`` is missing.
     """
-    from domains.medical.segmentation.model import build_segmentation_net
-    from foundation.models.vit import build_vit
-    from foundation.tasks.checkpoint import load_net_weights, load_task_checkpoint
+    from domains.medical.segmentation.model import load_segmentation
 
     if task is not None and task != TASK:
         raise ConfigError(f"--task {task!r}: export-bundle writes {TASK!r} models only")
@@ -144,14 +142,11 @@ def export_bundle(
     check_writable(out.parent, "--out")
     if license_file is not None and not license_file.is_file():
         raise DataError(f"--license {str(license_file)!r} is not a file")
-    ckpt = load_task_checkpoint(checkpoint)  # read once: its own task name is the default
-    if ckpt.task != (task or TASK):
-        raise CheckpointError(f"{ckpt.source} is a {ckpt.task!r} model; export-bundle needs a {TASK!r} model")
-    meta, backbone_args = ckpt.task_meta, dict(ckpt.backbone_args)
-    net = load_net_weights(build_segmentation_net(build_vit(**backbone_args), meta["head"]), ckpt)
+    model = load_segmentation(checkpoint)  # another task's model is refused naming both
+    net, meta, backbone_args = model.net, model.meta, model.backbone_args
     license_text = license_file.read_text() if license_file else LICENSE_TEXT.format(copyright=copyright)
-    source = f"{ckpt.source} (step {ckpt.step})"
-    net_def = network_def(backbone_args, meta["head"])
+    source = f"{model.source} (step {model.step})"
+    net_def = network_def(backbone_args, meta.head)
     texts = {
         "configs/metadata.json": _json(bundle_metadata(meta, version, authors, copyright, source)),
         "configs/inference.json": _json(inference_config(meta, net_def)),

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from domains.medical.segmentation.meta import SegmentationMeta
 
 TASK = "organ-segmentation"
 SCHEMA = (
@@ -61,29 +64,29 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _channel_defs(meta: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
-    labels = {int(v): str(k) for k, v in meta["labels"].items()}
-    classes = {str(i): labels.get(i, f"class_{i}") for i in range(int(meta["num_classes"]))}
-    in_chans = int(meta["in_chans"])
+def _channel_defs(meta: SegmentationMeta) -> tuple[dict[str, str], dict[str, str]]:
+    labels = meta.class_names()
+    classes = {str(i): labels.get(i, f"class_{i}") for i in range(meta.num_classes)}
+    in_chans = meta.in_chans
     image = {str(c): "image" if in_chans == 1 else f"channel {c}" for c in range(in_chans)}
     return image, classes
 
 
 def bundle_metadata(
-    meta: dict[str, Any], version: str, authors: str, copyright: str, source: str
+    meta: SegmentationMeta, version: str, authors: str, copyright: str, source: str
 ) -> dict[str, Any]:
     """``metadata.json`` with every field of MONAI's meta schema; inputs and outputs are ROI-sized patches."""
     v = _versions()
     image_def, classes = _channel_defs(meta)
-    roi = [int(r) for r in meta["roi_size"]]
-    modality = str(meta.get("modality", "ct")).upper()
+    roi = list(meta.roi_size)
+    modality = meta.modality.upper()
     organs = ", ".join(name for i, name in classes.items() if i != "0")
-    spacing = meta.get("spacing")
+    spacing = list(meta.spacing) if meta.spacing is not None else None
     packages = {
         k: v[k] for k in ("foundation", "nibabel", "pytorch-ignite", "timm", "fire", "pyyaml") if k in v
     }
     preset = (
-        f"HU window {meta['window'][0]:g}..{meta['window'][1]:g} scaled to [0, 1]"
+        f"HU window {meta.window[0]:g}..{meta.window[1]:g} scaled to [0, 1]"
         if modality == "CT"
         else "0.5/99.5 percentiles per channel scaled to [0, 1]"
     )
@@ -112,9 +115,7 @@ def bundle_metadata(
         "image_classes": f"{len(image_def)} channel(s), {preset}",
         "label_classes": "single channel label map: " + ", ".join(f"{i} is {n}" for i, n in classes.items()),
         "pred_classes": f"{len(classes)} channels of logits; the label is the index of the largest",
-        "eval_metrics": {
-            k: float(v) for k, v in dict(meta.get("metrics", {})).items() if isinstance(v, (int, float))
-        },
+        "eval_metrics": {},  # the model file records none
         "intended_use": "Research only; not for clinical or diagnostic use.",
         "references": REFERENCES,
         "network_data_format": {
@@ -123,7 +124,7 @@ def bundle_metadata(
                     "type": "image",
                     "format": "hounsfield" if modality == "CT" else "magnitude",
                     "modality": modality,
-                    "num_channels": int(meta["in_chans"]),
+                    "num_channels": meta.in_chans,
                     "spatial_shape": roi,
                     "dtype": "float32",
                     "value_range": [0, 1],
@@ -136,7 +137,7 @@ def bundle_metadata(
                     "type": "image",
                     "format": "labels",
                     "modality": modality,
-                    "num_channels": int(meta["num_classes"]),
+                    "num_channels": meta.num_classes,
                     "spatial_shape": roi,
                     "dtype": "float32",
                     "value_range": [],
@@ -148,7 +149,7 @@ def bundle_metadata(
     }
 
 
-def _common(meta: dict[str, Any], net_def: dict[str, Any]) -> dict[str, Any]:
+def _common(meta: SegmentationMeta, net_def: dict[str, Any]) -> dict[str, Any]:
     return {
         "imports": [
             "$import glob",
@@ -167,7 +168,7 @@ def _common(meta: dict[str, Any], net_def: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def inference_config(meta: dict[str, Any], net_def: dict[str, Any]) -> dict[str, Any]:
+def inference_config(meta: SegmentationMeta, net_def: dict[str, Any]) -> dict[str, Any]:
     """``inference.json``: every NIfTI file under ``dataset_dir`` to ``output_dir/<name>_seg.nii.gz``."""
     from domains.medical.segmentation.transforms import preprocessing_config
 
@@ -190,9 +191,9 @@ def inference_config(meta: dict[str, Any], net_def: dict[str, Any]) -> dict[str,
         },
         "inferer": {
             "_target_": "SlidingWindowInferer",
-            "roi_size": [int(r) for r in meta["roi_size"]],
-            "sw_batch_size": int(meta.get("sw_batch_size", 4) or 4),
-            "overlap": float(meta.get("overlap", 0.5)),
+            "roi_size": list(meta.roi_size),
+            "sw_batch_size": meta.sw_batch_size or 4,
+            "overlap": float(meta.overlap),
             "mode": "gaussian",
         },
         "postprocessing": {
@@ -245,12 +246,12 @@ def inference_config(meta: dict[str, Any], net_def: dict[str, Any]) -> dict[str,
     }
 
 
-def train_config(meta: dict[str, Any], net_def: dict[str, Any]) -> dict[str, Any]:
+def train_config(meta: SegmentationMeta, net_def: dict[str, Any]) -> dict[str, Any]:
     """``train.json``: fine-tune ``models/model.pt`` further on ``dataset_dir`` (Decathlon ``dataset.json`` or
     ``imagesTr``/``labelsTr``), DiceCE on positive/negative ROI crops; writes ``models/model_finetuned.pt``."""
     from domains.medical.segmentation.transforms import preprocessing_config
 
-    roi = [int(r) for r in meta["roi_size"]]
+    roi = list(meta.roi_size)
     keys = ["image", "label"]
     augment = [
         {"_target_": "SpatialPadd", "keys": keys, "spatial_size": roi},
@@ -339,9 +340,9 @@ def train_config(meta: dict[str, Any], net_def: dict[str, Any]) -> dict[str, Any
     }
 
 
-def readme(meta: dict[str, Any], backbone_args: dict[str, Any], source: str, version: str) -> str:
+def readme(meta: SegmentationMeta, backbone_args: dict[str, Any], source: str, version: str) -> str:
     _, classes = _channel_defs(meta)
-    in_chans, roi = int(meta["in_chans"]), ", ".join(str(int(r)) for r in meta["roi_size"])
+    in_chans, roi = meta.in_chans, ", ".join(str(r) for r in meta.roi_size)
     labels = "\n".join(f"| {i} | {name} |" for i, name in classes.items())
     return f"""# Organ segmentation bundle (foundation)
 
@@ -358,8 +359,8 @@ package (with its `medical` extra: MONAI, nibabel, pytorch-ignite, fire) must be
 python -m monai.bundle run --config_file configs/inference.json --dataset_dir CT_FOLDER --output_dir SEG_FOLDER
 ```
 Every `.nii`/`.nii.gz` under `CT_FOLDER` gives `SEG_FOLDER/<name>_seg.nii.gz`: preprocessing (RAS, spacing
-{meta.get("spacing")} mm, {meta.get("modality", "ct").upper()} intensity preset), sliding window (ROI
-{list(meta["roi_size"])}, overlap {meta.get("overlap", 0.5)}, Gaussian), argmax, then `Invertd` with nearest-neighbour
+{list(meta.spacing) if meta.spacing is not None else None} mm, {meta.modality.upper()} intensity preset), sliding window (ROI
+{list(meta.roi_size)}, overlap {meta.overlap}, Gaussian), argmax, then `Invertd` with nearest-neighbour
 interpolation: the label map has the input's shape and affine. `bundle_root` defaults to the folder above the
 `--config_file` given; override `--bundle_root`, `--ckpt_path`, `--device`, `--num_workers` as needed.
 

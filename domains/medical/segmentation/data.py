@@ -18,6 +18,7 @@ import torch
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from domains.medical.segmentation.meta import SegmentationMeta
 from domains.medical.segmentation.transforms import preprocessing
 from foundation.data.seeding import draw_seed, generator_for
 from foundation.errors import DataError
@@ -27,7 +28,7 @@ KEYS = ["image", "label"]
 MAX_TRIES = 16  # broken volumes replaced by other random picks before giving up
 
 
-def prepare_volume(entry: dict[str, str], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def prepare_volume(entry: dict[str, str], meta: SegmentationMeta) -> dict[str, torch.Tensor]:
     """Preprocess one image/label pair for cropping: arrays padded to ``roi_size``, plus fg/bg indices.
 
     Raises:
@@ -38,7 +39,7 @@ def prepare_volume(entry: dict[str, str], meta: dict[str, Any]) -> dict[str, tor
     prepare = mt.Compose(
         [
             preprocessing(meta, keys=("image",), label_key="label"),
-            mt.SpatialPadd(keys=KEYS, spatial_size=list(meta["roi_size"]), mode="constant", value=0),
+            mt.SpatialPadd(keys=KEYS, spatial_size=list(meta.roi_size), mode="constant", value=0),
             # background voxels only inside the body (image > 0), as in MONAI's BTCV recipe
             mt.FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0),
         ]
@@ -47,7 +48,7 @@ def prepare_volume(entry: dict[str, str], meta: dict[str, Any]) -> dict[str, tor
         out = prepare(dict(entry))
     except Exception as e:  # MONAI wraps reader and transform errors in RuntimeError
         raise DataError(f"{entry['image']}: cannot preprocess this image/label pair ({e})") from e
-    check_label_values(out["label"], meta["num_classes"], entry["label"])
+    check_label_values(out["label"], meta.num_classes, entry["label"])
     return {
         "image": out["image"].as_tensor().float().contiguous(),
         "label": out["label"].as_tensor().float().contiguous(),
@@ -89,12 +90,12 @@ def crop_transform(roi_size: Sequence[int], flip_prob: float, rot90_prob: float)
 
 
 class SegmentationCropDataset(Dataset):
-    """Endless ``{"image": C x D x H x W, "label": 1 x D x H x W}`` crops of ``meta["roi_size"]``."""
+    """Endless ``{"image": C x D x H x W, "label": 1 x D x H x W}`` crops of ``meta.roi_size``."""
 
     def __init__(
         self,
         entries: list[dict[str, str]],
-        meta: dict[str, Any],
+        meta: SegmentationMeta,
         *,
         seed: int,
         cache: int = 4,
@@ -104,7 +105,7 @@ class SegmentationCropDataset(Dataset):
         if not entries:
             raise DataError("organ segmentation: no training pairs")
         self.entries, self.meta, self.seed, self.cache = list(entries), meta, seed, cache
-        self.augment = crop_transform(meta["roi_size"], flip_prob, rot90_prob)
+        self.augment = crop_transform(meta.roi_size, flip_prob, rot90_prob)
         self._cache: OrderedDict[int, Any] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:  # workers start with an empty cache, not the parent's

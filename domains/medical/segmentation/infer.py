@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from domains.medical.segmentation.meta import SegmentationMeta
 from domains.medical.segmentation.transforms import normalise_intensity
 from domains.medical.volume import is_nifti, read_image
 from foundation.errors import ConfigError, DataError
@@ -137,8 +138,8 @@ class Segmenter:
 
     Args:
         net: ``B x C x D x H x W -> B x K x D x H x W`` logits.
-        meta: the task metadata (``roi_size``, ``overlap``, ``sw_batch_size``, ``in_chans``, ``num_classes`` and
-            what the preprocessing needs).
+        meta: the model's :class:`SegmentationMeta` (ROI, overlap, windows per pass, channels, classes and the
+            preprocessing).
         device: where the windows run.
         overlap / sw_batch_size: override the checkpoint's values.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.
@@ -148,7 +149,7 @@ class Segmenter:
     def __init__(
         self,
         net: nn.Module,
-        meta: dict[str, Any],
+        meta: SegmentationMeta,
         device: torch.device | str = "cpu",
         *,
         overlap: float | None = None,
@@ -162,16 +163,16 @@ class Segmenter:
         resolve_precision(precision, self.device)  # refused by name before the model moves
         self.net = net.to(self.device).eval()
         self.meta = meta
-        self.roi_size = tuple(int(r) for r in meta["roi_size"])
-        self.overlap = float(meta.get("overlap", 0.5) if overlap is None else overlap)
+        self.roi_size = tuple(meta.roi_size)
+        self.overlap = float(meta.overlap if overlap is None else overlap)
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"--overlap {self.overlap!r} must be in [0, 1)")
-        self.sw_batch_size = int(sw_batch_size or meta.get("sw_batch_size", 1) or 1)
+        self.sw_batch_size = int(sw_batch_size or meta.sw_batch_size or 1)
         self.precision = resolve_precision(precision, self.device)  # "auto": bf16 on CUDA, else fp32
         self.amp_dtype = autocast_dtype(self.precision, self.device)
         self.stitch = stitch
-        self.in_chans = int(meta["in_chans"])
-        self.num_classes = int(meta["num_classes"])
+        self.in_chans = meta.in_chans
+        self.num_classes = meta.num_classes
         self._preprocess = None
         self._settings_key: dict[str, Any] | None = None
 
@@ -182,7 +183,7 @@ class Segmenter:
         from foundation.models.fingerprint import weights_fingerprint
 
         if self._settings_key is None:
-            meta = json.dumps(self.meta, sort_keys=True, default=str).encode()
+            meta = json.dumps(self.meta.to_dict(), sort_keys=True, default=str).encode()
             self._settings_key = {
                 "weights": weights_fingerprint(self.net),
                 "meta": hashlib.sha256(meta).hexdigest()[:16],
@@ -197,10 +198,10 @@ class Segmenter:
         cls, checkpoint: str | Path, device: torch.device | str = "cpu", **kwargs: Any
     ) -> Segmenter:
         """Raises: CheckpointError (unreadable, not an organ-segmentation model, weights that do not fit)."""
-        from domains.medical.segmentation.model import load_segmentation_model
+        from domains.medical.segmentation.model import load_segmentation
 
-        net, meta = load_segmentation_model(checkpoint)
-        return cls(net, meta, device, **kwargs)
+        model = load_segmentation(checkpoint)
+        return cls(model.net, model.meta, device, **kwargs)
 
     @property
     def preprocess(self):
@@ -390,7 +391,7 @@ def read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the voxel data ({e})") from e
 
 
-def fill_missing(voxels: np.ndarray, missing: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+def fill_missing(voxels: np.ndarray, missing: np.ndarray, meta: SegmentationMeta) -> np.ndarray:
     """``voxels`` with the missing ones set to a background intensity: the bottom of the CT window, or the
     smallest finite value of the channel for MR (both 0 after the preset, and neutral for resampling)."""
     filled = np.where(missing, 0.0, voxels).astype(np.float32)
@@ -398,8 +399,8 @@ def fill_missing(voxels: np.ndarray, missing: np.ndarray, meta: dict[str, Any]) 
     holes = missing.reshape(channels.shape)
     for c in range(channels.shape[-1]):
         present = channels[..., c][~holes[..., c]]
-        if meta.get("modality", "ct") == "ct":
-            background = float(meta["window"][0])
+        if meta.modality == "ct":
+            background = float(meta.window[0])
         else:
             background = float(present.min()) if present.size else 0.0
         channels[..., c][holes[..., c]] = background

@@ -1,6 +1,6 @@
 """The segmentation network: our 3D ViT as ``.backbone`` under a UNETR-style decoder, and loading it back.
 
-``task_meta["head"]`` (a JSON-able dict) plus the checkpoint's ``backbone_args`` rebuild the network exactly, so
+``SegmentationMeta.head`` (a JSON-able dict) plus the checkpoint's ``backbone_args`` rebuild the network exactly, so
 ``foundation segment``, ``foundation evaluate`` and a MONAI bundle all construct it the same way.
 """
 
@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from domains.medical.segmentation.meta import TASK_NAME, SegmentationMeta
 from domains.medical.segmentation.unetr import UNETRDecoder, decoder_levels, skip_blocks
 from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 from foundation.models.vit import ViT, build_vit
-from foundation.tasks.checkpoint import TaskCheckpoint, load_net_weights, load_task_checkpoint
+from foundation.tasks.loaded import LoadedTask, load_task_model
 
-TASK_NAME = "organ-segmentation"
 HEAD_DEFAULTS: dict[str, Any] = {
     "type": "unetr",
     "out_channels": None,  # classes including background; required
@@ -87,22 +87,19 @@ class SegmentationNet(nn.Module):
 
 
 def build_segmentation_net(backbone: ViT, head: dict[str, Any]) -> SegmentationNet:
-    """The network ``head`` (``task_meta["head"]``) describes, on ``backbone``."""
+    """The network ``head`` (``SegmentationMeta.head``) describes, on ``backbone``."""
     return SegmentationNet(backbone, head)
 
 
-def load_segmentation_model(path: str | Path) -> tuple[SegmentationNet, dict[str, Any]]:
+def load_segmentation(path: str | Path) -> LoadedTask[SegmentationMeta]:
     """A fine-tuned organ-segmentation model (file, run folder or training checkpoint) in eval mode, and its
-    ``task_meta``.
+    :class:`SegmentationMeta` (``OrganSegmentationTask.load``).
 
     Raises:
-        CheckpointError: unreadable, not an organ-segmentation model, or weights that do not fit.
+        CheckpointError: unreadable, not an organ-segmentation model, broken metadata, or weights that do not fit.
     """
-    ckpt = load_task_checkpoint(path, TASK_NAME)
-    return net_from_checkpoint(ckpt), ckpt.task_meta
 
+    def build(backbone_args: dict[str, Any], meta: SegmentationMeta) -> SegmentationNet:
+        return build_segmentation_net(build_vit(**backbone_args, init_weights=False), meta.head)
 
-def net_from_checkpoint(ckpt: TaskCheckpoint) -> SegmentationNet:
-    """The network of an already read organ-segmentation checkpoint, weights loaded, in eval mode."""
-    net = build_segmentation_net(build_vit(**ckpt.backbone_args, init_weights=False), ckpt.task_meta["head"])
-    return load_net_weights(net, ckpt).eval()
+    return load_task_model(path, TASK_NAME, SegmentationMeta.from_dict, build)

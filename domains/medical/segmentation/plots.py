@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from domains.medical.segmentation.meta import SegmentationMeta
 from foundation.outputs import building_dir, check_output_dir
 from foundation.plotting import new_figure, png_bytes
 
@@ -136,10 +136,10 @@ def check_plots_folder(folder: Path, overwrite: bool, inputs: list[Path]) -> Non
 
 
 def write_plots(
-    folder: Path, scores: dict[str, float], cases: list[CaseSlice], meta: dict[str, Any], *, overwrite: bool
+    folder: Path, scores: dict[str, float], cases: list[CaseSlice], meta: SegmentationMeta, *, overwrite: bool
 ) -> list[str]:
     """``dice.png`` and ``<case>_overlay.png`` per case in ``folder`` (built aside, then renamed)."""
-    names = {int(v): n for n, v in meta["labels"].items()}
+    names = meta.class_names()
     written = []
     with building_dir(folder, KIND, overwrite=overwrite) as tmp:
         (tmp / "dice.png").write_bytes(dice_chart(scores, cases, "organ segmentation"))
@@ -150,6 +150,6 @@ def write_plots(
             while name in taken:
                 name, k = f"{case.name}_{k}_overlay.png", k + 1
             taken.add(name)
-            (tmp / name).write_bytes(overlay(case, names, int(meta["num_classes"])))
+            (tmp / name).write_bytes(overlay(case, names, meta.num_classes))
             written.append(name)
     return [str(folder / n) for n in written]

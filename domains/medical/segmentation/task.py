@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from domains.medical.options import VolumeOptions
 from domains.medical.segmentation.datalist import Datalist, load_datalist, sample_datalist
-from domains.medical.segmentation.model import TASK_NAME, build_segmentation_net, net_from_checkpoint
+from domains.medical.segmentation.meta import TASK_NAME, SegmentationMeta
+from domains.medical.segmentation.model import build_segmentation_net, load_segmentation
 from foundation.config import RECIPES, Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
 from foundation.options import path_field
 from foundation.tasks.base import TaskParts, add_config_flag
-from foundation.tasks.checkpoint import load_task_checkpoint
+from foundation.tasks.loaded import LoadedTask
 from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -130,20 +131,20 @@ def _labels_from_maps(entries: list[dict[str, str]]) -> dict[str, int]:
 
 def task_meta(
     opts: SegmentationOptions, vol: VolumeOptions, labels: dict[str, int], head: dict, in_chans: int
-) -> dict[str, Any]:
+) -> SegmentationMeta:
     """What inference needs, stored in every checkpoint (and read by ``foundation segment`` and bundles)."""
-    return {
-        "head": head,
-        "in_chans": in_chans,
-        "roi_size": list(opts.roi_size),
-        "spacing": list(vol.spacing) if vol.spacing is not None else None,
-        "modality": vol.modality,
-        "window": list(vol.window),
-        "labels": labels,
-        "num_classes": max(labels.values()) + 1,
-        "overlap": opts.overlap,
-        "sw_batch_size": opts.sw_batch_size,
-    }
+    return SegmentationMeta(
+        head=head,
+        in_chans=in_chans,
+        roi_size=tuple(opts.roi_size),
+        num_classes=max(labels.values()) + 1,
+        labels=labels,
+        spacing=tuple(vol.spacing) if vol.spacing is not None else None,
+        modality=vol.modality,
+        window=tuple(vol.window),
+        overlap=opts.overlap,
+        sw_batch_size=opts.sw_batch_size,
+    )
 
 
 class DiceEvaluator:
@@ -154,7 +155,7 @@ class DiceEvaluator:
     """
 
     def __init__(
-        self, entries: list[dict[str, str]], meta: dict[str, Any], *, keep: bool = True, quiet: bool = True
+        self, entries: list[dict[str, str]], meta: SegmentationMeta, *, keep: bool = True, quiet: bool = True
     ) -> None:
         self.entries, self.meta, self.keep, self.quiet = entries, meta, keep, quiet
         self._kept: dict[int, dict[str, torch.Tensor]] = {}
@@ -172,7 +173,7 @@ class DiceEvaluator:
                 out = preprocessing(self.meta, keys=("image",), label_key="label")(dict(entry))
             except Exception as err:  # MONAI wraps reader errors in RuntimeError
                 raise DataError(f"{entry['image']}: cannot preprocess this image/label pair ({err})") from err
-            check_label_values(out["label"], self.meta["num_classes"], entry["label"])
+            check_label_values(out["label"], self.meta.num_classes, entry["label"])
             if not torch.isfinite(out["image"]).all():  # a Dice of NaN inputs would score garbage
                 raise DataError(f"{entry['image']}: NaN or infinite voxels; this pair cannot be scored")
         except DataError as err:
@@ -195,7 +196,7 @@ class DiceEvaluator:
         from monai.metrics import DiceMetric
         from monai.networks.utils import one_hot
 
-        k = self.meta["num_classes"]
+        k = self.meta.num_classes
         metric = DiceMetric(include_background=False, reduction="mean_batch", get_not_nans=True)
         self.skipped = []
         scored = 0
@@ -205,10 +206,10 @@ class DiceEvaluator:
                 continue
             logits = sliding_window_inference(
                 volume["image"][None].to(device),
-                roi_size=list(self.meta["roi_size"]),
-                sw_batch_size=self.meta["sw_batch_size"],
+                roi_size=list(self.meta.roi_size),
+                sw_batch_size=self.meta.sw_batch_size or 1,
                 predictor=net,
-                overlap=self.meta["overlap"],
+                overlap=self.meta.overlap,
                 mode="gaussian",
             )
             classes = logits.argmax(1, keepdim=True)
@@ -221,7 +222,7 @@ class DiceEvaluator:
                 f"none of the {len(self.entries)} image/label pair(s) could be scored: {self.skipped}"
             )
         dice, counted = (t.cpu().tolist() for t in metric.aggregate())  # classes 1..k-1
-        names = {v: n for n, v in self.meta["labels"].items()}
+        names = self.meta.class_names()
         # a class in no ground truth has no Dice (MONAI would report 0): left out, not averaged in
         out = {
             f"dice/{names.get(c, f'class_{c}')}": d
@@ -302,7 +303,7 @@ class OrganSegmentationTask:
         meta = task_meta(opts, vol, labels, dict(net.head_args), backbone.in_chans)
         log.info(
             "organ segmentation: %d training / %d validation pairs from %s, %d classes %s, ROI %s",
-            len(data.training), len(data.validation), data.path, meta["num_classes"], sorted(labels), opts.roi_size,
+            len(data.training), len(data.validation), data.path, meta.num_classes, sorted(labels), opts.roi_size,
         )  # fmt: skip
         dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -319,6 +320,11 @@ class OrganSegmentationTask:
         )
         validate = DiceEvaluator(data.validation, meta) if data.validation else None
         return TaskParts(net=net, loss=loss, dataset=dataset, validate=validate, meta=meta)
+
+    def load(self, path: str | Path) -> LoadedTask[SegmentationMeta]:
+        """The fine-tuned network (eval mode) and its :class:`SegmentationMeta`; see
+        :func:`.model.load_segmentation`."""
+        return load_segmentation(path)
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -351,14 +357,14 @@ class OrganSegmentationTask:
         Raises:
             CheckpointError: not an organ-segmentation model. DataError: bad datalist.
         """
-        ckpt = load_task_checkpoint(args.checkpoint, TASK_NAME)
-        meta = ckpt.task_meta
-        options = ckpt.config.get("task", {}).get("options", {})
+        model = self.load(args.checkpoint)
+        meta = model.meta
+        options = model.config.get("task", {}).get("options", {})
         data = _datalist(
             args,
-            in_chans=meta["in_chans"],
+            in_chans=meta.in_chans,
             val_fraction=float(options.get("val_fraction", SegmentationOptions.val_fraction)),
-            seed=int(ckpt.config.get("seed", 0)),
+            seed=int(model.config.get("seed", 0)),
         )
         entries = data.validation if args.split == "validation" else data.training
         if not entries:
@@ -374,9 +380,9 @@ class OrganSegmentationTask:
             ]
             check_plots_folder(plots, bool(args.overwrite), inputs)
         device = resolve_device(getattr(args, "device", "auto"))
-        net = net_from_checkpoint(ckpt).to(device)
+        net = model.net.to(device)
         evaluator = DiceEvaluator(entries, meta, keep=False, quiet=getattr(args, "quiet", False))
-        names = {int(v): n for n, v in meta["labels"].items()}
+        names = meta.class_names()
         cases = []
 
         def keep_slice(i: int, volume: dict[str, torch.Tensor], classes: torch.Tensor) -> None:
@@ -387,7 +393,7 @@ class OrganSegmentationTask:
             scores = evaluator(net, device, keep_slice if plots is not None else None)
         scored = len(entries) - len(evaluator.skipped)
         result = {**scores, "split": args.split, "volumes": scored, "done": scored}
-        result["checkpoint"] = str(ckpt.source)
+        result["checkpoint"] = str(model.source)
         result["skipped"] = evaluator.skipped  # non-empty: the CLI prints the rest's scores and exits 2
         if evaluator.skipped:
             log.warning("%d image/label pair(s) skipped: %s", len(evaluator.skipped), evaluator.skipped)

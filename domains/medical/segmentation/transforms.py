@@ -1,7 +1,7 @@
 """The deterministic preprocessing of organ segmentation, written once and emitted in two forms.
 
 :func:`preprocessing_spec` is the single source: a list of MONAI dictionary transforms and their arguments, built
-from ``task_meta``. :func:`preprocessing` instantiates it as a ``Compose`` (training, validation, ``foundation
+from the model's :class:`~domains.medical.segmentation.meta.SegmentationMeta`. :func:`preprocessing` instantiates it as a ``Compose`` (training, validation, ``foundation
 segment``); :func:`preprocessing_config` writes it as MONAI bundle config entries (``{"_target_": "Orientationd",
 ...}``) for a bundle's ``inference.json``. The two cannot drift because both come from the same list.
 
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from domains.medical.segmentation.meta import SegmentationMeta
 
 # MONAI's LoadImage probes an optional GPU DICOM decoder on every call and warns when it is absent (it falls
 # back to pydicom, which is what we want): one line per volume of noise for every user without it.
@@ -31,7 +34,7 @@ RAS_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
 
 
 def preprocessing_spec(
-    meta: dict[str, Any],
+    meta: SegmentationMeta,
     keys: Sequence[str] = ("image",),
     label_key: str | None = None,
     *,
@@ -41,7 +44,7 @@ def preprocessing_spec(
     ``intensity=False`` stops before the intensity preset (see :func:`normalise_intensity`).
 
     Raises:
-        ValueError: ``meta["modality"]`` is neither ``ct`` nor ``mr``.
+        ValueError: ``meta.modality`` is neither ``ct`` nor ``mr``.
     """
     images = list(keys)
     every = images + ([label_key] if label_key else [])
@@ -50,18 +53,16 @@ def preprocessing_spec(
         ("EnsureChannelFirstd", {"keys": every}),
         ("Orientationd", {"keys": every, "axcodes": "RAS", "labels": RAS_LABELS}),
     ]
-    if meta.get("spacing") is not None:
+    if meta.spacing is not None:
         modes = ["bilinear"] * len(images) + (["nearest"] if label_key else [])
-        spec.append(
-            ("Spacingd", {"keys": every, "pixdim": [float(s) for s in meta["spacing"]], "mode": modes})
-        )
-    modality = meta.get("modality", "ct")
+        spec.append(("Spacingd", {"keys": every, "pixdim": [float(s) for s in meta.spacing], "mode": modes}))
+    modality = meta.modality
     if modality not in ("ct", "mr"):
         raise ValueError(f"modality {modality!r} is not one of ['ct', 'mr']")
     if not intensity:
         return spec
     if modality == "ct":
-        low, high = (float(v) for v in meta["window"])
+        low, high = (float(v) for v in meta.window)
         spec.append(
             (
                 "ScaleIntensityRanged",
@@ -88,7 +89,7 @@ def preprocessing_spec(
 
 
 def preprocessing(
-    meta: dict[str, Any],
+    meta: SegmentationMeta,
     keys: Sequence[str] = ("image",),
     label_key: str | None = None,
     *,
@@ -101,7 +102,7 @@ def preprocessing(
     return mt.Compose([getattr(mt, name)(**kwargs) for name, kwargs in spec])
 
 
-def normalise_intensity(image: torch.Tensor, missing: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+def normalise_intensity(image: torch.Tensor, missing: torch.Tensor, meta: SegmentationMeta) -> torch.Tensor:
     """The intensity preset of ``meta`` on a ``C x D x H x W`` image with ``missing`` voxels (a boolean mask of
     the same shape: NaN or infinite in the input). Missing voxels are left out of the statistics (the MR
     percentiles) and set to 0, the background after either preset; the other voxels get exactly what the
@@ -115,8 +116,8 @@ def normalise_intensity(image: torch.Tensor, missing: torch.Tensor, meta: dict[s
         valid = ~missing[c]
         if not valid.any():
             continue
-        if meta.get("modality", "ct") == "ct":
-            low, high = (float(v) for v in meta["window"])
+        if meta.modality == "ct":
+            low, high = (float(v) for v in meta.window)
         else:
             low, high = (float(v) for v in np.percentile(image[c][valid].numpy(), MR_PERCENTILES))
         scale = mt.ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
@@ -125,7 +126,7 @@ def normalise_intensity(image: torch.Tensor, missing: torch.Tensor, meta: dict[s
 
 
 def preprocessing_config(
-    meta: dict[str, Any], keys: Sequence[str] = ("image",), label_key: str | None = None
+    meta: SegmentationMeta, keys: Sequence[str] = ("image",), label_key: str | None = None
 ) -> list[dict[str, Any]]:
     """The same preprocessing as MONAI bundle config entries (``{"_target_": "Orientationd", ...}``)."""
     return [{"_target_": name, **kwargs} for name, kwargs in preprocessing_spec(meta, keys, label_key)]

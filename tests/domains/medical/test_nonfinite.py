@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from med_testdata import lps_affine, write_nifti
-from test_segment import Threshold, cube_volume, make_checkpoint, task_meta
+from test_segment import Threshold, cube_volume, make_checkpoint, typed_meta
 
 from domains.medical.options import VolumeOptions
 from domains.medical.segmentation.infer import Segmenter
@@ -114,7 +114,7 @@ def test_pretrain_command_goes_on_without_the_all_nan_volume(tmp_path, capsys, c
 def test_segment_labels_missing_voxels_background_and_finds_the_rest(tmp_path, modality):
     """The cube is found where the volume has data; the NaN quarter is background, whatever the network says."""
     data, missing = with_holes(cube_volume(SHAPE, (8, 4, 2), (20, 16, 8)), 0.25)
-    meta = {**task_meta(spacing=(1.5, 1.5, 1.5)), "modality": modality}
+    meta = typed_meta((1.5, 1.5, 1.5), modality=modality)
     src = write_nifti(tmp_path / "holes.nii.gz", data, lps_affine())
     seg = Segmenter(Threshold(), meta, "cpu").run(src)
     labels = np.asarray(seg.image.dataobj)
@@ -131,7 +131,7 @@ def test_missing_voxels_are_left_out_of_the_mr_statistics():
     missing = torch.zeros_like(image, dtype=torch.bool)
     missing[:, :3] = True
     image[missing] = 1e9  # a filled hole must not move the percentiles
-    out = normalise_intensity(image, missing, {"modality": "mr"})
+    out = normalise_intensity(image, missing, typed_meta(modality="mr"))
     low, high = np.percentile(image[~missing].numpy(), MR_PERCENTILES)
     expected = np.clip((image[~missing].numpy() - low) / (high - low), 0, 1)
     np.testing.assert_allclose(out[~missing].numpy(), expected, atol=1e-6)
@@ -177,7 +177,7 @@ def test_segment_cli_skips_an_all_nan_volume_with_its_reason(tmp_path, checkpoin
 def test_an_all_background_map_of_a_volume_with_signal_is_reported(tmp_path, caplog):
     """Soft tissue (0 HU: 0.41 after the window) under a threshold of 0.5 gives nothing: said, not hidden.
     A volume of air gives nothing too, and that is no surprise."""
-    segmenter = Segmenter(Threshold(), task_meta(spacing=None), "cpu")
+    segmenter = Segmenter(Threshold(), typed_meta(spacing=None), "cpu")
     tissue = write_nifti(tmp_path / "tissue.nii.gz", np.zeros(SHAPE, np.int16), np.eye(4))
     air = write_nifti(tmp_path / "air.nii.gz", np.full(SHAPE, -1000, np.int16), np.eye(4))
     with caplog.at_level(logging.WARNING):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +15,7 @@ from monai.bundle import ConfigParser
 
 from domains.medical.segmentation.data import SegmentationCropDataset, prepare_volume
 from domains.medical.segmentation.datalist import hold_out, load_datalist
+from domains.medical.segmentation.meta import SegmentationMeta
 from domains.medical.segmentation.transforms import preprocessing, preprocessing_config
 from foundation.errors import ConfigError, DataError
 
@@ -28,8 +30,14 @@ def _ct_pair(tmp_path: Path, shape=(20, 24, 12), affine=None, name="case") -> di
     return {"image": str(image), "label": str(label)}
 
 
-CT_META = {"spacing": [2.0, 1.5, 3.0], "modality": "ct", "window": [-175.0, 250.0]}
-MR_META = {"spacing": None, "modality": "mr", "window": [-175.0, 250.0]}
+def seg_meta(**kw) -> SegmentationMeta:
+    """A model's metadata; the preprocessing reads spacing, modality and window."""
+    kw = {"head": {}, "in_chans": 1, "roi_size": (16, 16, 16), "num_classes": 3, **kw}
+    return SegmentationMeta(window=(-175.0, 250.0), **kw)
+
+
+CT_META = seg_meta(spacing=(2.0, 1.5, 3.0), modality="ct")
+MR_META = seg_meta(spacing=None, modality="mr")
 
 
 @pytest.mark.parametrize("meta", [CT_META, MR_META])
@@ -50,7 +58,7 @@ def test_compose_and_bundle_config_give_identical_arrays(tmp_path, meta):
 
 def test_lps_volume_is_reoriented_to_ras_and_windowed(tmp_path):
     pair = _ct_pair(tmp_path)
-    out = preprocessing({**CT_META, "spacing": None}, label_key="label")(dict(pair))
+    out = preprocessing(replace(CT_META, spacing=None), label_key="label")(dict(pair))
     hu = nib.load(pair["image"]).get_fdata()
     expected = (np.clip(hu[::-1, ::-1, :], -175, 250) + 175) / 425  # LPS -> RAS flips i and j
     assert np.allclose(out["image"][0].numpy(), expected, atol=1e-6)
@@ -61,7 +69,7 @@ def test_lps_volume_is_reoriented_to_ras_and_windowed(tmp_path):
 def test_resampling_reaches_the_target_spacing(tmp_path):
     out = preprocessing(CT_META, label_key="label")(_ct_pair(tmp_path))
     spacing = np.linalg.norm(out["image"].affine.numpy()[:3, :3], axis=0)
-    assert np.allclose(spacing, CT_META["spacing"])
+    assert np.allclose(spacing, CT_META.spacing)
     assert tuple(out["image"].shape[1:]) == (
         13,
         15,
@@ -161,13 +169,7 @@ def test_hold_out_keeps_at_least_one_for_training():
 
 
 # -- training crops ------------------------------------------------------------------------------------------------
-SMALL_META = {
-    "roi_size": [16, 16, 16],
-    "spacing": None,
-    "modality": "ct",
-    "window": [-175.0, 250.0],
-    "num_classes": 3,
-}
+SMALL_META = seg_meta(roi_size=(16, 16, 16), spacing=None, modality="ct", num_classes=3)
 
 
 def _small_pair(tmp_path: Path, shape=(10, 12, 6)) -> dict[str, str]:
@@ -193,7 +195,7 @@ def test_volumes_smaller_than_the_roi_are_padded_not_refused(tmp_path):
 
 def test_crops_are_a_pure_function_of_seed_and_index(tmp_path):
     pair = _ct_pair(tmp_path, shape=(40, 40, 20))
-    meta = {**SMALL_META, "roi_size": [16, 16, 16]}
+    meta = replace(SMALL_META, roi_size=(16, 16, 16))
     a = SegmentationCropDataset([pair], meta, seed=0, flip_prob=0.5, rot90_prob=0.5)
     b = SegmentationCropDataset([pair], meta, seed=0, flip_prob=0.5, rot90_prob=0.5)
     for i in (5, 0, 3):  # any order: no hidden state between items
@@ -208,7 +210,7 @@ def test_half_the_crops_are_centred_on_foreground(tmp_path):
     labels = np.zeros((60, 60, 30), np.uint8)
     labels[5:9, 5:9, 5:9] = 1  # a small organ in one corner: random crops would rarely see it
     write_nifti(Path(pair["label"]), labels, lps_affine((1.3, 0.9, 2.7)))
-    dataset = SegmentationCropDataset([pair], {**SMALL_META, "roi_size": [16, 16, 16]}, seed=0)
+    dataset = SegmentationCropDataset([pair], replace(SMALL_META, roi_size=(16, 16, 16)), seed=0)
     hits = sum(float(dataset[i]["label"].sum()) > 0 for i in range(20))
     assert 5 <= hits <= 16
 
@@ -216,4 +218,4 @@ def test_half_the_crops_are_centred_on_foreground(tmp_path):
 def test_label_values_beyond_the_classes_name_the_file(tmp_path):
     pair = _small_pair(tmp_path)
     with pytest.raises(DataError, match=r"small_lbl.nii.gz: label values 0..1 outside the 1 classes"):
-        prepare_volume(pair, {**SMALL_META, "num_classes": 1})
+        prepare_volume(pair, replace(SMALL_META, num_classes=1))

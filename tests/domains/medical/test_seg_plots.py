@@ -10,21 +10,27 @@ import torch
 from med_testdata import lps_affine, write_nifti
 from PIL import Image
 
+from domains.medical.segmentation.meta import SegmentationMeta
 from domains.medical.segmentation.plots import case_slice, check_plots_folder, write_plots
 from domains.medical.segmentation.task import DiceEvaluator
 from foundation.errors import OutputError
 from foundation.plotting import is_our_png
 
-META = {
-    "roi_size": [16, 16, 16],
-    "spacing": None,
-    "modality": "ct",
-    "window": [-175.0, 250.0],
-    "labels": {"background": 0, "organ": 1, "absent": 2},
-    "num_classes": 3,
-    "overlap": 0.5,
-    "sw_batch_size": 2,
-}
+META = SegmentationMeta.from_dict(
+    {
+        "head": {},
+        "in_chans": 1,
+        "roi_size": [16, 16, 16],
+        "spacing": None,
+        "modality": "ct",
+        "window": [-175.0, 250.0],
+        "labels": {"background": 0, "organ": 1, "absent": 2},
+        "num_classes": 3,
+        "overlap": 0.5,
+        "sw_batch_size": 2,
+    },
+    "test-model.pt",
+)
 
 
 def test_case_slice_through_the_organs() -> None:

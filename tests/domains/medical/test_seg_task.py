@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from domains.medical.segmentation.datalist import sample_datalist
-from domains.medical.segmentation.model import load_segmentation_model
 from domains.medical.segmentation.task import OrganSegmentationTask
 from foundation.batch import EXIT_SOME_SKIPPED
 from foundation.cli import main
@@ -84,7 +83,8 @@ def test_dice_improves_over_training(trained):
 
 def test_model_file_carries_what_inference_needs(trained):
     run, _ = trained
-    net, meta = load_segmentation_model(run)
+    model = OrganSegmentationTask().load(run)
+    net, meta = model.net, model.meta.to_dict()
     assert set(meta) == {
         "head",
         "in_chans",
@@ -181,6 +181,7 @@ def test_evaluate_skips_broken_and_nan_volumes_scores_the_rest(trained, tmp_path
 def test_dice_on_volumes_smaller_than_the_roi(tmp_path):
     from med_testdata import lps_affine, write_nifti
 
+    from domains.medical.segmentation.meta import SegmentationMeta
     from domains.medical.segmentation.task import DiceEvaluator
 
     labels = np.zeros((10, 12, 6), np.uint8)
@@ -190,16 +191,21 @@ def test_dice_on_volumes_smaller_than_the_roi(tmp_path):
         "image": str(write_nifti(tmp_path / "img.nii.gz", hu, lps_affine())),
         "label": str(write_nifti(tmp_path / "lbl.nii.gz", labels, lps_affine())),
     }
-    meta = {
-        "roi_size": [16, 16, 16],
-        "spacing": None,
-        "modality": "ct",
-        "window": [-175.0, 250.0],
-        "labels": {"background": 0, "organ": 1, "absent": 2},
-        "num_classes": 3,
-        "overlap": 0.5,
-        "sw_batch_size": 2,
-    }
+    meta = SegmentationMeta.from_dict(
+        {
+            "head": {},
+            "in_chans": 1,
+            "roi_size": [16, 16, 16],
+            "spacing": None,
+            "modality": "ct",
+            "window": [-175.0, 250.0],
+            "labels": {"background": 0, "organ": 1, "absent": 2},
+            "num_classes": 3,
+            "overlap": 0.5,
+            "sw_batch_size": 2,
+        },
+        "test-model.pt",
+    )
 
     def oracle(x: torch.Tensor) -> torch.Tensor:  # windowed intensity 1 -> organ, 0 -> background
         assert x.shape[2:] == (16, 16, 16)  # padded up to the ROI, cropped back afterwards

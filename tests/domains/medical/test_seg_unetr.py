@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domains.medical.segmentation.model import build_segmentation_net, load_segmentation_model
+from domains.medical.segmentation.model import build_segmentation_net
+from domains.medical.segmentation.task import OrganSegmentationTask
 from domains.medical.segmentation.unetr import skip_blocks
 from foundation.errors import CheckpointError, ConfigError
 from foundation.models.vit import ViT, build_vit
@@ -88,11 +89,13 @@ def test_head_and_backbone_errors_name_the_problem():
         build_segmentation_net(_vit(depth=2), {"out_channels": 3, "skip_blocks": [0, 1, 2, 3]})
 
 
-def test_load_segmentation_model_rebuilds_the_network(tmp_path, single_thread):
+def test_task_load_rebuilds_the_network(tmp_path, single_thread):
     torch.manual_seed(0)
     args = dict(arch="vit_tiny", in_chans=1, spatial_dims=3, img_size=32, patch_size=16, reg_tokens=1)
     net = build_segmentation_net(build_vit(**args), {"out_channels": 4, "feature_size": 4})
-    meta = {"head": dict(net.head_args), "num_classes": 4}
+    meta = {"head": dict(net.head_args), "in_chans": 1, "roi_size": [32, 32, 32], "spacing": None,
+            "modality": "ct", "window": [-175, 250], "labels": {"background": 0, "a": 1, "b": 2, "c": 3},
+            "num_classes": 4, "overlap": 0.5, "sw_batch_size": 2}  # fmt: skip
     path = save_task_model(
         tmp_path / "model.pt",
         task="organ-segmentation",
@@ -102,8 +105,9 @@ def test_load_segmentation_model_rebuilds_the_network(tmp_path, single_thread):
         config={},
         step=3,
     )
-    loaded, loaded_meta = load_segmentation_model(tmp_path)
-    assert loaded_meta == meta and not loaded.training
+    model = OrganSegmentationTask().load(tmp_path)
+    loaded = model.net
+    assert model.meta.to_dict() == meta and not loaded.training and model.step == 3
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net.eval()(x))
@@ -117,5 +121,5 @@ def test_load_segmentation_model_rebuilds_the_network(tmp_path, single_thread):
         step=1,
     )
     with pytest.raises(CheckpointError, match="organ-segmentation"):
-        load_segmentation_model(other)
+        OrganSegmentationTask().load(other)
     assert path.is_file()

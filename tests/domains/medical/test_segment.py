@@ -13,6 +13,7 @@ from med_testdata import lps_affine, oblique_affine, write_dicom_series, write_n
 from torch import nn
 
 from domains.medical.segmentation.infer import Segmenter, nearest_to_grid
+from domains.medical.segmentation.meta import SegmentationMeta
 from domains.medical.segmentation.segment import list_inputs, output_name
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
@@ -34,6 +35,11 @@ def task_meta(spacing=(2.0, 2.0, 2.0), roi: int = 16) -> dict:
         "overlap": 0.25,
         "sw_batch_size": 2,
     }
+
+
+def typed_meta(spacing=(2.0, 2.0, 2.0), **stored) -> SegmentationMeta:
+    """The typed metadata of a model storing ``task_meta(spacing)`` updated with ``stored``."""
+    return SegmentationMeta.from_dict({**task_meta(spacing), **stored}, Path("test-model.pt"))
 
 
 def make_checkpoint(path: Path, spacing=(2.0, 2.0, 2.0)) -> Path:
@@ -128,7 +134,7 @@ def test_labels_land_on_the_input_grid_where_the_structure_is(tmp_path, affine):
     through reorientation, resampling to 1.5 mm and back."""
     shape, lo, hi = (40, 34, 16), (6, 20, 3), (20, 32, 9)
     image = cube_volume(shape, lo, hi)
-    meta = task_meta(spacing=(1.5, 1.5, 1.5))
+    meta = typed_meta(spacing=(1.5, 1.5, 1.5))
     seg = Segmenter(Threshold(), meta, "cpu")
     src = write_nifti(tmp_path / "cube.nii.gz", image, affine)
     out = seg.segment(src)
@@ -147,7 +153,7 @@ def test_native_spacing_is_exact(tmp_path):
     """No resampling (spacing None): the label map is the threshold of the input, voxel for voxel."""
     image = cube_volume((12, 10, 7), (2, 3, 1), (8, 9, 4))
     src = write_nifti(tmp_path / "v.nii.gz", image, lps_affine())
-    out = Segmenter(Threshold(), task_meta(spacing=None), "cpu").segment(src)
+    out = Segmenter(Threshold(), typed_meta(spacing=None), "cpu").segment(src)
     np.testing.assert_array_equal(np.asarray(out.dataobj), (image > 0).astype(np.uint8))
 
 
