@@ -22,7 +22,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports this module; torch and the model come only when a heatmap is drawn
+    from domains.pathology.slide_classification.meta import SlideClassifierMeta
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ def _feature_ids(names: list[str], ids: list[str]) -> tuple[list[str], list[dict
     return chosen, missing
 
 
-def _scan(features: str, meta: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, str]]]:
+def _scan(features: str, meta: SlideClassifierMeta) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """The feature files of ``features`` this model can score, by slide id, and the others with their reason
     (unreadable, or another width or backbone than the model was trained on: one such file is skipped, the rest
     drawn).
@@ -125,7 +128,7 @@ def _scan(features: str, meta: dict[str, Any]) -> tuple[dict[str, Any], list[dic
             f"--features {features!r} is not a folder (give the --out folder of `foundation embed`)"
         )
     bags, skipped = {}, []
-    width, backbone = meta["feature_dim"], meta.get("feature_backbone") or ""
+    width, backbone = meta.feature_dim, meta.feature_backbone or ""
     for path in sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".")):
         try:
             bag = look_bag(path)
@@ -211,18 +214,14 @@ def _existing(png: Path, geojson: Path, key: str, overwrite: bool) -> bool:
     return False
 
 
-def _folds(slide_id: str, meta: dict[str, Any]) -> tuple[list[int], bool]:
-    """The folds that score a slide and whether it was held out from them (as ``evaluate``)."""
-    splits = meta["splits"]
-    in_run = {s for fold in splits for part in fold.values() for s in part}
-    held = [k for k, fold in enumerate(splits) if slide_id in fold["test"]]
-    if held:
-        return held, True
-    return list(range(len(splits))), slide_id not in in_run
-
-
 def _draw(
-    slide_id: str, feature_file: Path, net: Any, meta: dict[str, Any], s: Settings, device: Any, slide: Any
+    slide_id: str,
+    feature_file: Path,
+    net: Any,
+    meta: SlideClassifierMeta,
+    s: Settings,
+    device: Any,
+    slide: Any,
 ) -> dict | None:
     """Both outputs of one slide; None when they are complete from an earlier run.
 
@@ -261,7 +260,7 @@ def _draw(
         raise DataError(
             f"{feature_file}: {bad} of its {len(features)} feature rows are not finite (NaN or inf)"
         )
-    folds, held_out = _folds(slide_id, meta)
+    folds, held_out = meta.held_out_folds(slide_id)  # as evaluate
     runs = [tile_scores(net.head_for_inference(k), features, device) for k in folds]
     attention = np.mean([r["attention"].numpy() for r in runs], 0)
     probs = np.mean([r["probs"].numpy() for r in runs], 0)
@@ -309,7 +308,7 @@ def run_heatmap(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
-    from domains.pathology.slide_classification.evaluate import load_slide_model
+    from domains.pathology.slide_classification.evaluate import load_slide_classifier
     from domains.pathology.slide_classification.tile_scores import class_score_source
     from domains.pathology.slide_list import read_slides_csv
     from foundation.batch import exit_status
@@ -318,8 +317,9 @@ def run_heatmap(args: argparse.Namespace) -> int:
     from foundation.outputs import write_verified
     from foundation.train.distributed import resolve_device
 
-    net, meta, _ = load_slide_model(args.checkpoint)
-    classes: list[str] = meta["classes"]
+    model = load_slide_classifier(args.checkpoint)
+    net, meta = model.net, model.meta
+    classes = list(meta.classes)
     if args.class_name is not None and args.score != "class":
         raise ConfigError("--class goes with --score class")
     if args.class_name is not None and args.class_name not in classes:

@@ -25,12 +25,13 @@ from domains.pathology.slide_classification.heatmap import check_heatmap_dir, wr
 from domains.pathology.slide_classification.inference import run_bag
 from domains.pathology.slide_classification.labels import read_labels
 from domains.pathology.slide_classification.matching import match
+from domains.pathology.slide_classification.meta import SlideClassifierMeta
 from domains.pathology.slide_classification.metrics import METRICS, scores
-from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
+from domains.pathology.slide_classification.model import SlideMIL
 from domains.pathology.slide_classification.options import TASK_NAME
 from foundation.errors import ConfigError, DataError, OutputError
 from foundation.outputs import write_verified
-from foundation.tasks.checkpoint import MODEL_FILE, load_net_weights, load_task_checkpoint
+from foundation.tasks.loaded import LoadedTask, load_task_model
 from foundation.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -38,26 +39,30 @@ log = logging.getLogger(__name__)
 PREDICTION_COLUMNS = ("slide", "case", "fold", "label")
 
 
-def load_slide_model(checkpoint: str | Path) -> tuple[SlideMIL, dict[str, Any], Path]:
-    """The fold networks, their metadata and the run folder of a ``finetune slide-classification`` model."""
-    ck = load_task_checkpoint(checkpoint, task=TASK_NAME)
-    meta = ck.task_meta
-    net = SlideMIL(HeadConfig(**meta["head"]), int(meta["folds"]))
-    load_net_weights(net, ck)
-    run = ck.source.parent if ck.source.name == MODEL_FILE else ck.source.parent.parent
-    return net, meta, run
+def load_slide_classifier(checkpoint: str | Path) -> LoadedTask[SlideClassifierMeta]:
+    """The fold networks (eval mode) and the :class:`SlideClassifierMeta` of a ``finetune slide-classification``
+    model (``SlideClassificationTask.load``).
+
+    Raises:
+        CheckpointError: unreadable, another task's model, broken metadata, or weights that do not fit.
+    """
+
+    def build(_: dict[str, Any], meta: SlideClassifierMeta) -> SlideMIL:
+        return SlideMIL(meta.head, meta.folds)
+
+    return load_task_model(checkpoint, TASK_NAME, SlideClassifierMeta.from_dict, build)
 
 
-def _check_features(meta: dict[str, Any], dim: int, backbone: str, folder: str) -> None:
-    if dim != meta["feature_dim"]:
+def _check_features(meta: SlideClassifierMeta, dim: int, backbone: str, folder: str) -> None:
+    if dim != meta.feature_dim:
         raise ConfigError(
-            f"--features {folder!r} holds {dim}-wide features; the model was trained on {meta['feature_dim']}-wide "
+            f"--features {folder!r} holds {dim}-wide features; the model was trained on {meta.feature_dim}-wide "
             "ones: embed the slides with the backbone used for training"
         )
-    if backbone and meta.get("feature_backbone") and backbone != meta["feature_backbone"]:
+    if backbone and meta.feature_backbone and backbone != meta.feature_backbone:
         raise ConfigError(
             f"--features {folder!r} come from backbone {backbone[:12]!r}, the model was trained on features of "
-            f"{meta['feature_backbone'][:12]!r}: embed the slides with the backbone used for training"
+            f"{meta.feature_backbone[:12]!r}: embed the slides with the backbone used for training"
         )
 
 
@@ -138,8 +143,9 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         CheckpointError, ConfigError, OutputError: refused before any work; DataError: no slide could be scored.
     """
-    net, meta, run = load_slide_model(args.checkpoint)
-    out = Path(args.out) if args.out else run / "predictions.csv"
+    model = load_slide_classifier(args.checkpoint)
+    net, meta = model.net, model.meta
+    out = Path(args.out) if args.out else model.run_dir / "predictions.csv"
     _check_out(out, [Path(args.labels), Path(args.checkpoint)])
     heatmaps = Path(args.heatmaps) if getattr(args, "heatmaps", None) else None
     if heatmaps is not None:
@@ -147,11 +153,9 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     table = read_labels(args.labels)
     folder = scan_features(args.features)
     _check_features(meta, folder.dim, folder.backbone, args.features)
-    classes: list[str] = meta["classes"]
+    classes = list(meta.classes)
     matched = match(table, folder, known_labels=classes)
-    splits = meta["splits"]
-    in_run = {s for fold in splits for part in fold.values() for s in part}
-    tests = [set(fold["test"]) for fold in splits]
+    splits = meta.splits
     device = resolve_device(getattr(args, "device", "auto"))
     net.to(device).eval()
     index = {c: i for i, c in enumerate(classes)}
@@ -160,8 +164,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     if heatmaps is not None:
         heatmaps.mkdir(exist_ok=True)
     for row in tqdm(matched.rows, desc=TASK_NAME, unit="slide", disable=getattr(args, "quiet", False)):
-        folds = [k for k in range(len(splits)) if row.slide_id in tests[k] or row.slide_id not in in_run]
-        if not folds:
+        folds, held_out = meta.held_out_folds(row.slide_id)
+        if not held_out:  # trained or validated on by every fold that could score it
             not_held_out.append(row.slide_id)
             continue
         try:

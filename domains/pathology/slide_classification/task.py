@@ -23,6 +23,7 @@ from domains.pathology.slide_classification.data import BagDataset, TrainSlide, 
 from domains.pathology.slide_classification.labels import read_labels, sort_labels
 from domains.pathology.slide_classification.loss import SlideLoss
 from domains.pathology.slide_classification.matching import match
+from domains.pathology.slide_classification.meta import SlideClassifierMeta
 from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
 from domains.pathology.slide_classification.options import TASK_NAME, SlideInputs, SlideOptions
 from domains.pathology.slide_classification.splits import Fold, check_folds, fixed_split, kfold
@@ -30,6 +31,7 @@ from domains.pathology.slide_classification.validation import make_validator
 from foundation.config import RECIPES, Config
 from foundation.errors import ConfigError
 from foundation.tasks.base import TaskParts, add_config_flag
+from foundation.tasks.loaded import LoadedTask
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +138,17 @@ class SlideClassificationTask:
             "%s: %d slides (%d cases), %d classes, %d fold(s), %d-wide features",
             TASK_NAME, len(matched.rows), len(set(cases.values())), len(classes), len(folds), folder.dim,
         )  # fmt: skip
-        meta = {
-            "head": head.to_dict(),
-            "folds": len(folds),
-            "classes": classes,
-            "splits": [f.to_dict() for f in folds],
-            "feature_dim": folder.dim,
-            "feature_backbone": folder.backbone,
-            "features": str(Path(inputs.features).resolve()),
-            "labels": str(table.path.resolve()),
-            "skipped": matched.skipped,
-        }
+        meta = SlideClassifierMeta(
+            head=head,
+            folds=len(folds),
+            classes=tuple(classes),
+            splits=tuple(folds),
+            feature_dim=folder.dim,
+            feature_backbone=folder.backbone,
+            features=str(Path(inputs.features).resolve()),
+            labels=str(table.path.resolve()),
+            skipped=tuple(matched.skipped),
+        )
         return TaskParts(
             net=net,
             loss=loss,
@@ -173,6 +175,13 @@ class SlideClassificationTask:
             help="also DIR/<slide>.png per scored slide: attention percentiles over the tiles, on the slide's "
             "thumbnail when the slide can be opened (DIR new, empty or holding only heatmaps of ours)",
         )
+
+    def load(self, path: str | Path) -> LoadedTask[SlideClassifierMeta]:
+        """The fold networks (eval mode) and their :class:`SlideClassifierMeta`; see
+        :func:`.evaluate.load_slide_classifier`."""
+        from domains.pathology.slide_classification.evaluate import load_slide_classifier
+
+        return load_slide_classifier(path)
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
         from domains.pathology.slide_classification.evaluate import evaluate_run

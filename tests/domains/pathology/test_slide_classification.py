@@ -12,8 +12,8 @@ import torch
 from slide_bags import planted_cohort, write_bag
 
 from domains.pathology.slide_classification.bags import read_bag
-from domains.pathology.slide_classification.evaluate import load_slide_model
 from domains.pathology.slide_classification.inference import run_bag
+from domains.pathology.slide_classification.task import SlideClassificationTask
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.train import checkpoint as ckpt
@@ -52,7 +52,8 @@ def test_abmil_beats_mean_pooling_and_finds_the_planted_tiles(
     assert result["abmil"]["auroc"] > result["mean"]["auroc"] + 0.1
     # a binary model finds one class by its tiles (the other is "none of those"): in that class's slides the two
     # most attended tiles are the planted ones (each fold on its own test slides)
-    net, meta, _ = load_slide_model(tmp_path / "abmil")
+    model = SlideClassificationTask().load(tmp_path / "abmil")
+    net, meta = model.net, model.meta.to_dict()
     found: dict[str, list[float]] = {"s0_": [], "s1_": []}
     for k, split in enumerate(meta["splits"]):
         for slide in split["test"]:
@@ -76,7 +77,7 @@ def test_multiclass_cohort_with_cases_and_missing_slides(
     assert "task.options.balanse is not an option of slide-classification" in capsys.readouterr().err
     assert not run.exists()
     assert _finetune(feats, labels, run, "train.steps=40", "task.options.instance_loss=true") == 0
-    _, meta, _ = load_slide_model(run)
+    meta = SlideClassificationTask().load(run).meta.to_dict()
     assert meta["classes"] == ["c0", "c1", "c2"] and meta["folds"] == 3
     assert {s["slide"] for s in meta["skipped"]} == {"unlabelled", "empty", "ghost"}
     case = {s: f"p{s[1]}_{int(s[3:]) // 2:02d}" for split in meta["splits"] for s in split["test"]}
@@ -135,7 +136,7 @@ def test_early_stopping_ends_the_run_and_a_rerun_is_finished(
     assert max(steps) == 9  # validated at steps 5 and 10, then stopped
     assert ckpt.latest_checkpoint(run).name == "step_00000400.pt" and (run / "model.pt").is_file()
     assert not (run / "export").exists()  # no backbone to export
-    net, _, _ = load_slide_model(run)
+    net = SlideClassificationTask().load(run).net
     assert net.has_best.all() and (net.evals_since_best == 1).all()
     caplog.clear()
     assert _finetune(feats, labels, run, *args) == 0
