@@ -38,13 +38,15 @@ import os
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from foundation.config import Config
 from foundation.data.spec import DataSpec
 from foundation.errors import ConfigError, RegistryError
+
+if TYPE_CHECKING:  # annotations only: the config imports this module to type data.options at load
+    from foundation.config import Config
 
 log = logging.getLogger(__name__)
 

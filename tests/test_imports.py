@@ -1,6 +1,7 @@
 """What the code imports: every third-party package is declared in pyproject.toml (core or an extra), so a fresh
 install has it rather than getting it by chance through another package's dependencies; the core never imports a
-domain and a domain never imports another (function-level imports included)."""
+domain and a domain never imports another (function-level imports included); no module imports itself back
+through others."""
 
 from __future__ import annotations
 
@@ -76,3 +77,80 @@ def test_the_core_imports_no_domain_and_no_domain_another() -> None:
                 if parts[0] == "domains" and len(parts) > 1 and parts[1] != domain.name:
                     crossing.append((str(file.relative_to(ROOT)), name))
     assert not crossing, f"imports across the core/domain seam: {crossing}"
+
+
+def _module_files() -> dict[str, Path]:
+    """Dotted module name (as imported) -> file, for every module of ours."""
+    modules = {}
+    for package in sorted(OURS):
+        for file in (ROOT / package).rglob("*.py"):
+            parts = [package, *file.relative_to(ROOT / package).with_suffix("").parts]
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = file
+    return modules
+
+
+def _edges(name: str, file: Path, modules: dict[str, Path]) -> set[str]:
+    """Our modules that ``name`` imports anywhere in its file (relative and function-level imports too, not those
+    under ``if TYPE_CHECKING:``)."""
+
+    def ours(dotted: str) -> str | None:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    tree = ast.parse(file.read_text(), str(file))
+    typing_only = {  # imports under `if TYPE_CHECKING:` never run
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {ours(alias.name) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name.split(".") if file.name == "__init__.py" else name.split(".")[:-1]
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            found |= {ours(f"{base}.{alias.name}") or ours(base) for alias in node.names}
+    return found - {None, name}
+
+
+def test_no_import_cycles() -> None:
+    """No module of ours imports, directly or through others, one that imports it back (function-level imports
+    count: they are how a circle hides). A package's ``__init__`` re-exporting its modules is not an edge back."""
+    modules = _module_files()
+    graph = {name: _edges(name, file, modules) for name, file in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"

@@ -205,7 +205,7 @@ def run_qc(args: argparse.Namespace) -> int:
 
 def _names(slides: list[tuple[Path, Path]]) -> dict[Path, str]:
     """Each slide's name as ``embed`` gives it among the slides of its folder (``x__s`` when ``s`` repeats)."""
-    from domains.pathology.embed import output_names
+    from domains.pathology.feature_names import output_names
 
     names: dict[Path, str] = {}
     for root in dict.fromkeys(r for _, r in slides):

@@ -57,7 +57,7 @@ class PathologyDomain:
         slides = list_slides(path)
         names: dict[SlideRef, str] | None = None
         if options.slides_csv:  # only the slides the list names; the others it names are reported
-            from domains.pathology.embed import output_names
+            from domains.pathology.feature_names import output_names
             from domains.pathology.slide_list import select_slides
 
             slides = list(slides)

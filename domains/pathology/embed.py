@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
-from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,13 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from domains.pathology.feature_file import is_complete, is_ours, write_feature_file
+from domains.pathology.feature_names import output_names
 from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, ensure_pt_bag, write_pt_bag
 from domains.pathology.out_dir import check_out_dir, make_out_dir
 from domains.pathology.regions import qupath_origin, region_digest, region_for
 from domains.pathology.slide import SlideCache, open_slide
-from domains.pathology.slide_refs import SlideRef, slide_key_text, slide_name
+from domains.pathology.slide_refs import SlideRef, slide_name
 from domains.pathology.source import (
-    SLIDE_SUFFIXES,
     PathologyOptions,
     list_slides,
     mpp_override,
@@ -55,6 +52,7 @@ from foundation.batch.report import EXISTING, SKIPPED, WRITTEN, BatchReport, Ite
 from foundation.batch.runner import BatchSpec, Item, Steps, finish, run_items
 from foundation.batch.summary import check_summaries
 from foundation.config import load_config
+from foundation.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from foundation.data.listing import is_url
 from foundation.errors import CheckpointError, ConfigError, DataError, OutputError
 from foundation.eval.features import POOLINGS, _pool
@@ -92,49 +90,6 @@ class TileDataset(Dataset):
 
     def close(self) -> None:
         self.handles.discard(self.path)
-
-
-def output_names(slides: Sequence[SlideRef], root: Path) -> list[str]:
-    """``<stem>.h5`` per slide (a DICOM folder keeps its whole name: UIDs are full of dots; a URL gives its file's
-    stem). Stems that repeat get their folders joined by ``__`` (``x__s.h5``); names that still repeat (``a.svs``
-    next to ``a.tif``) keep their suffix too (``x__a.svs.h5``). In a list file, whose slides share no folder, a
-    stem that repeats gets a short hash of its entry (``s__1f2e3d4c.h5``)."""
-
-    def relative(path: Path, keep_suffix: bool) -> str:
-        rel = path.relative_to(root)
-        last = rel.name if keep_suffix or path.is_dir() else rel.stem
-        return "__".join((*rel.parent.parts, last))
-
-    def own(slide: SlideRef) -> str:
-        name = slide_name(slide)
-        suffix = Path(name).suffix.lower()
-        # a DICOM slide is a folder; a stat only when the name does not say it is a file
-        folder = suffix not in SLIDE_SUFFIXES and not is_url(slide) and Path(slide).is_dir()
-        return name if folder else Path(name).stem
-
-    names = [own(p) for p in slides]
-    if root.is_dir():
-        for keep_suffix in (False, True):
-            counts = Counter(names)  # not names.count: quadratic, seconds for 10,000 slides
-            names = [
-                relative(p, keep_suffix) if counts[n] > 1 else n for p, n in zip(slides, names, strict=True)
-            ]
-    else:
-        counts = Counter(names)
-        base = root.resolve().parent  # a list file's folder: entries below it are hashed relative to it
-
-        def entry(slide: SlideRef) -> str:
-            """What tells the slide apart, the same after the folder of the list and its slides moved."""
-            if is_url(slide):
-                return slide_key_text(slide)
-            path = Path(slide)
-            return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
-
-        names = [
-            f"{n}__{hashlib.sha1(entry(p).encode()).hexdigest()[:8]}" if counts[n] > 1 else n
-            for p, n in zip(slides, names, strict=True)
-        ]
-    return [f"{n}.h5" for n in names]
 
 
 def _options(overrides: list[str], img_size: int) -> PathologyOptions:
@@ -283,8 +238,6 @@ def feature_key(
     """What determines a slide's features, stored with them: a rerun redoes a file whose key differs. The
     backbone is known by ``fingerprint``, its weights' (not its path: a retrained backbone at the same path is
     another one)."""
-    from domains.pathology.domain import PathologyDomain
-
     return {
         "backbone_fingerprint": fingerprint,
         "pooling": pooling,
@@ -294,8 +247,8 @@ def feature_key(
         "tissue_threshold": _threshold_text(options.tissue_threshold),
         "otsu_clip": np.asarray(options.otsu_clip, np.int64),
         "overlap": int(options.overlap),
-        "mean": np.asarray(meta.get("mean") or PathologyDomain.mean, np.float64),
-        "std": np.asarray(meta.get("std") or PathologyDomain.std, np.float64),
+        "mean": np.asarray(meta.get("mean") or IMAGENET_MEAN, np.float64),
+        "std": np.asarray(meta.get("std") or IMAGENET_STD, np.float64),
     }
 
 

@@ -156,7 +156,7 @@ def _scan(features: str, meta: SlideClassifierMeta) -> tuple[dict[str, Any], lis
 
 def _slides_by_id(slides: str) -> dict[str, Any]:
     """Slide id (the name ``embed`` gave its feature file) -> the slide under ``--slides``."""
-    from domains.pathology.embed import output_names
+    from domains.pathology.feature_names import output_names
     from domains.pathology.source import list_slides
 
     root = Path(slides)

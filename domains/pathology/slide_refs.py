@@ -10,6 +10,21 @@ from foundation.data.listing import ListFile, is_url, url_key, url_name
 
 SlideRef = Path | str  # a local slide, or a URL (kept a string: Path() would fold "https://" to "https:/")
 
+# what a slide file (or a DICOM file of a slide folder) may be called
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".tif",
+    ".tiff",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".svslide",
+    ".dcm",
+)
+
 
 def slide_ref(entry: str) -> SlideRef:
     """A list entry as the slide readers take it."""

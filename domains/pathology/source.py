@@ -20,7 +20,7 @@ import torch
 
 from domains.pathology.regions import region_for
 from domains.pathology.slide import SlideCache
-from domains.pathology.slide_refs import SlideList, SlideRef, slide_name
+from domains.pathology.slide_refs import SLIDE_SUFFIXES, SlideList, SlideRef, slide_name
 from domains.pathology.tissue import OTSU, TileRules, Tiling, read_tile, tile_slide
 from foundation.config import Config, reject_unknown_keys
 from foundation.data.listing import is_list_file, is_url, read_list
@@ -28,20 +28,6 @@ from foundation.data.seeding import generator_for
 from foundation.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-SLIDE_SUFFIXES = (
-    ".svs",
-    ".ndpi",
-    ".mrxs",
-    ".tif",
-    ".tiff",
-    ".scn",
-    ".bif",
-    ".vms",
-    ".vmu",
-    ".svslide",
-    ".dcm",
-)
 
 
 @dataclass(frozen=True)
@@ -272,7 +258,7 @@ class SlideSampleSource:
         if self.options.regions is None or self.root is None:
             return None
         if self._names is None:  # once per worker, on first use
-            from domains.pathology.embed import output_names
+            from domains.pathology.feature_names import output_names
 
             names = output_names(self.slides, self.root)
             self._names = {s: n.removesuffix(".h5") for s, n in zip(self.slides, names, strict=True)}

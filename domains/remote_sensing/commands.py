@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 
+from domains.remote_sensing.canopy.naming import OUT_SUFFIX
+
 log = logging.getLogger(__name__)
 
 COMMAND = "canopy-height"
-OUT_SUFFIX = "_chm.tif"
 EPILOG = """\
 examples:
   foundation canopy-height scene.tif --checkpoint runs/chm/model.pt --out chm.tif

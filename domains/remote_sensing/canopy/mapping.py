@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from domains.remote_sensing.commands import OUT_SUFFIX
+from domains.remote_sensing.canopy.naming import OUT_SUFFIX
 from foundation.batch import exit_status
 from foundation.batch.launch import should_spawn, spawn_batch
 from foundation.batch.report import SKIPPED, BatchReport

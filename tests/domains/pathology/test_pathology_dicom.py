@@ -14,7 +14,7 @@ from conftest import tissue_image, write_svs
 from dicom_wsi import write_dicom_wsi
 
 from domains.pathology import PathologyDomain
-from domains.pathology.embed import output_names
+from domains.pathology.feature_names import output_names
 from domains.pathology.slide import open_slide
 from domains.pathology.source import list_slides
 from foundation.batch import EXIT_SOME_SKIPPED

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TISSUE, tissue_image, write_levels, write_ome, write_svs
 
-from domains.pathology.embed import output_names
+from domains.pathology.feature_names import output_names
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.export import export_backbone

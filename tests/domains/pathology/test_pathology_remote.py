@@ -18,7 +18,7 @@ from conftest import write_generic, write_ome, write_svs
 from range_server import serve
 
 import domains.pathology.remote as remote
-from domains.pathology.embed import output_names
+from domains.pathology.feature_names import output_names
 from domains.pathology.slide import Slide, SlideCache, find_mpp
 from domains.pathology.source import PathologyOptions, SlideSampleSource, list_slides
 from foundation.batch import EXIT_SOME_SKIPPED
