@@ -32,6 +32,7 @@ from foundation.errors import CheckpointError, ConfigError, TrainingError
 from foundation.export import export_backbone
 from foundation.models.factory import backbone_args, build_backbone
 from foundation.models.vit import ViT, build_vit_to_load
+from foundation.precision import autocast_dtype
 from foundation.ssl.registry import get_objective_factory
 from foundation.threads import configure_threads, worker_threads
 from foundation.train import checkpoint as ckpt
@@ -177,10 +178,7 @@ class Trainer:
         self.objective = setup.objective
         self.objective.to(self.device)
         self.dataset = setup.dataset
-        precision = (
-            tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        )
-        self.amp_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.amp_dtype = autocast_dtype(tc.precision, self.device, flag="train.precision")
         prepare_blocks(self.objective, compile_blocks=tc.compile, checkpointing=tc.activation_checkpointing)
         # FSDP replaces the parameters by shards: the optimiser is built on what the wrapping left
         self.model: torch.nn.Module = parallel.wrap(self.objective, tc.parallel, self.device, self.amp_dtype)

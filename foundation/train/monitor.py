@@ -23,6 +23,7 @@ from foundation.errors import DataError
 from foundation.eval.features import extract_features, remap_labels
 from foundation.eval.knn import knn_top1
 from foundation.plotting import write_png
+from foundation.precision import autocast_dtype
 from foundation.report.crops import CropSample, crop_grid
 from foundation.visualize.inputs import from_normalised
 from foundation.visualize.pipeline import fit, overview, see
@@ -149,7 +150,7 @@ class PretrainMonitor:
         assert self.knn is not None
         knn = self.knn
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            amp = torch.bfloat16 if device.type == "cuda" else None
+            amp = autocast_dtype("auto", device)
             train_f, train_l, _ = extract_features(backbone, knn.train, device=device, amp_dtype=amp)
             val_f, val_l, _ = extract_features(backbone, knn.val, device=device, amp_dtype=amp)
             top1 = knn_top1(
