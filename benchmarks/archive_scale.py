@@ -37,9 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from domains.pathology.sample import synthetic_he, write_pyramid_tiff
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.pathology.sample import synthetic_he, write_pyramid_tiff
 
 DESCRIPTION = "Aperio Image Library v12.0.0 \r\n{w}x{h} (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.25"
 REPO = Path(__file__).resolve().parents[1]

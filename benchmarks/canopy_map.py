@@ -35,10 +35,13 @@ import torch
 from affine import Affine
 from rasterio.windows import Window
 
-from domains.remote_sensing.canopy.mapping import MapOptions, open_scene
-from domains.remote_sensing.canopy.meta import CanopyMeta
-from domains.remote_sensing.canopy.model import build_canopy_net, load_canopy
-from domains.remote_sensing.canopy.tiling import (
+from foundation.cli import main as cli_main
+from foundation.models.vit import build_vit
+from foundation.tasks.checkpoint import save_task_model
+from foundation_domains.remote_sensing.canopy.mapping import MapOptions, open_scene
+from foundation_domains.remote_sensing.canopy.meta import CanopyMeta
+from foundation_domains.remote_sensing.canopy.model import build_canopy_net, load_canopy
+from foundation_domains.remote_sensing.canopy.tiling import (
     TileGrid,
     autocast_dtype,
     predict_batch,
@@ -46,9 +49,6 @@ from domains.remote_sensing.canopy.tiling import (
     resolve_device,
     seam_ratio,
 )
-from foundation.cli import main as cli_main
-from foundation.models.vit import build_vit
-from foundation.tasks.checkpoint import save_task_model
 
 BANDS = 4
 

@@ -36,9 +36,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from canopy_map import make_checkpoint, make_scene  # noqa: E402
 
-from domains.medical.segmentation.model import build_segmentation_net  # noqa: E402
 from foundation.models.vit import build_vit  # noqa: E402
 from foundation.tasks.checkpoint import save_task_model  # noqa: E402
+from foundation_domains.medical.segmentation.model import build_segmentation_net  # noqa: E402
 
 BUSY = "while True: pass"
 TARGETS = {"alone": 0.95, "busy": 1.3, "pair": 1.0}

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from domains.images.sample import make_sample_images
+from foundation_domains.images.sample import make_sample_images
 
 
 def _free_port() -> int:

@@ -179,7 +179,7 @@ def write_slide(path: Path, images: list[np.ndarray], mpp: float) -> None:
     through the pathology domain's own slide reader."""
     import tifffile
 
-    from domains.pathology.slide import open_slide
+    from foundation_domains.pathology.slide import open_slide
 
     n, side = len(images), images[0].shape[0]
     rows = max(r for r in range(1, int(n**0.5) + 1) if n % r == 0)  # the squarest grid with every cell used
@@ -237,8 +237,8 @@ def write_volume(path: Path, images: list[np.ndarray], cfg: Config) -> None:
     slice display (same pixels, unresampled, same orientation)."""
     import nibabel as nib
 
-    from domains.medical.slices import display_slice
-    from domains.medical.volume import load_volume
+    from foundation_domains.medical.slices import display_slice
+    from foundation_domains.medical.volume import load_volume
 
     opts = cfg.data.typed_options
     if opts.modality != "ct" or opts.spacing is None:

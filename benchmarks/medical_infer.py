@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_median  # noqa: E402
 
-from domains.medical.segmentation.infer import Segmenter, nearest_to_grid  # noqa: E402
-from domains.medical.segmentation.meta import SegmentationMeta  # noqa: E402
-from domains.medical.segmentation.model import build_segmentation_net  # noqa: E402
 from foundation.models.vit import ARCHS, build_vit  # noqa: E402
 from foundation.tasks.checkpoint import save_task_model  # noqa: E402
+from foundation_domains.medical.segmentation.infer import Segmenter, nearest_to_grid  # noqa: E402
+from foundation_domains.medical.segmentation.meta import SegmentationMeta  # noqa: E402
+from foundation_domains.medical.segmentation.model import build_segmentation_net  # noqa: E402
 
 TARGET = 0.9
 BTCV = [

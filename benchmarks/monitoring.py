@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_median  # noqa: E402
 
 import foundation.ssl.dinov2 as dinov2  # noqa: E402
-from domains.images.sample import make_sample_images  # noqa: E402
 from foundation.config import load_config  # noqa: E402
 from foundation.eval.features import extract_features  # noqa: E402
 from foundation.train.distributed import DistInfo  # noqa: E402
 from foundation.train.engine import Trainer, ssl_setup  # noqa: E402
+from foundation_domains.images.sample import make_sample_images  # noqa: E402
 
 
 class _NoIndicators:

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from domains.pathology.embed import TileDataset, embed_slides
-from domains.pathology.sample import synthetic_he, write_pyramid_tiff
-from domains.pathology.slide import open_slide
-from domains.pathology.source import PathologyOptions, list_slides
-from domains.pathology.tissue import mask_for_tiles, plan_tiles
 from foundation.eval.features import _pool
 from foundation.export import export_backbone, load_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.pathology.embed import TileDataset, embed_slides
+from foundation_domains.pathology.sample import synthetic_he, write_pyramid_tiff
+from foundation_domains.pathology.slide import open_slide
+from foundation_domains.pathology.source import PathologyOptions, list_slides
+from foundation_domains.pathology.tissue import mask_for_tiles, plan_tiles
 
 DESCRIPTION = "Aperio Image Library v12.0.0 \r\n{w}x{h} (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.25"
 

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from domains.pathology.slide_classification.data import collate_bags
-from domains.pathology.slide_classification.loss import SlideLoss
-from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
 from foundation.config import RECIPES, load_config
 from foundation.tasks.base import TaskModel
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import Trainer, TrainingSetup
+from foundation_domains.pathology.slide_classification.data import collate_bags
+from foundation_domains.pathology.slide_classification.loss import SlideLoss
+from foundation_domains.pathology.slide_classification.model import HeadConfig, SlideMIL
 
 RECIPE = RECIPES / "pathology" / "slide_mil_tiny.yaml"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from domains.images.sample import make_sample_images
+from foundation_domains.images.sample import make_sample_images
 
 TINY_RECIPE = """\
 seed: 0

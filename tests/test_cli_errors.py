@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from domains.pathology.sample import synthetic_he, write_pyramid_tiff
-from domains.remote_sensing.sample import write_scene
 from foundation.cli import main
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.pathology.sample import synthetic_he, write_pyramid_tiff
+from foundation_domains.remote_sensing.sample import write_scene
 
 BACKBONE_2D = dict(arch="vit_tiny", in_chans=3, spatial_dims=2, img_size=32, patch_size=8, reg_tokens=0)
 BACKBONE_3D = dict(arch="vit_tiny", in_chans=1, spatial_dims=3, img_size=16, patch_size=8, reg_tokens=0)

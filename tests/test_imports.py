@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"foundation", "domains"}
+OURS = {"foundation", "domains"}  # folders; domains/ installs as foundation_domains
+IMPORT_NAMES = {"foundation": "foundation", "domains": "foundation_domains"}
 
 
 def _imports_of(file: Path) -> list[str]:
@@ -56,7 +57,7 @@ def test_every_third_party_import_is_declared() -> None:
     providers = packages_distributions()
     missing = {}
     for module, files in _imported_modules().items():
-        if module in sys.stdlib_module_names or module in OURS or module == "__future__":
+        if module in sys.stdlib_module_names or module in IMPORT_NAMES.values() or module == "__future__":
             continue
         dists = {_normalise(d) for d in providers.get(module, [])}
         if not dists & declared:
@@ -68,13 +69,19 @@ def test_the_core_imports_no_domain_and_no_domain_another() -> None:
     crossing = []
     for file in (ROOT / "foundation").rglob("*.py"):
         crossing += [
-            (str(file.relative_to(ROOT)), n) for n in _imports_of(file) if n.split(".")[0] == "domains"
+            (str(file.relative_to(ROOT)), n)
+            for n in _imports_of(file)
+            if n.split(".")[0] in ("domains", "foundation_domains")
         ]
     for domain in sorted(p for p in (ROOT / "domains").iterdir() if (p / "__init__.py").exists()):
         for file in domain.rglob("*.py"):
             for name in _imports_of(file):
                 parts = name.split(".")
-                if parts[0] == "domains" and len(parts) > 1 and parts[1] != domain.name:
+                if (
+                    parts[0] in ("domains", "foundation_domains")
+                    and len(parts) > 1
+                    and parts[1] != domain.name
+                ):
                     crossing.append((str(file.relative_to(ROOT)), name))
     assert not crossing, f"imports across the core/domain seam: {crossing}"
 
@@ -84,7 +91,7 @@ def _module_files() -> dict[str, Path]:
     modules = {}
     for package in sorted(OURS):
         for file in (ROOT / package).rglob("*.py"):
-            parts = [package, *file.relative_to(ROOT / package).with_suffix("").parts]
+            parts = [IMPORT_NAMES[package], *file.relative_to(ROOT / package).with_suffix("").parts]
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = file
     return modules
 

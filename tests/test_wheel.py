@@ -50,7 +50,7 @@ def test_the_wheel_ships_the_recipes_and_pretrains_outside_the_checkout(tmp_path
     env["FOUNDATION_CACHE"] = str(tmp_path / "cache")
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    code = "import foundation, domains; print(foundation.__file__); print(domains.__file__)"
+    code = "import foundation, foundation_domains; print(foundation.__file__); print(foundation_domains.__file__)"
     where = subprocess.run(
         [sys.executable, "-S", "-c", code], env=env, cwd=outside, capture_output=True, text=True
     )

@@ -7,7 +7,7 @@ def __getattr__(name: str):
     # Imported on first use: the command-line parsers live in this package too, and listing them must not
     # import torch (PEP 562).
     if name == "ImagesDomain":
-        from domains.images.domain import ImagesDomain
+        from foundation_domains.images.domain import ImagesDomain
 
         return ImagesDomain
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

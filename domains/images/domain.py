@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from domains.images.sample import make_sample_images
 from foundation.config import Config
 from foundation.data.image_folder import (
     IMAGENET_MEAN,
@@ -19,6 +18,7 @@ from foundation.data.image_folder import (
 from foundation.data.spec import DataSpec
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import DataSource, ViewTransform
+from foundation_domains.images.sample import make_sample_images
 
 if TYPE_CHECKING:
     from foundation.visualize.inputs import VisualInput, VisualRequest
@@ -58,6 +58,6 @@ class ImagesDomain:
 
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
         """``foundation visualize`` inputs: image files or folders (see ``visualize.py``)."""
-        from domains.images.visualize import visual_inputs
+        from foundation_domains.images.visualize import visual_inputs
 
         return visual_inputs(request, RGB.mean, RGB.std)

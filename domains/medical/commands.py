@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from domains.medical.segmentation.bundle import add_export_bundle_parser
-from domains.medical.segmentation.segment import add_segment_parser
+from foundation_domains.medical.segmentation.bundle import add_export_bundle_parser
+from foundation_domains.medical.segmentation.segment import add_segment_parser
 
 log = logging.getLogger(__name__)
 

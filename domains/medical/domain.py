@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from domains.medical.options import VolumeOptions
 from foundation.config import Config
 from foundation.data.spec import DataSpec
 from foundation.domain import DataSource, ViewTransform
 from foundation.errors import ConfigError, DataError, FoundationError, MissingDependencyError
+from foundation_domains.medical.options import VolumeOptions
 
 if TYPE_CHECKING:
     from foundation.visualize.inputs import VisualInput, VisualRequest
@@ -91,7 +91,7 @@ class MedicalDomain:
 
     def make_sample(self, root: Path) -> Path:
         _require_medical()
-        from domains.medical.phantom import make_sample_volumes
+        from foundation_domains.medical.phantom import make_sample_volumes
 
         return make_sample_volumes(Path(root))
 
@@ -104,9 +104,9 @@ class MedicalDomain:
             DataError: nothing usable at ``path``, or volumes with different channel counts.
         """
         _require_medical()
-        from domains.medical.slices import SliceSampleSource, slice_statistics
-        from domains.medical.source import VolumeSampleSource
-        from domains.medical.volume import channel_count, find_volumes, read_image
+        from foundation_domains.medical.slices import SliceSampleSource, slice_statistics
+        from foundation_domains.medical.source import VolumeSampleSource
+        from foundation_domains.medical.volume import channel_count, find_volumes, read_image
 
         slices = slice_mode(cfg)  # before the data is scanned and a model built for nothing
         opts: VolumeOptions = cfg.data.typed_options
@@ -158,7 +158,7 @@ class MedicalDomain:
                 "DATALIST.json`, then `foundation evaluate organ-segmentation`"
             )
         _require_medical()
-        from domains.medical.slices import LabelledSliceDataset
+        from foundation_domains.medical.slices import LabelledSliceDataset
 
         spec = spec or unit_spec(1, 2)
         opts: VolumeOptions = cfg.data.typed_options
@@ -167,6 +167,6 @@ class MedicalDomain:
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
         """``foundation visualize`` inputs: axial/coronal/sagittal planes of volumes (see ``visualize.py``)."""
         _require_medical()
-        from domains.medical.visualize import visual_inputs
+        from foundation_domains.medical.visualize import visual_inputs
 
         return visual_inputs(request)

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from domains.medical.options import VolumeOptions
-from domains.medical.source import VolumeSampleSource
-from domains.medical.volume import find_volumes, load_volume
 from foundation.data.views import EvalView
 from foundation.errors import DataError
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.source import VolumeSampleSource
+from foundation_domains.medical.volume import find_volumes, load_volume
 
 FOREGROUND_LEVEL = 0.05  # after the preset: above the bottom of the CT window / MR percentile range
 MIN_FOREGROUND = 0.1  # fraction of the slice that must be foreground (else another slice is drawn)

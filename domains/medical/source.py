@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from domains.medical.options import VolumeOptions
-from domains.medical.volume import BACKGROUND, load_volume
 from foundation.errors import DataError
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.volume import BACKGROUND, load_volume
 
 log = logging.getLogger(__name__)
 

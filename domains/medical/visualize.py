@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from domains.medical.options import VolumeOptions
-from domains.medical.volume import BACKGROUND, find_volumes, load_volume
 from foundation.visualize.inputs import PlaneView, VisualInput, VisualRequest, fit_to_patches
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.volume import BACKGROUND, find_volumes, load_volume
 
 # RAS array axes (X, Y, Z): a slice across one, transposed and flipped on both axes, puts anterior or
 # superior at the top and the patient's right on the viewer's left.

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from domains.medical.dicom import is_dicom_file, read_dicom_series
-from domains.medical.options import VolumeOptions
 from foundation.errors import DataError
+from foundation_domains.medical.dicom import is_dicom_file, read_dicom_series
+from foundation_domains.medical.options import VolumeOptions
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from foundation.errors import ConfigError, DataError, OutputError
 
 if TYPE_CHECKING:
-    from domains.pathology.source import PathologyOptions
+    from foundation_domains.pathology.source import PathologyOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     p.set_defaults(func=run_qc)
 
-    from domains.pathology.heatmap_command import add_heatmap_command
+    from foundation_domains.pathology.heatmap_command import add_heatmap_command
 
     add_heatmap_command(subparsers)
 
@@ -83,7 +83,7 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
 
 def tiling_options(args: argparse.Namespace) -> PathologyOptions:
     """The flags as ``data.options`` (checked there: one message per bad value, naming the option)."""
-    from domains.pathology.source import PathologyOptions
+    from foundation_domains.pathology.source import PathologyOptions
 
     return PathologyOptions(
         mpp=args.mpp, tile_size=args.tile_size, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
@@ -127,10 +127,10 @@ def _qc_one(
     Raises:
         DataError: the slide (or its region file) cannot be read. OutputError: the picture cannot be written.
     """
-    from domains.pathology.regions import region_for
-    from domains.pathology.slide import open_slide
-    from domains.pathology.source import mpp_override
-    from domains.pathology.tissue import tile_slide, write_qc
+    from foundation_domains.pathology.regions import region_for
+    from foundation_domains.pathology.slide import open_slide
+    from foundation_domains.pathology.source import mpp_override
+    from foundation_domains.pathology.tissue import tile_slide, write_qc
 
     region = region_for(path, o.regions, name)
     with open_slide(path, mpp_override(path, args.slide_mpp, table, root)) as slide:
@@ -151,10 +151,10 @@ def run_qc(args: argparse.Namespace) -> int:
     done, 2 some skipped; nothing done raises (exit 1)."""
     from tqdm import tqdm
 
-    from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
-    from domains.pathology.source import list_slides, read_mpp_csv
     from foundation.batch import exit_status
     from foundation.outputs import write_verified
+    from foundation_domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
+    from foundation_domains.pathology.source import list_slides, read_mpp_csv
 
     _check_ranges(args)
     options = tiling_options(args)
@@ -205,7 +205,7 @@ def run_qc(args: argparse.Namespace) -> int:
 
 def _names(slides: list[tuple[Path, Path]]) -> dict[Path, str]:
     """Each slide's name as ``embed`` gives it among the slides of its folder (``x__s`` when ``s`` repeats)."""
-    from domains.pathology.feature_names import output_names
+    from foundation_domains.pathology.feature_names import output_names
 
     names: dict[Path, str] = {}
     for root in dict.fromkeys(r for _, r in slides):
@@ -221,7 +221,7 @@ def _listed(slides: list[tuple[Path, Path]], csv_path: str) -> tuple[list[tuple[
     Raises:
         DataError: the CSV is broken or names none of the slides.
     """
-    from domains.pathology.slide_list import choose_slides, read_slides_csv
+    from foundation_domains.pathology.slide_list import choose_slides, read_slides_csv
 
     names = read_slides_csv(csv_path)
     roots = list(dict.fromkeys(root for _, root in slides))

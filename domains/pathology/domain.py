@@ -15,24 +15,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from domains.pathology.sample import make_sample_slide
-from domains.pathology.source import (
-    PathologyOptions,
-    SlideSampleSource,
-    list_slides,
-    read_mpp_csv,
-)
-from domains.pathology.stain import HEDJitter, HEDJitterOnDevice
 from foundation.config import Config
 from foundation.data.device_views import DeviceMAEView, DeviceMultiCropViews, augment_on_device
 from foundation.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageFolderDataset
 from foundation.data.spec import DataSpec
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import DataSource, ViewTransform
+from foundation_domains.pathology.sample import make_sample_slide
+from foundation_domains.pathology.source import (
+    PathologyOptions,
+    SlideSampleSource,
+    list_slides,
+    read_mpp_csv,
+)
+from foundation_domains.pathology.stain import HEDJitter, HEDJitterOnDevice
 
 if TYPE_CHECKING:
-    from domains.pathology.slide_refs import SlideRef
     from foundation.visualize.inputs import VisualInput, VisualRequest
+    from foundation_domains.pathology.slide_refs import SlideRef
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class PathologyDomain:
         slides = list_slides(path)
         names: dict[SlideRef, str] | None = None
         if options.slides_csv:  # only the slides the list names; the others it names are reported
-            from domains.pathology.feature_names import output_names
-            from domains.pathology.slide_list import select_slides
+            from foundation_domains.pathology.feature_names import output_names
+            from foundation_domains.pathology.slide_list import select_slides
 
             slides = list(slides)
             if options.regions:  # regions are named as embed names the slides of the whole folder
@@ -101,12 +101,12 @@ class PathologyDomain:
 
     def embed_data(self, backbone: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace) -> dict:
         """``foundation embed --domain pathology``: one HDF5 of tile features per slide (see ``embed.py``)."""
-        from domains.pathology.embed import embed_slides
+        from foundation_domains.pathology.embed import embed_slides
 
         return embed_slides(backbone, meta, args)
 
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
         """``foundation visualize`` inputs: slide regions, tissue tiles, feature-file tiles (``visualize.py``)."""
-        from domains.pathology.visualize import visual_inputs
+        from foundation_domains.pathology.visualize import visual_inputs
 
         return visual_inputs(request, RGB.mean, RGB.std)

@@ -34,20 +34,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from domains.pathology.feature_file import is_complete, is_ours, write_feature_file
-from domains.pathology.feature_names import output_names
-from domains.pathology.interop import BAG_FORMATS, bag_path, coords_attributes, ensure_pt_bag, write_pt_bag
-from domains.pathology.out_dir import check_out_dir, make_out_dir
-from domains.pathology.regions import qupath_origin, region_digest, region_for
-from domains.pathology.slide import SlideCache, open_slide
-from domains.pathology.slide_refs import SlideRef, slide_name
-from domains.pathology.source import (
-    PathologyOptions,
-    list_slides,
-    mpp_override,
-    read_mpp_csv,
-)
-from domains.pathology.tissue import OTSU, Tiling, read_tile, tile_slide
 from foundation.batch.report import EXISTING, SKIPPED, WRITTEN, BatchReport, ItemResult
 from foundation.batch.runner import BatchSpec, Item, Steps, finish, run_items
 from foundation.batch.summary import check_summaries
@@ -60,6 +46,26 @@ from foundation.models.fingerprint import weights_fingerprint
 from foundation.outputs import pid_running
 from foundation.precision import autocast_dtype
 from foundation.train.distributed import destroy_distributed, init_distributed
+from foundation_domains.pathology.feature_file import is_complete, is_ours, write_feature_file
+from foundation_domains.pathology.feature_names import output_names
+from foundation_domains.pathology.interop import (
+    BAG_FORMATS,
+    bag_path,
+    coords_attributes,
+    ensure_pt_bag,
+    write_pt_bag,
+)
+from foundation_domains.pathology.out_dir import check_out_dir, make_out_dir
+from foundation_domains.pathology.regions import qupath_origin, region_digest, region_for
+from foundation_domains.pathology.slide import SlideCache, open_slide
+from foundation_domains.pathology.slide_refs import SlideRef, slide_name
+from foundation_domains.pathology.source import (
+    PathologyOptions,
+    list_slides,
+    mpp_override,
+    read_mpp_csv,
+)
+from foundation_domains.pathology.tissue import OTSU, Tiling, read_tile, tile_slide
 
 log = logging.getLogger(__name__)
 COMMAND = "embed"
@@ -210,13 +216,13 @@ def slide_identity(path: Path) -> dict[str, Any]:
     """Which slide a feature file was made from: its resolved path, size and mtime (a DICOM folder: the total
     size and latest mtime of its files), so another slide under the same name, or one rewritten, is redone.
 
-    A URL's identity is the URL and its size (:func:`domains.pathology.remote.remote_identity`).
+    A URL's identity is the URL and its size (:func:`foundation_domains.pathology.remote.remote_identity`).
 
     Raises:
         DataError: the slide cannot be looked at (gone, no permission, unreachable).
     """
     if is_url(path):
-        from domains.pathology.remote import remote_identity
+        from foundation_domains.pathology.remote import remote_identity
 
         return remote_identity(str(path))
     resolved = path.resolve()
@@ -484,7 +490,7 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
     names = output_names(slides, root)  # of every slide found: a slide list does not change its file's name
     not_listed: list[dict[str, str]] = []
     if options.slides_csv:
-        from domains.pathology.slide_list import select_slides
+        from foundation_domains.pathology.slide_list import select_slides
 
         choice = select_slides(options.slides_csv, list(slides), root)
         keep = set(choice.chosen)

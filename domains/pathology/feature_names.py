@@ -8,8 +8,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from domains.pathology.slide_refs import SLIDE_SUFFIXES, SlideRef, slide_key_text, slide_name
 from foundation.data.listing import is_url
+from foundation_domains.pathology.slide_refs import SLIDE_SUFFIXES, SlideRef, slide_key_text, slide_name
 
 
 def output_names(slides: Sequence[SlideRef], root: Path) -> list[str]:

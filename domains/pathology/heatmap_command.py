@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports this module; torch and the model come only when a heatmap is drawn
-    from domains.pathology.slide_classification.meta import SlideClassifierMeta
+    from foundation_domains.pathology.slide_classification.meta import SlideClassifierMeta
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def _scan(features: str, meta: SlideClassifierMeta) -> tuple[dict[str, Any], lis
     Raises:
         ConfigError: ``features`` is not a folder, or holds no file the model can score (the first reason shown).
     """
-    from domains.pathology.slide_classification.bags import look_bag
     from foundation.errors import ConfigError, DataError
+    from foundation_domains.pathology.slide_classification.bags import look_bag
 
     folder = Path(features)
     if not folder.is_dir():
@@ -156,8 +156,8 @@ def _scan(features: str, meta: SlideClassifierMeta) -> tuple[dict[str, Any], lis
 
 def _slides_by_id(slides: str) -> dict[str, Any]:
     """Slide id (the name ``embed`` gave its feature file) -> the slide under ``--slides``."""
-    from domains.pathology.feature_names import output_names
-    from domains.pathology.source import list_slides
+    from foundation_domains.pathology.feature_names import output_names
+    from foundation_domains.pathology.source import list_slides
 
     root = Path(slides)
     found = list_slides(root)
@@ -197,9 +197,9 @@ def _existing(png: Path, geojson: Path, key: str, overwrite: bool) -> bool:
         OutputError: a file under an output's name is not ours (left alone), or is ours but made otherwise
             and ``overwrite`` is off.
     """
-    from domains.pathology.slide_classification.heatmap import is_ours
-    from domains.pathology.slide_classification.tile_geojson import is_our_geojson, stored_key
     from foundation.errors import OutputError
+    from foundation_domains.pathology.slide_classification.heatmap import is_ours
+    from foundation_domains.pathology.slide_classification.tile_geojson import is_our_geojson, stored_key
 
     for path, ours in ((png, is_ours), (geojson, is_our_geojson)):
         if path.exists() and not ours(path):
@@ -231,21 +231,21 @@ def _draw(
     import numpy as np
     import torch
 
-    from domains.pathology.slide_classification.bags import read_bag
-    from domains.pathology.slide_classification.heatmap import (
+    from foundation.errors import DataError
+    from foundation_domains.pathology.slide_classification.bags import read_bag
+    from foundation_domains.pathology.slide_classification.heatmap import (
         ATTENTION_LABEL,
         percentiles,
         slide_thumbnail,
         tile_geometry,
         write_heatmap,
     )
-    from domains.pathology.slide_classification.tile_geojson import (
+    from foundation_domains.pathology.slide_classification.tile_geojson import (
         recorded_origin,
         tile_collection,
         write_tile_geojson,
     )
-    from domains.pathology.slide_classification.tile_scores import tile_scores
-    from foundation.errors import DataError
+    from foundation_domains.pathology.slide_classification.tile_scores import tile_scores
 
     png, geojson = s.out / f"{slide_id}.png", s.out / f"{slide_id}.geojson"
     key = _key(s, feature_file)
@@ -307,15 +307,15 @@ def run_heatmap(args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
-    from domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
-    from domains.pathology.slide_classification.evaluate import load_slide_classifier
-    from domains.pathology.slide_classification.tile_scores import class_score_source
-    from domains.pathology.slide_list import read_slides_csv
     from foundation.batch import exit_status
     from foundation.errors import ConfigError, DataError, OutputError
     from foundation.models.fingerprint import weights_fingerprint
     from foundation.outputs import write_verified
     from foundation.train.distributed import resolve_device
+    from foundation_domains.pathology.out_dir import check_out_dir, is_disk_full, make_out_dir
+    from foundation_domains.pathology.slide_classification.evaluate import load_slide_classifier
+    from foundation_domains.pathology.slide_classification.tile_scores import class_score_source
+    from foundation_domains.pathology.slide_list import read_slides_csv
 
     model = load_slide_classifier(args.checkpoint)
     net, meta = model.net, model.meta

@@ -25,9 +25,9 @@ import h5py
 import numpy as np
 import torch
 
-from domains.pathology.tissue import Tiling
 from foundation.errors import OutputError
 from foundation.outputs import write_verified
+from foundation_domains.pathology.tissue import Tiling
 
 MICRONS_AT_1X = 10.0  # um/px at magnification 1: magnification = 10 / mpp
 BAG_FORMATS = ("pt",)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from domains.pathology.slide_refs import SlideRef, slide_name
 from foundation.errors import DataError
+from foundation_domains.pathology.slide_refs import SlideRef, slide_name
 
 SUFFIX = ".geojson"
 _POLYGONS = ("Polygon", "MultiPolygon")

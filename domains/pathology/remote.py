@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from domains.pathology.slide_refs import slide_key_text
-from domains.pathology.tiffread import _ome_physical_size, composite_on_white
 from foundation.errors import DataError, MissingDependencyError
+from foundation_domains.pathology.slide_refs import slide_key_text
+from foundation_domains.pathology.tiffread import _ome_physical_size, composite_on_white
 
 log = logging.getLogger(__name__)
 

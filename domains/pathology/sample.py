@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from domains.pathology.stain import hed_to_rgb
+from foundation_domains.pathology.stain import hed_to_rgb
 
 SAMPLE_NAME = "sample_slide.svs"
 SAMPLE_MPP = 0.25

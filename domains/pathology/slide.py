@@ -1,8 +1,8 @@
 """Whole-slide images: one :class:`Slide` over OpenSlide and a tifffile fallback, with a physical resolution.
 
 OpenSlide (https://openslide.org) reads the vendor formats; OME-TIFF / SubIFD pyramids and stripped TIFFs,
-which it sees as one level or not at all, go through :mod:`domains.pathology.tiffread`; a slide by URL goes
-through :mod:`domains.pathology.remote` (fsspec + tiffslide). Every slide has a microns-per-pixel value or is
+which it sees as one level or not at all, go through :mod:`foundation_domains.pathology.tiffread`; a slide by URL goes
+through :mod:`foundation_domains.pathology.remote` (fsspec + tiffslide). Every slide has a microns-per-pixel value or is
 refused: tiles at a target resolution are meaningless without one.
 """
 
@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import tifffile
 
-from domains.pathology.tiffread import SegmentCache, TiffReader, composite_on_white
 from foundation.data.listing import is_url
 from foundation.errors import DataError
+from foundation_domains.pathology.tiffread import SegmentCache, TiffReader, composite_on_white
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _dicom_instance(folder: Path) -> Path:
 
 def _open_reader(path: Path, cache: TileCache | None) -> _OpenSlideReader | _TiffRegionReader:
     """OpenSlide for what it reads well; tifffile for TIFF pyramids OpenSlide flattens or refuses. A folder
-    is a DICOM slide (see :func:`domains.pathology.source.list_slides`)."""
+    is a DICOM slide (see :func:`foundation_domains.pathology.source.list_slides`)."""
     if path.is_dir():
         return _OpenSlideReader(_dicom_instance(path), cache)
     osl = _openslide()
@@ -235,7 +235,7 @@ class Slide:
         errors = (osl.OpenSlideError,) if osl is not None else ()
         try:
             if remote:
-                from domains.pathology.remote import RemoteSlideReader
+                from foundation_domains.pathology.remote import RemoteSlideReader
 
                 self._reader = RemoteSlideReader(str(path))
             else:

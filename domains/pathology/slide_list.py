@@ -12,8 +12,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from domains.pathology.slide_refs import SlideRef, slide_name
 from foundation.errors import DataError
+from foundation_domains.pathology.slide_refs import SlideRef, slide_name
 
 COLUMNS = ("slide_id", "slide", "path")
 # values of the process column (CLAM's 0/1, a spreadsheet's booleans); an empty cell processes the slide

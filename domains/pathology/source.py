@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from domains.pathology.regions import region_for
-from domains.pathology.slide import SlideCache
-from domains.pathology.slide_refs import SLIDE_SUFFIXES, SlideList, SlideRef, slide_name
-from domains.pathology.tissue import OTSU, TileRules, Tiling, read_tile, tile_slide
 from foundation.config import Config, reject_unknown_keys
 from foundation.data.listing import is_list_file, is_url, read_list
 from foundation.data.seeding import generator_for
 from foundation.errors import ConfigError, DataError
+from foundation_domains.pathology.regions import region_for
+from foundation_domains.pathology.slide import SlideCache
+from foundation_domains.pathology.slide_refs import SLIDE_SUFFIXES, SlideList, SlideRef, slide_name
+from foundation_domains.pathology.tissue import OTSU, TileRules, Tiling, read_tile, tile_slide
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +147,12 @@ class PathologyOptions:
 
 def list_slides(path: str | Path) -> Sequence[SlideRef]:
     """Slides under ``path`` (recursive, sorted), ``path`` itself when it is a slide file or a URL, or the
-    entries of a list file (``.txt``/``.csv``, read on demand: :class:`~domains.pathology.slide_refs.SlideList`).
+    entries of a list file (``.txt``/``.csv``, read on demand: :class:`~foundation_domains.pathology.slide_refs.SlideList`).
 
     A DICOM slide is a folder of ``.dcm`` instances (one per level, plus label and overview), so the FOLDER
-    is the slide: one entry, named after the folder in outputs (:func:`domains.pathology.slide.open_slide`
+    is the slide: one entry, named after the folder in outputs (:func:`foundation_domains.pathology.slide.open_slide`
     opens it). Every other slide is a file. A URL is a string (``https://``, ``s3://``), read by
-    :mod:`domains.pathology.remote`; entries of a list file are checked when they are read, not here.
+    :mod:`foundation_domains.pathology.remote`; entries of a list file are checked when they are read, not here.
 
     Raises:
         DataError: the path does not exist or holds no slide; a list file names none.
@@ -258,7 +258,7 @@ class SlideSampleSource:
         if self.options.regions is None or self.root is None:
             return None
         if self._names is None:  # once per worker, on first use
-            from domains.pathology.feature_names import output_names
+            from foundation_domains.pathology.feature_names import output_names
 
             names = output_names(self.slides, self.root)
             self._names = {s: n.removesuffix(".h5") for s, n in zip(self.slides, names, strict=True)}

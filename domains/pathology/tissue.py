@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from domains.pathology.regions import qupath_origin
-from domains.pathology.slide import Slide
 from foundation.errors import OutputError
 from foundation.outputs import output_error, write_verified
+from foundation_domains.pathology.regions import qupath_origin
+from foundation_domains.pathology.slide import Slide
 
 if TYPE_CHECKING:
-    from domains.pathology.regions import Region
+    from foundation_domains.pathology.regions import Region
 
 OTSU = "otsu"
 MASK_MAX_SIDE = 4096  # mask pixels on the longer side, whatever the slide size

@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 import torch
 
-from domains.pathology.slide import Slide, open_slide
-from domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
 from foundation.errors import ConfigError, DataError
 from foundation.visualize.inputs import VisualInput, VisualRequest
+from foundation_domains.pathology.slide import Slide, open_slide
+from foundation_domains.pathology.tissue import Tiling, mask_for_tiles, plan_tiles, read_tile
 
 DEFAULT_MPP = 0.5
 MAX_REGION_SIDE = 2048  # px at the chosen mpp; beyond this the attention matrix outgrows a laptop

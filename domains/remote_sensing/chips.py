@@ -14,9 +14,15 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from domains.remote_sensing.raster import RasterInfo, open_raster, read_error_text, read_window, scan_rasters
 from foundation.data.views import EvalView
 from foundation.errors import DataError
+from foundation_domains.remote_sensing.raster import (
+    RasterInfo,
+    open_raster,
+    read_error_text,
+    read_window,
+    scan_rasters,
+)
 
 
 def chip_labels(root: str | Path, files: Sequence[Path]) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from domains.remote_sensing.canopy.naming import OUT_SUFFIX
+from foundation_domains.remote_sensing.canopy.naming import OUT_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,12 @@ def add_canopy_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_canopy_height(args: argparse.Namespace) -> int:
-    from domains.remote_sensing.canopy.mapping import cmd_canopy_height as run
+    from foundation_domains.remote_sensing.canopy.mapping import cmd_canopy_height as run
 
     return run(args)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from domains.remote_sensing.domain import cmd_stats as run
+    from foundation_domains.remote_sensing.domain import cmd_stats as run
 
     return run(args)

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from domains.remote_sensing.options import RasterOptions, parse_bands
 from foundation.config import Config
 from foundation.data.spec import DataSpec
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import DataSource, ViewTransform
 from foundation.errors import ConfigError, MissingDependencyError
+from foundation_domains.remote_sensing.options import RasterOptions, parse_bands
 
 if TYPE_CHECKING:
     from foundation.visualize.inputs import VisualInput, VisualRequest
@@ -56,7 +56,7 @@ class Normalisation:
 def normalisation(infos: list, scales: list[float], opts: RasterOptions, seed: int) -> Normalisation:
     """The spec of ``infos`` in scaled (reflectance-like) units: channels, mean/std from ``opts`` (explicit
     values or a statistics file) or estimated over a bounded random sample of windows, and band names."""
-    from domains.remote_sensing.stats import UNREADABLE, BandStats, compute_band_stats
+    from foundation_domains.remote_sensing.stats import UNREADABLE, BandStats, compute_band_stats
 
     channels = infos[0].channels
     stats = None
@@ -108,7 +108,7 @@ class RemoteSensingDomain:
 
     def make_sample(self, root: Path) -> Path:
         _require_rasterio()
-        from domains.remote_sensing.sample import make_sample_scene
+        from foundation_domains.remote_sensing.sample import make_sample_scene
 
         return make_sample_scene(Path(root))
 
@@ -120,8 +120,8 @@ class RemoteSensingDomain:
         some of its windows, is handled by the sampler (another window is drawn for that sample).
         """
         _require_rasterio()
-        from domains.remote_sensing.raster import scan_rasters, value_scale
-        from domains.remote_sensing.sampling import RasterSampleSource
+        from foundation_domains.remote_sensing.raster import scan_rasters, value_scale
+        from foundation_domains.remote_sensing.sampling import RasterSampleSource
 
         opts: RasterOptions = cfg.data.typed_options
         infos = scan_rasters(path, opts.bands)
@@ -164,8 +164,8 @@ class RemoteSensingDomain:
         band count, else with ``data.options.stats`` or ``mean``/``std``, else statistics of the chips themselves.
         """
         _require_rasterio()
-        from domains.remote_sensing.chips import RasterChipDataset, scan_chips
-        from domains.remote_sensing.raster import value_scale
+        from foundation_domains.remote_sensing.chips import RasterChipDataset, scan_chips
+        from foundation_domains.remote_sensing.raster import value_scale
 
         opts: RasterOptions = cfg.data.typed_options
         infos = scan_chips(path, opts.bands)
@@ -179,7 +179,7 @@ class RemoteSensingDomain:
     def visual_inputs(self, request: VisualRequest) -> Iterator[VisualInput]:
         """``foundation visualize`` inputs: a window of each raster (see ``visualize.py``)."""
         _require_rasterio()
-        from domains.remote_sensing.visualize import visual_inputs
+        from foundation_domains.remote_sensing.visualize import visual_inputs
 
         return visual_inputs(request)
 
@@ -192,9 +192,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     replaces only an earlier statistics file of ours, never another file or an input (checked before work).
     """
     _require_rasterio()
-    from domains.remote_sensing.raster import find_rasters, list_rasters, value_scale
-    from domains.remote_sensing.stats import UNREADABLE, check_stats_output, compute_band_stats
     from foundation.batch import exit_status
+    from foundation_domains.remote_sensing.raster import find_rasters, list_rasters, value_scale
+    from foundation_domains.remote_sensing.stats import UNREADABLE, check_stats_output, compute_band_stats
 
     inputs = [Path(args.data), *list_rasters(args.data)]
     check_stats_output(Path(args.out), inputs)

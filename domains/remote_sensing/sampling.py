@@ -22,7 +22,8 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from domains.remote_sensing.raster import (
+from foundation.errors import DataError
+from foundation_domains.remote_sensing.raster import (
     READ_ERRORS,
     REMOTE_TRIES,
     RasterInfo,
@@ -32,7 +33,6 @@ from domains.remote_sensing.raster import (
     read_error_text,
     read_window,
 )
-from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,15 @@ import numpy as np
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from domains.remote_sensing.json_outputs import MARKER_KEY, check_json_output, write_json_output
-from domains.remote_sensing.raster import READ_ERRORS, RasterInfo, open_raster, read_error_text, read_pixels
 from foundation.errors import DataError
+from foundation_domains.remote_sensing.json_outputs import MARKER_KEY, check_json_output, write_json_output
+from foundation_domains.remote_sensing.raster import (
+    READ_ERRORS,
+    RasterInfo,
+    open_raster,
+    read_error_text,
+    read_pixels,
+)
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
-from domains.remote_sensing.raster import (
+from foundation.errors import ConfigError, DataError
+from foundation.visualize.inputs import VisualInput, VisualRequest
+from foundation_domains.remote_sensing.raster import (
     RasterInfo,
     inspect_raster,
     list_rasters,
@@ -18,8 +20,6 @@ from domains.remote_sensing.raster import (
     read_pixels,
     value_scale,
 )
-from foundation.errors import ConfigError, DataError
-from foundation.visualize.inputs import VisualInput, VisualRequest
 
 MAX_WINDOW_SIDE = 2048
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from domains.images import ImagesDomain
 from foundation.config import load_config
 from foundation.data.image_folder import ImageFolder, ImageSampleSource, read_rgb
 from foundation.errors import DataError
+from foundation_domains.images import ImagesDomain
 
 IMAGENET_LOW = (0 - 0.485) / 0.229  # smallest normalised value a uint8 image can give
 IMAGENET_HIGH = (1 - 0.406) / 0.225  # largest

@@ -22,7 +22,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from domains.medical.segmentation.bundle_configs import (
+from foundation.errors import CheckpointError, ConfigError, DataError
+from foundation.outputs import building_dir, check_output_dir, check_writable
+from foundation_domains.medical.segmentation.bundle_configs import (
     TASK,
     bundle_metadata,
     inference_config,
@@ -30,9 +32,7 @@ from domains.medical.segmentation.bundle_configs import (
     readme,
     train_config,
 )
-from domains.medical.segmentation.segment import checkpoint_paths
-from foundation.errors import CheckpointError, ConfigError, DataError
-from foundation.outputs import building_dir, check_output_dir, check_writable
+from foundation_domains.medical.segmentation.segment import checkpoint_paths
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +132,7 @@ def export_bundle(
         CheckpointError: unreadable checkpoint, another task than ``task``, or weights that do not fit.
         DataError: the ``license_file`` is missing.
     """
-    from domains.medical.segmentation.model import load_segmentation
+    from foundation_domains.medical.segmentation.model import load_segmentation
 
     if task is not None and task != TASK:
         raise ConfigError(f"--task {task!r}: export-bundle writes {TASK!r} models only")

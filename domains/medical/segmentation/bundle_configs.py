@@ -1,6 +1,6 @@
 """The files of an organ-segmentation MONAI bundle, as data: ``metadata.json`` (MONAI's meta schema),
 ``inference.json`` and ``train.json`` (``python -m monai.bundle run`` configs built from the task's own
-preprocessing spec) and ``docs/README.md``. :mod:`domains.medical.segmentation.bundle` writes them.
+preprocessing spec) and ``docs/README.md``. :mod:`foundation_domains.medical.segmentation.bundle` writes them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from domains.medical.segmentation.meta import SegmentationMeta
+    from foundation_domains.medical.segmentation.meta import SegmentationMeta
 
 TASK = "organ-segmentation"
 SCHEMA = (
@@ -20,7 +20,7 @@ SCHEMA = (
 # network (MONAI downloads SCHEMA only when the file at --filepath does not exist).
 META_SCHEMA = Path(__file__).with_name("schema") / SCHEMA.rsplit("/", 1)[-1]
 # Where the bundle configs find their run-time helpers (volume_list, training_pairs).
-_THIS = "domains.medical.segmentation.bundle"
+_THIS = "foundation_domains.medical.segmentation.bundle"
 # The folder above the --config_file given to `python -m monai.bundle run`, else the working directory, so the
 # bundle runs from anywhere (override with --bundle_root).
 BUNDLE_ROOT = (
@@ -38,7 +38,7 @@ REFERENCES = [
 def network_def(backbone_args: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
     """Our network as a bundle config component: ``build_segmentation_net(build_vit(**backbone_args), head)``."""
     return {
-        "_target_": "domains.medical.segmentation.model.build_segmentation_net",
+        "_target_": "foundation_domains.medical.segmentation.model.build_segmentation_net",
         "backbone": {"_target_": "foundation.models.vit.build_vit", **backbone_args},
         "head": dict(head),
     }
@@ -170,7 +170,7 @@ def _common(meta: SegmentationMeta, net_def: dict[str, Any]) -> dict[str, Any]:
 
 def inference_config(meta: SegmentationMeta, net_def: dict[str, Any]) -> dict[str, Any]:
     """``inference.json``: every NIfTI file under ``dataset_dir`` to ``output_dir/<name>_seg.nii.gz``."""
-    from domains.medical.segmentation.transforms import preprocessing_config
+    from foundation_domains.medical.segmentation.transforms import preprocessing_config
 
     return {
         **_common(meta, net_def),
@@ -249,7 +249,7 @@ def inference_config(meta: SegmentationMeta, net_def: dict[str, Any]) -> dict[st
 def train_config(meta: SegmentationMeta, net_def: dict[str, Any]) -> dict[str, Any]:
     """``train.json``: fine-tune ``models/model.pt`` further on ``dataset_dir`` (Decathlon ``dataset.json`` or
     ``imagesTr``/``labelsTr``), DiceCE on positive/negative ROI crops; writes ``models/model_finetuned.pt``."""
-    from domains.medical.segmentation.transforms import preprocessing_config
+    from foundation_domains.medical.segmentation.transforms import preprocessing_config
 
     roi = list(meta.roi_size)
     keys = ["image", "label"]
@@ -351,7 +351,7 @@ A `{backbone_args.get("arch", "ViT")}` 3D backbone (patch {backbone_args.get("pa
 decoder. Research use only; not a medical device.
 
 ## Requirements
-`network_def` instantiates `domains.medical.segmentation.model.build_segmentation_net`, so the `foundation`
+`network_def` instantiates `foundation_domains.medical.segmentation.model.build_segmentation_net`, so the `foundation`
 package (with its `medical` extra: MONAI, nibabel, pytorch-ignite, fire) must be installed where the bundle runs.
 
 ## Inference
@@ -391,5 +391,5 @@ python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt
 checks the ROI-sized input and the {len(classes)}-channel output.
 `python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath SCHEMA` checks the metadata
 offline against the schema shipped with `foundation` (SCHEMA: the path printed by
-`python -c "from domains.medical.segmentation.bundle_configs import META_SCHEMA; print(META_SCHEMA)"`).
+`python -c "from foundation_domains.medical.segmentation.bundle_configs import META_SCHEMA; print(META_SCHEMA)"`).
 """

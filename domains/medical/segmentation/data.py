@@ -18,10 +18,10 @@ import torch
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from domains.medical.segmentation.meta import SegmentationMeta
-from domains.medical.segmentation.transforms import preprocessing
 from foundation.data.seeding import draw_seed, generator_for
 from foundation.errors import DataError
+from foundation_domains.medical.segmentation.meta import SegmentationMeta
+from foundation_domains.medical.segmentation.transforms import preprocessing
 
 log = logging.getLogger(__name__)
 KEYS = ["image", "label"]

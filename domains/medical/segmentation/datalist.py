@@ -196,9 +196,9 @@ def _labels(path: Path, labels: Any) -> dict[str, int] | None:
 def sample_datalist(val_count: int = 1) -> Path:
     """The datalist of the medical domain's phantoms (made once), written once and atomically next to them:
     ``<cache>/samples/medical-organseg/datalist.json`` with paths relative to itself."""
-    from domains.medical.phantom import LABELS, make_sample_volumes
     from foundation.data.samples import write_sample_folder
     from foundation.domain import sample_cache_dir
+    from foundation_domains.medical.phantom import LABELS, make_sample_volumes
 
     phantoms = make_sample_volumes(sample_cache_dir("medical"))
     root = sample_cache_dir("medical-organseg")

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from domains.medical.segmentation.meta import SegmentationMeta
-from domains.medical.segmentation.transforms import normalise_intensity
-from domains.medical.volume import is_nifti, read_image
 from foundation.errors import ConfigError, DataError
 from foundation.precision import autocast_dtype, resolve_precision
+from foundation_domains.medical.segmentation.meta import SegmentationMeta
+from foundation_domains.medical.segmentation.transforms import normalise_intensity
+from foundation_domains.medical.volume import is_nifti, read_image
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Segmenter:
         cls, checkpoint: str | Path, device: torch.device | str = "cpu", **kwargs: Any
     ) -> Segmenter:
         """Raises: CheckpointError (unreadable, not an organ-segmentation model, weights that do not fit)."""
-        from domains.medical.segmentation.model import load_segmentation
+        from foundation_domains.medical.segmentation.model import load_segmentation
 
         model = load_segmentation(checkpoint)
         return cls(model.net, model.meta, device, **kwargs)
@@ -206,7 +206,7 @@ class Segmenter:
     @property
     def preprocess(self):
         if self._preprocess is None:
-            from domains.medical.segmentation.transforms import preprocessing
+            from foundation_domains.medical.segmentation.transforms import preprocessing
 
             self._preprocess = preprocessing(self.meta, keys=("image",))
         return self._preprocess
@@ -308,7 +308,7 @@ class Segmenter:
         """Preprocess voxels held in memory (a DICOM series, a volume with missing voxels) through temporary
         NIfTI files: the voxels, missing ones filled with a background value, and the mask of missing ones
         (resampled by nearest neighbour, like a label map)."""
-        from domains.medical.segmentation.transforms import preprocessing
+        from foundation_domains.medical.segmentation.transforms import preprocessing
 
         source = tmp / "image.nii"
         filled = voxels if missing is None else fill_missing(voxels, missing, self.meta)

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from domains.medical.segmentation.meta import TASK_NAME, SegmentationMeta
-from domains.medical.segmentation.unetr import UNETRDecoder, decoder_levels, skip_blocks
 from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 from foundation.models.vit import ViT, build_vit
 from foundation.tasks.loaded import LoadedTask, load_task_model
+from foundation_domains.medical.segmentation.meta import TASK_NAME, SegmentationMeta
+from foundation_domains.medical.segmentation.unetr import UNETRDecoder, decoder_levels, skip_blocks
 
 HEAD_DEFAULTS: dict[str, Any] = {
     "type": "unetr",

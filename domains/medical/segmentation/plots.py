@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from domains.medical.segmentation.meta import SegmentationMeta
 from foundation.outputs import building_dir, check_output_dir
 from foundation.plotting import new_figure, png_bytes
+from foundation_domains.medical.segmentation.meta import SegmentationMeta
 
 KIND = "organ-segmentation-plots"
 

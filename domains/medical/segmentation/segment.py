@@ -1,7 +1,7 @@
 """``foundation segment``: NIfTI label maps of volumes (NIfTI files, DICOM series folders, or folders of them).
 
 Each input ``NAME.nii.gz`` (or DICOM folder ``NAME``) gives ``OUT/NAME_seg.nii.gz`` on exactly the input's
-voxel grid (:mod:`domains.medical.segmentation.infer`). Files are written under a temporary name, re-opened
+voxel grid (:mod:`foundation_domains.medical.segmentation.infer`). Files are written under a temporary name, re-opened
 and checked, then renamed. Each label map carries its key (a NIfTI1 extension holding JSON: the input's
 resolved path, size and mtime, the model's weights fingerprint and the inference settings): a map whose key
 matches is done, so a rerun finishes an interrupted batch; one of ours with another key (another volume of
@@ -120,8 +120,8 @@ def list_inputs(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
     A file is taken as given (checked when read); a folder holding DICOM files is one series; any other
     folder is searched recursively for NIfTI files and DICOM series.
     """
-    from domains.medical.dicom import is_dicom_file
-    from domains.medical.volume import find_volumes
+    from foundation_domains.medical.dicom import is_dicom_file
+    from foundation_domains.medical.volume import find_volumes
 
     volumes: list[Path] = []
     bad: list[dict[str, str]] = []
@@ -311,8 +311,8 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any], BatchOutc
         DataError: no volume at all in the inputs.
         ConfigError / CheckpointError: bad flags, two inputs with one output name, or an unusable checkpoint.
     """
-    from domains.medical.segmentation.infer import Segmenter
     from foundation.train.distributed import destroy_distributed, init_distributed
+    from foundation_domains.medical.segmentation.infer import Segmenter
 
     out_dir = Path(args.out)
     check_out(out_dir, list(args.inputs), args.checkpoint)

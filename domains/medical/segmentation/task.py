@@ -18,10 +18,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from domains.medical.options import VolumeOptions
-from domains.medical.segmentation.datalist import Datalist, load_datalist, sample_datalist
-from domains.medical.segmentation.meta import TASK_NAME, SegmentationMeta
-from domains.medical.segmentation.model import build_segmentation_net, load_segmentation
 from foundation.config import RECIPES, Config, reject_unknown_keys
 from foundation.errors import ConfigError, DataError
 from foundation.models.vit import ViT
@@ -29,6 +25,10 @@ from foundation.options import path_field
 from foundation.tasks.base import TaskParts, add_config_flag
 from foundation.tasks.loaded import LoadedTask
 from foundation.train.distributed import resolve_device
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.segmentation.datalist import Datalist, load_datalist, sample_datalist
+from foundation_domains.medical.segmentation.meta import TASK_NAME, SegmentationMeta
+from foundation_domains.medical.segmentation.model import build_segmentation_net, load_segmentation
 
 log = logging.getLogger(__name__)
 NORMS = ("instance", "batch")  # MONAI norm names that need no extra arguments
@@ -162,8 +162,8 @@ class DiceEvaluator:
         self.skipped: list[str] = []
 
     def _volume(self, i: int) -> dict[str, torch.Tensor] | None:
-        from domains.medical.segmentation.data import check_label_values
-        from domains.medical.segmentation.transforms import preprocessing
+        from foundation_domains.medical.segmentation.data import check_label_values
+        from foundation_domains.medical.segmentation.transforms import preprocessing
 
         if i in self._kept:
             return self._kept[i]
@@ -277,7 +277,7 @@ class OrganSegmentationTask:
         """
         from monai.losses import DiceCELoss
 
-        from domains.medical.segmentation.data import SegmentationCropDataset
+        from foundation_domains.medical.segmentation.data import SegmentationCropDataset
 
         opts: SegmentationOptions = cfg.task.typed_options
         vol: VolumeOptions = cfg.data.typed_options
@@ -371,7 +371,7 @@ class OrganSegmentationTask:
             raise DataError(f"{data.path}: the {args.split} split is empty")
         plots = Path(args.plots) if getattr(args, "plots", None) else None
         if plots is not None:
-            from domains.medical.segmentation.plots import case_slice, check_plots_folder
+            from foundation_domains.medical.segmentation.plots import case_slice, check_plots_folder
 
             inputs = [
                 Path(args.checkpoint),
@@ -398,7 +398,7 @@ class OrganSegmentationTask:
         if evaluator.skipped:
             log.warning("%d image/label pair(s) skipped: %s", len(evaluator.skipped), evaluator.skipped)
         if plots is not None:
-            from domains.medical.segmentation.plots import write_plots
+            from foundation_domains.medical.segmentation.plots import write_plots
 
             result["plots"] = write_plots(plots, scores, cases, meta, overwrite=bool(args.overwrite))
             log.info("plots in %s", plots)

@@ -1,7 +1,7 @@
 """The deterministic preprocessing of organ segmentation, written once and emitted in two forms.
 
 :func:`preprocessing_spec` is the single source: a list of MONAI dictionary transforms and their arguments, built
-from the model's :class:`~domains.medical.segmentation.meta.SegmentationMeta`. :func:`preprocessing` instantiates it as a ``Compose`` (training, validation, ``foundation
+from the model's :class:`~foundation_domains.medical.segmentation.meta.SegmentationMeta`. :func:`preprocessing` instantiates it as a ``Compose`` (training, validation, ``foundation
 segment``); :func:`preprocessing_config` writes it as MONAI bundle config entries (``{"_target_": "Orientationd",
 ...}``) for a bundle's ``inference.json``. The two cannot drift because both come from the same list.
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from domains.medical.segmentation.meta import SegmentationMeta
+    from foundation_domains.medical.segmentation.meta import SegmentationMeta
 
 # MONAI's LoadImage probes an optional GPU DICOM decoder on every call and warns when it is absent (it falls
 # back to pydicom, which is what we want): one line per volume of noise for every user without it.

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from domains.pathology.slide_classification.bags import read_bag
 from foundation.data.seeding import generator_for
+from foundation_domains.pathology.slide_classification.bags import read_bag
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from domains.pathology.slide_classification.bags import read_bag, scan_features
-from domains.pathology.slide_classification.heatmap import check_heatmap_dir, write_heatmap
-from domains.pathology.slide_classification.inference import run_bag
-from domains.pathology.slide_classification.labels import read_labels
-from domains.pathology.slide_classification.matching import match
-from domains.pathology.slide_classification.meta import SlideClassifierMeta
-from domains.pathology.slide_classification.metrics import METRICS, scores
-from domains.pathology.slide_classification.model import SlideMIL
-from domains.pathology.slide_classification.options import TASK_NAME
 from foundation.errors import ConfigError, DataError, OutputError
 from foundation.outputs import write_verified
 from foundation.tasks.loaded import LoadedTask, load_task_model
 from foundation.train.distributed import resolve_device
+from foundation_domains.pathology.slide_classification.bags import read_bag, scan_features
+from foundation_domains.pathology.slide_classification.heatmap import check_heatmap_dir, write_heatmap
+from foundation_domains.pathology.slide_classification.inference import run_bag
+from foundation_domains.pathology.slide_classification.labels import read_labels
+from foundation_domains.pathology.slide_classification.matching import match
+from foundation_domains.pathology.slide_classification.meta import SlideClassifierMeta
+from foundation_domains.pathology.slide_classification.metrics import METRICS, scores
+from foundation_domains.pathology.slide_classification.model import SlideMIL
+from foundation_domains.pathology.slide_classification.options import TASK_NAME
 
 log = logging.getLogger(__name__)
 

@@ -159,8 +159,8 @@ def slide_thumbnail(slide: str | Path | None) -> SlideView:
     """The slide's thumbnail, size and QuPath origin, or None and why not (the heatmap is then drawn on white)."""
     if not slide:
         return SlideView(None, "no slide known for these features", None, (0, 0))
-    from domains.pathology.regions import qupath_origin
-    from domains.pathology.slide import open_slide
+    from foundation_domains.pathology.regions import qupath_origin
+    from foundation_domains.pathology.slide import open_slide
 
     try:
         with open_slide(slide) as s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from domains.pathology.slide_classification.model import MILHead
+from foundation_domains.pathology.slide_classification.model import MILHead
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from torch import nn
 
 
 class SlideLoss(nn.Module):
-    """``loss(prediction, batch)`` for :class:`~domains.pathology.slide_classification.model.SlideMIL`.
+    """``loss(prediction, batch)`` for :class:`~foundation_domains.pathology.slide_classification.model.SlideMIL`.
 
     Args:
         class_weights: ``folds x classes``: each fold's weights (``n / (C n_c)`` of its training slides, so rare

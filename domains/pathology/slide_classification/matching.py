@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from domains.pathology.slide_classification.bags import Bag, FeatureFolder
-from domains.pathology.slide_classification.labels import LabelTable, SlideLabel
+from foundation_domains.pathology.slide_classification.bags import Bag, FeatureFolder
+from foundation_domains.pathology.slide_classification.labels import LabelTable, SlideLabel
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domains.pathology.slide_classification.model import HeadConfig
-from domains.pathology.slide_classification.options import TASK_NAME
-from domains.pathology.slide_classification.splits import Fold
 from foundation.tasks.meta import MetaReader, integer, mapping, sequence, string
+from foundation_domains.pathology.slide_classification.model import HeadConfig
+from foundation_domains.pathology.slide_classification.options import TASK_NAME
+from foundation_domains.pathology.slide_classification.splits import Fold
 
 SPLITS = ("train", "val", "test")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from domains.pathology.slide_classification.model import HEADS
 from foundation.config import reject_unknown_keys
 from foundation.errors import ConfigError
 from foundation.options import path_field
+from foundation_domains.pathology.slide_classification.model import HEADS
 
 BALANCE = ("weights", "sampling", "none")
 TASK_NAME = "slide-classification"

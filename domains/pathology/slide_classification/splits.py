@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from domains.pathology.slide_classification.labels import SlideLabel
 from foundation.errors import ConfigError
+from foundation_domains.pathology.slide_classification.labels import SlideLabel
 
 
 @dataclass(frozen=True)

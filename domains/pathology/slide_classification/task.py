@@ -18,20 +18,20 @@ from typing import Any
 
 import torch
 
-from domains.pathology.slide_classification.bags import scan_features
-from domains.pathology.slide_classification.data import BagDataset, TrainSlide, collate_bags
-from domains.pathology.slide_classification.labels import read_labels, sort_labels
-from domains.pathology.slide_classification.loss import SlideLoss
-from domains.pathology.slide_classification.matching import match
-from domains.pathology.slide_classification.meta import SlideClassifierMeta
-from domains.pathology.slide_classification.model import HeadConfig, SlideMIL
-from domains.pathology.slide_classification.options import TASK_NAME, SlideInputs, SlideOptions
-from domains.pathology.slide_classification.splits import Fold, check_folds, fixed_split, kfold
-from domains.pathology.slide_classification.validation import make_validator
 from foundation.config import RECIPES, Config
 from foundation.errors import ConfigError
 from foundation.tasks.base import TaskParts, add_config_flag
 from foundation.tasks.loaded import LoadedTask
+from foundation_domains.pathology.slide_classification.bags import scan_features
+from foundation_domains.pathology.slide_classification.data import BagDataset, TrainSlide, collate_bags
+from foundation_domains.pathology.slide_classification.labels import read_labels, sort_labels
+from foundation_domains.pathology.slide_classification.loss import SlideLoss
+from foundation_domains.pathology.slide_classification.matching import match
+from foundation_domains.pathology.slide_classification.meta import SlideClassifierMeta
+from foundation_domains.pathology.slide_classification.model import HeadConfig, SlideMIL
+from foundation_domains.pathology.slide_classification.options import TASK_NAME, SlideInputs, SlideOptions
+from foundation_domains.pathology.slide_classification.splits import Fold, check_folds, fixed_split, kfold
+from foundation_domains.pathology.slide_classification.validation import make_validator
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,11 @@ class SlideClassificationTask:
     def load(self, path: str | Path) -> LoadedTask[SlideClassifierMeta]:
         """The fold networks (eval mode) and their :class:`SlideClassifierMeta`; see
         :func:`.evaluate.load_slide_classifier`."""
-        from domains.pathology.slide_classification.evaluate import load_slide_classifier
+        from foundation_domains.pathology.slide_classification.evaluate import load_slide_classifier
 
         return load_slide_classifier(path)
 
     def evaluate(self, args: argparse.Namespace) -> dict[str, Any]:
-        from domains.pathology.slide_classification.evaluate import evaluate_run
+        from foundation_domains.pathology.slide_classification.evaluate import evaluate_run
 
         return evaluate_run(args)

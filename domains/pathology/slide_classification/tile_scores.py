@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from domains.pathology.slide_classification.model import MILHead
+from foundation_domains.pathology.slide_classification.model import MILHead
 
 INSTANCE = "instance_classifier"  # CLAM's per-class tile classifiers
 SLIDE_CLASSIFIER = "slide_classifier_per_tile"  # the bag classifier on each tile's embedding

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from domains.pathology.slide_classification.bags import read_bag
-from domains.pathology.slide_classification.inference import run_bag
-from domains.pathology.slide_classification.metrics import auroc
-from domains.pathology.slide_classification.model import SlideMIL
 from foundation.train.engine import EARLY_STOP_KEY
+from foundation_domains.pathology.slide_classification.bags import read_bag
+from foundation_domains.pathology.slide_classification.inference import run_bag
+from foundation_domains.pathology.slide_classification.metrics import auroc
+from foundation_domains.pathology.slide_classification.model import SlideMIL
 
 
 def make_validator(

@@ -24,9 +24,15 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from domains.remote_sensing.raster import RasterInfo, inspect_raster, list_rasters, open_raster, read_pixels
 from foundation.data.seeding import generator_for
 from foundation.errors import ConfigError, DataError
+from foundation_domains.remote_sensing.raster import (
+    RasterInfo,
+    inspect_raster,
+    list_rasters,
+    open_raster,
+    read_pixels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +356,8 @@ def sample_heights(scene: np.ndarray) -> np.ndarray:
 def make_canopy_sample(root: Path, seed: int = 0) -> Path:
     """``root/images/scene.tif`` (the domain's 6-band sample scene, smaller) and ``root/labels/scene.tif``
     (float32 heights, nodata -9999), written once and atomically; returns ``root``."""
-    from domains.remote_sensing.sample import synthetic_scene, write_scene
     from foundation.data.samples import write_sample_folder
+    from foundation_domains.remote_sensing.sample import synthetic_scene, write_scene
 
     def fill(tmp: Path) -> None:
         (tmp / "images").mkdir()

@@ -1,7 +1,7 @@
 """``foundation canopy-height SCENE.tif [...] --checkpoint CKPT --out OUT``: GeoTIFF in, COG out.
 
 Each scene is read in windows with the checkpoint's own band selection, scale and mean/std (the same
-:class:`~domains.remote_sensing.canopy.data.Normalization` as training), predicted in overlapping tiles
+:class:`~foundation_domains.remote_sensing.canopy.data.Normalization` as training), predicted in overlapping tiles
 blended without seams (:mod:`.tiling`), written row strip by row strip to a temporary GeoTIFF and turned into
 a validated COG (:mod:`.cog`) under the final name only at the end. Memory is bounded by the tile rows in
 flight, not by the scene. The batch runs on :mod:`foundation.batch.runner`: under ``torchrun`` (or ``--nproc
@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from domains.remote_sensing.canopy.naming import OUT_SUFFIX
 from foundation.batch import exit_status
 from foundation.batch.launch import should_spawn, spawn_batch
 from foundation.batch.report import SKIPPED, BatchReport
@@ -48,10 +47,11 @@ from foundation.batch.runner import BatchSpec, Item, Steps, finish, run_items
 from foundation.batch.summary import check_summaries
 from foundation.errors import ConfigError, DataError, FoundationError, OutputError
 from foundation.outputs import check_not_input, check_writable, output_error, temporary_name
+from foundation_domains.remote_sensing.canopy.naming import OUT_SUFFIX
 
 if TYPE_CHECKING:  # rasterio is imported only when a scene is mapped
-    from domains.remote_sensing.canopy.data import Normalization
-    from domains.remote_sensing.canopy.meta import CanopyMeta
+    from foundation_domains.remote_sensing.canopy.data import Normalization
+    from foundation_domains.remote_sensing.canopy.meta import CanopyMeta
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def cmd_canopy_height(args: argparse.Namespace) -> int:
     summary_dir = None if outputs == [out] else out  # one map written to the file named: no summary
     if summary_dir is not None:
         check_summaries(summary_dir, COMMAND)
-    from domains.remote_sensing.canopy.model import load_canopy
+    from foundation_domains.remote_sensing.canopy.model import load_canopy
 
     dist_info = init_distributed(args.device)
     try:
@@ -192,7 +192,7 @@ def list_scenes(items: Sequence[str], out: Path | None = None) -> list[Path]:
     In a folder, our own outputs are not scenes: maps of ours (their tags say so) and anything under ``out``
     when it lies inside that folder (``canopy-height sc --out sc/maps`` can be run again).
     """
-    from domains.remote_sensing.raster import is_remote, list_rasters
+    from foundation_domains.remote_sensing.raster import is_remote, list_rasters
 
     scenes: list[Path] = []
     for item in items:
@@ -207,7 +207,7 @@ def list_scenes(items: Sequence[str], out: Path | None = None) -> list[Path]:
 
 def _our_output(path: Path, folder: Path, out: Path | None) -> bool:
     """``path`` (found under ``folder``) lies in the ``out`` folder nested inside it, or is a map of ours."""
-    from domains.remote_sensing.canopy.cog import map_tags
+    from foundation_domains.remote_sensing.canopy.cog import map_tags
 
     nested_out = out is not None and folder.resolve() in out.resolve().parents
     if nested_out and out.resolve() in path.resolve().parents:
@@ -224,7 +224,7 @@ def output_paths(scenes: list[Path], out: Path, protected: Sequence[Path] = ()) 
         OutputError: an output (or its quicklook, or the folder) that is, holds or links to a scene or a
             ``protected`` path (the checkpoint); a file where a folder is needed; a folder we cannot write in.
     """
-    from domains.remote_sensing.raster import is_remote
+    from foundation_domains.remote_sensing.raster import is_remote
 
     scenes_on_disk = [s for s in scenes if not is_remote(s)]  # a URL cannot be overwritten by a local file
     check_not_input(out, scenes_on_disk)
@@ -251,7 +251,7 @@ def _single_output(scenes: list[Path], out: Path) -> Path:
 def _folder_outputs(scenes: list[Path], out: Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {str(out)!r} exists and is not a folder; give a folder for the maps")
-    from domains.remote_sensing.raster import raster_stem
+    from foundation_domains.remote_sensing.raster import raster_stem
 
     paths = [out / f"{raster_stem(s)}{OUT_SUFFIX}" for s in scenes]
     seen: dict[Path, Path] = {}
@@ -321,10 +321,10 @@ def map_scene(
     """
     import rasterio
 
-    from domains.remote_sensing.canopy import cog
-    from domains.remote_sensing.canopy.reference import check_reference_plots, find_reference
-    from domains.remote_sensing.canopy.tiling import TileGrid, blend_tiles
-    from domains.remote_sensing.raster import gdal_env, is_remote, raster_name
+    from foundation_domains.remote_sensing.canopy import cog
+    from foundation_domains.remote_sensing.canopy.reference import check_reference_plots, find_reference
+    from foundation_domains.remote_sensing.canopy.tiling import TileGrid, blend_tiles
+    from foundation_domains.remote_sensing.raster import gdal_env, is_remote, raster_name
 
     fingerprint = fingerprint or model_fingerprint(net, meta)
     png = dst.with_suffix(".png")
@@ -398,7 +398,7 @@ def _with_reference(summary: dict[str, Any], dst: Path, reference: Path | None) 
     """The comparison plots of a map with its reference, when there is one."""
     if reference is None:
         return summary
-    from domains.remote_sensing.canopy.reference import reference_plots
+    from foundation_domains.remote_sensing.canopy.reference import reference_plots
 
     try:
         return {**summary, **reference_plots(dst, reference)}
@@ -416,7 +416,7 @@ def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> boo
         DataError: a map of ours of another input (another path, or this one before it changed: its size
             or modification time differ) or by another model, and ``overwrite`` is off.
     """
-    from domains.remote_sensing.canopy.cog import map_tags
+    from foundation_domains.remote_sensing.canopy.cog import map_tags
 
     if not dst.exists():
         return False
@@ -444,8 +444,8 @@ def source_identity(src: Path) -> dict[str, str]:
     another file of the same name, or of this file before it changed, is not this input's map). A URL is known
     by the URL alone, an http(s) one without its query (a re-signed URL is the same scene; a remote file that
     changed under the same URL is not noticed)."""
-    from domains.remote_sensing.raster import is_remote, raster_name
     from foundation.data.listing import url_key
+    from foundation_domains.remote_sensing.raster import is_remote, raster_name
 
     if is_remote(src):
         unknown = "unknown"  # GDAL drops empty tags
@@ -467,7 +467,7 @@ def source_identity(src: Path) -> dict[str, str]:
 def check_quicklook(png: Path, overwrite: bool) -> None:
     """Raises: OutputError for a PNG that is not a quicklook of ours; DataError for one of ours without
     ``overwrite``."""
-    from domains.remote_sensing.canopy.cog import is_our_quicklook
+    from foundation_domains.remote_sensing.canopy.cog import is_our_quicklook
 
     if not png.exists():
         return
@@ -482,7 +482,7 @@ def check_quicklook(png: Path, overwrite: bool) -> None:
 
 def _existing(dst: Path, src: Path, png: Path, opts: MapOptions, max_height: float) -> dict:
     """The summary of a scene already mapped by this model; a missing quicklook asked for is written."""
-    from domains.remote_sensing.canopy.cog import write_quicklook
+    from foundation_domains.remote_sensing.canopy.cog import write_quicklook
 
     summary = {"scene": str(src), "status": "exists", "out": str(dst)}
     if opts.quicklook:
@@ -539,7 +539,7 @@ class Scene:
         from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
-        from domains.remote_sensing.raster import read_error_text
+        from foundation_domains.remote_sensing.raster import read_error_text
 
         try:
             return self.norm.read_chunk(self.ds, self.bands, self.scale, Window(c0, r0, c1 - c0, r1 - r0))
@@ -556,7 +556,7 @@ def open_scene(path: Path, meta: CanopyMeta, opts: MapOptions) -> Iterator[Scene
     Raises:
         DataError: unreadable, wrong band count (naming both counts), or ``--resample`` without a CRS.
     """
-    from domains.remote_sensing.raster import inspect_raster, open_raster, value_scale
+    from foundation_domains.remote_sensing.raster import inspect_raster, open_raster, value_scale
 
     bands = meta.bands
     with open_raster(path) as ds:  # a file GDAL cannot open is named by open_raster
@@ -576,7 +576,7 @@ def open_scene(path: Path, meta: CanopyMeta, opts: MapOptions) -> Iterator[Scene
         )
     if info.crs is None:
         log.info("%s: no CRS, so the map has none either", path)
-    from domains.remote_sensing.canopy.data import Normalization
+    from foundation_domains.remote_sensing.canopy.data import Normalization
 
     norm = Normalization(tuple(meta.mean), tuple(max(float(v), 1e-6) for v in meta.std), opts.nodata)
     scale = value_scale(info, meta.scale)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domains.remote_sensing.canopy.head import MAX_HEIGHT
 from foundation.errors import CheckpointError
 from foundation.tasks.meta import MetaReader, integer, mapping, number, sequence
+from foundation_domains.remote_sensing.canopy.head import MAX_HEIGHT
 
 TASK_NAME = "canopy-height"
 DEFAULT_TILE = 256  # map-making tile of a model that records none

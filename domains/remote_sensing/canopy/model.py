@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from domains.remote_sensing.canopy.head import DPTHead, HeadOptions
-from domains.remote_sensing.canopy.losses import expected_height
-from domains.remote_sensing.canopy.meta import TASK_NAME, CanopyMeta
 from foundation.models.vit import ViT, build_vit
 from foundation.tasks.loaded import LoadedTask, load_task_model
+from foundation_domains.remote_sensing.canopy.head import DPTHead, HeadOptions
+from foundation_domains.remote_sensing.canopy.losses import expected_height
+from foundation_domains.remote_sensing.canopy.meta import TASK_NAME, CanopyMeta
 
 # Regression outputs softplus(z) * max_height / REGRESSION_UNITS, so an untrained head starts near 7 m and
 # Adam's parameter-sized steps move the output by a useful number of metres.

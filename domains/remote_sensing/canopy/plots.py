@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from domains.remote_sensing.canopy.metrics import DENSITY_MAX, CanopyMetrics
 from foundation.plotting import check_png_target, new_figure, png_bytes, write_png
+from foundation_domains.remote_sensing.canopy.metrics import DENSITY_MAX, CanopyMetrics
 
 
 def density_plot(metrics: CanopyMetrics, title: str) -> bytes:

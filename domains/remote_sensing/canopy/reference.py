@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from domains.remote_sensing.canopy.metrics import BLOCK, CanopyMetrics, scalar_metrics
-from domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
+from foundation_domains.remote_sensing.canopy.metrics import BLOCK, CanopyMetrics, scalar_metrics
+from foundation_domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def find_reference(scene: Path, labels: str | None) -> Path | None:
     the scene's file stem (None when there is none: the map gets no comparison, and the log says so)."""
     if not labels:
         return None
-    from domains.remote_sensing.raster import list_rasters, raster_stem
+    from foundation_domains.remote_sensing.raster import list_rasters, raster_stem
 
     root = Path(labels)
     if root.is_file():
@@ -54,7 +54,7 @@ def compare(map_path: Path, reference: Path, nodata: float | None = None) -> Can
     """
     from rasterio.windows import Window
 
-    from domains.remote_sensing.canopy.data import Pair, open_pair
+    from foundation_domains.remote_sensing.canopy.data import Pair, open_pair
 
     metrics = CanopyMetrics()
     with open_pair(Pair(map_path, reference), "bilinear", nodata) as (ds, labels):

@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from domains.remote_sensing.canopy.data import (
+from foundation.config import RECIPES, Config, reject_unknown_keys
+from foundation.errors import ConfigError, DataError
+from foundation.models.vit import ViT
+from foundation.options import path_field
+from foundation.tasks.base import TaskParts, add_config_flag
+from foundation.tasks.loaded import LoadedTask
+from foundation.train.distributed import resolve_device
+from foundation_domains.remote_sensing.canopy.data import (
     RESAMPLING,
     CanopyTileDataset,
     Normalization,
@@ -31,22 +38,15 @@ from domains.remote_sensing.canopy.data import (
     open_pair,
     read_pair,
 )
-from domains.remote_sensing.canopy.head import HeadOptions
-from domains.remote_sensing.canopy.losses import CanopyLoss, LossOptions
-from domains.remote_sensing.canopy.meta import TASK_NAME, CanopyMeta
-from domains.remote_sensing.canopy.metrics import CanopyMetrics, scalar_metrics
-from domains.remote_sensing.canopy.model import CanopyNet, build_canopy_net, load_canopy
-from domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
-from domains.remote_sensing.json_outputs import check_json_output, write_json_output
-from domains.remote_sensing.options import parse_bands
-from domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scale
-from foundation.config import RECIPES, Config, reject_unknown_keys
-from foundation.errors import ConfigError, DataError
-from foundation.models.vit import ViT
-from foundation.options import path_field
-from foundation.tasks.base import TaskParts, add_config_flag
-from foundation.tasks.loaded import LoadedTask
-from foundation.train.distributed import resolve_device
+from foundation_domains.remote_sensing.canopy.head import HeadOptions
+from foundation_domains.remote_sensing.canopy.losses import CanopyLoss, LossOptions
+from foundation_domains.remote_sensing.canopy.meta import TASK_NAME, CanopyMeta
+from foundation_domains.remote_sensing.canopy.metrics import CanopyMetrics, scalar_metrics
+from foundation_domains.remote_sensing.canopy.model import CanopyNet, build_canopy_net, load_canopy
+from foundation_domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
+from foundation_domains.remote_sensing.json_outputs import check_json_output, write_json_output
+from foundation_domains.remote_sensing.options import parse_bands
+from foundation_domains.remote_sensing.raster import RasterInfo, inspect_raster, value_scale
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class CanopyOptions:
     """``task.options`` of the canopy-height recipes.
 
     Attributes:
-        head: the DPT head (:class:`~domains.remote_sensing.canopy.head.HeadOptions`).
-        loss: the loss (:class:`~domains.remote_sensing.canopy.losses.LossOptions`).
+        head: the DPT head (:class:`~foundation_domains.remote_sensing.canopy.head.HeadOptions`).
+        loss: the loss (:class:`~foundation_domains.remote_sensing.canopy.losses.LossOptions`).
         tile_size: training windows in pixels (a multiple of the patch size); also the evaluation tile.
         min_valid: fraction of labelled pixels a training window should have.
         bands: 1-based image bands (the ``--bands`` flag sets it); default every band but alpha.
@@ -151,7 +151,7 @@ def _normalisation(
     infos: list[RasterInfo], scales: list[float], opts: CanopyOptions, backbone_meta: dict, seed: int
 ) -> Normalization:
     """The backbone's own statistics when they fit the bands, else statistics of the training images."""
-    from domains.remote_sensing.stats import compute_band_stats
+    from foundation_domains.remote_sensing.stats import compute_band_stats
 
     channels = infos[0].channels
     mean, std = backbone_meta.get("mean") or (), backbone_meta.get("std") or ()
@@ -198,7 +198,7 @@ def evaluate_pairs(
     Returns:
         The metrics and the pairs skipped (``skip_broken``) with their reasons.
     """
-    from domains.remote_sensing.canopy.tiling import predict_image
+    from foundation_domains.remote_sensing.canopy.tiling import predict_image
 
     norm = Normalization(mean=meta.mean, std=meta.std, nodata=meta.nodata)
     bands = meta.bands

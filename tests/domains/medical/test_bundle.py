@@ -15,10 +15,10 @@ import torch
 from med_testdata import lps_affine, oblique_affine, write_nifti
 from test_segment import LABELS, make_checkpoint
 
-from domains.medical.segmentation.bundle_configs import META_SCHEMA
 from foundation.cli import main
 from foundation.outputs import MARKER
 from foundation.tasks.checkpoint import save_task_model
+from foundation_domains.medical.segmentation.bundle_configs import META_SCHEMA
 
 # MONAI's meta schema (metadata.json) and its tensor format specifiers; verify_metadata would download the schema
 METADATA_FIELDS = (

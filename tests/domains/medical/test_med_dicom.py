@@ -10,10 +10,10 @@ import pytest
 from med_testdata import write_dicom_series
 from pydicom.uid import generate_uid
 
-from domains.medical.dicom import read_dicom_series
-from domains.medical.options import VolumeOptions
-from domains.medical.volume import find_volumes, load_volume
 from foundation.errors import DataError
+from foundation_domains.medical.dicom import read_dicom_series
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.volume import find_volumes, load_volume
 
 ROWS, COLS, SLICES = 12, 16, 6
 

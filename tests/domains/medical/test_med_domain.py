@@ -11,14 +11,14 @@ import pytest
 import torch
 from med_testdata import oblique_affine, write_dicom_series, write_nifti
 
-from domains.medical.domain import MedicalDomain, NotAvailableYetError
-from domains.medical.phantom import LABELS, make_sample_volumes
-from domains.medical.volume import find_volumes
 from foundation.cli import main
 from foundation.config import RECIPES, load_config
 from foundation.domain import get_domain
 from foundation.errors import ConfigError, DataError
 from foundation.train.checkpoint import latest_checkpoint, load_checkpoint
+from foundation_domains.medical.domain import MedicalDomain, NotAvailableYetError
+from foundation_domains.medical.phantom import LABELS, make_sample_volumes
+from foundation_domains.medical.volume import find_volumes
 
 RECIPE = RECIPES / "medical" / "tiny.yaml"
 QUICK = ["train.steps=2", "train.batch_size=2", "train.checkpoint_every=2", "data.num_workers=0"]

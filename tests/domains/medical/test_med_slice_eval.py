@@ -9,9 +9,9 @@ import pytest
 import torch
 from med_testdata import write_nifti
 
-from domains.medical.options import VolumeOptions
-from domains.medical.slices import LabelledSliceDataset, SliceSampleSource
 from foundation.errors import DataError
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.slices import LabelledSliceDataset, SliceSampleSource
 
 CT = VolumeOptions(spacing=None, window=(0.0, 100.0))
 
@@ -45,9 +45,9 @@ def test_volumes_outside_class_folders_are_refused(tmp_path: Path) -> None:
 
 
 def test_slice_runs_standardise_with_the_slices_own_statistics(tmp_path: Path) -> None:
-    from domains.medical.domain import MedicalDomain
-    from domains.medical.slices import slice_statistics
     from foundation.config import load_config
+    from foundation_domains.medical.domain import MedicalDomain
+    from foundation_domains.medical.slices import slice_statistics
 
     write_nifti(tmp_path / "train" / "a.nii.gz", _volume(20.0, 4), np.eye(4))
     cfg = load_config(

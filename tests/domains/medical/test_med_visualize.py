@@ -10,10 +10,10 @@ import pytest
 import torch
 from med_testdata import write_nifti
 
-from domains.medical.visualize import PLANES, centre_cube, middle_slice
 from foundation.cli import main
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.medical.visualize import PLANES, centre_cube, middle_slice
 
 
 def _export(folder: Path, spatial_dims: int) -> Path:

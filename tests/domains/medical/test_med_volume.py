@@ -10,10 +10,10 @@ import pytest
 import torch
 from med_testdata import lps_affine, oblique_affine, write_nifti
 
-from domains.medical.options import VolumeOptions
-from domains.medical.source import VolumeSampleSource, random_crop
-from domains.medical.volume import find_volumes, load_volume, read_image
 from foundation.errors import ConfigError, DataError
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.source import VolumeSampleSource, random_crop
+from foundation_domains.medical.volume import find_volumes, load_volume, read_image
 
 NATIVE = VolumeOptions(spacing=None)
 

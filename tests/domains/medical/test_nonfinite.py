@@ -15,15 +15,15 @@ import torch
 from med_testdata import lps_affine, write_nifti
 from test_segment import Threshold, cube_volume, make_checkpoint, typed_meta
 
-from domains.medical.options import VolumeOptions
-from domains.medical.segmentation.infer import Segmenter
-from domains.medical.segmentation.segment import _segment_one, volume_key
-from domains.medical.segmentation.transforms import MR_PERCENTILES, normalise_intensity
-from domains.medical.source import VolumeSampleSource
-from domains.medical.volume import BACKGROUND, load_volume
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.errors import DataError
+from foundation_domains.medical.options import VolumeOptions
+from foundation_domains.medical.segmentation.infer import Segmenter
+from foundation_domains.medical.segmentation.segment import _segment_one, volume_key
+from foundation_domains.medical.segmentation.transforms import MR_PERCENTILES, normalise_intensity
+from foundation_domains.medical.source import VolumeSampleSource
+from foundation_domains.medical.volume import BACKGROUND, load_volume
 
 SHAPE = (24, 20, 10)
 NATIVE_CT = VolumeOptions(spacing=None)

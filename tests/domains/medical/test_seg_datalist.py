@@ -13,11 +13,11 @@ import torch
 from med_testdata import lps_affine, write_nifti
 from monai.bundle import ConfigParser
 
-from domains.medical.segmentation.data import SegmentationCropDataset, prepare_volume
-from domains.medical.segmentation.datalist import hold_out, load_datalist
-from domains.medical.segmentation.meta import SegmentationMeta
-from domains.medical.segmentation.transforms import preprocessing, preprocessing_config
 from foundation.errors import ConfigError, DataError
+from foundation_domains.medical.segmentation.data import SegmentationCropDataset, prepare_volume
+from foundation_domains.medical.segmentation.datalist import hold_out, load_datalist
+from foundation_domains.medical.segmentation.meta import SegmentationMeta
+from foundation_domains.medical.segmentation.transforms import preprocessing, preprocessing_config
 
 
 def _ct_pair(tmp_path: Path, shape=(20, 24, 12), affine=None, name="case") -> dict[str, str]:

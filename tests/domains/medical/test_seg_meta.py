@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_segment import make_checkpoint, task_meta
 
-from domains.medical.segmentation.meta import SegmentationMeta
-from domains.medical.segmentation.model import build_segmentation_net
-from domains.medical.segmentation.task import OrganSegmentationTask
 from foundation.errors import CheckpointError
 from foundation.models.vit import build_vit
 from foundation.tasks.checkpoint import save_task_model
+from foundation_domains.medical.segmentation.meta import SegmentationMeta
+from foundation_domains.medical.segmentation.model import build_segmentation_net
+from foundation_domains.medical.segmentation.task import OrganSegmentationTask
 
 
 def test_round_trip_keeps_the_stored_dict() -> None:

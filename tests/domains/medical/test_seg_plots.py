@@ -10,11 +10,11 @@ import torch
 from med_testdata import lps_affine, write_nifti
 from PIL import Image
 
-from domains.medical.segmentation.meta import SegmentationMeta
-from domains.medical.segmentation.plots import case_slice, check_plots_folder, write_plots
-from domains.medical.segmentation.task import DiceEvaluator
 from foundation.errors import OutputError
 from foundation.plotting import is_our_png
+from foundation_domains.medical.segmentation.meta import SegmentationMeta
+from foundation_domains.medical.segmentation.plots import case_slice, check_plots_folder, write_plots
+from foundation_domains.medical.segmentation.task import DiceEvaluator
 
 META = SegmentationMeta.from_dict(
     {

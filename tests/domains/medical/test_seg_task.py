@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from domains.medical.segmentation.datalist import sample_datalist
-from domains.medical.segmentation.task import OrganSegmentationTask
 from foundation.batch import EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.config import load_config
 from foundation.errors import ConfigError
 from foundation.models.vit import build_vit
+from foundation_domains.medical.segmentation.datalist import sample_datalist
+from foundation_domains.medical.segmentation.task import OrganSegmentationTask
 
 RECIPE = """\
 seed: 0
@@ -148,7 +148,7 @@ def test_setup_errors_name_the_problem(tmp_path, capsys):
     assert _finetune(recipe, tmp_path / "run", "task.options.roi=32") == 1
     assert "task.options.roi is not an option of organ-segmentation" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="overlap"):
-        from domains.medical.segmentation.task import SegmentationOptions
+        from foundation_domains.medical.segmentation.task import SegmentationOptions
 
         SegmentationOptions.from_options({"overlap": 1.0})
     with pytest.raises(ConfigError, match="norm_name='group' is not one of"):
@@ -181,8 +181,8 @@ def test_evaluate_skips_broken_and_nan_volumes_scores_the_rest(trained, tmp_path
 def test_dice_on_volumes_smaller_than_the_roi(tmp_path):
     from med_testdata import lps_affine, write_nifti
 
-    from domains.medical.segmentation.meta import SegmentationMeta
-    from domains.medical.segmentation.task import DiceEvaluator
+    from foundation_domains.medical.segmentation.meta import SegmentationMeta
+    from foundation_domains.medical.segmentation.task import DiceEvaluator
 
     labels = np.zeros((10, 12, 6), np.uint8)
     labels[3:7, 4:9, 1:4] = 1
@@ -220,8 +220,8 @@ def test_dice_on_volumes_smaller_than_the_roi(tmp_path):
 
 
 def test_the_shipped_recipe_is_valid():
-    from domains.medical.options import VolumeOptions
-    from domains.medical.segmentation.task import SegmentationOptions
+    from foundation_domains.medical.options import VolumeOptions
+    from foundation_domains.medical.segmentation.task import SegmentationOptions
 
     task = OrganSegmentationTask()
     assert task.default_config.is_file()

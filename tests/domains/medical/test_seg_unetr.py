@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domains.medical.segmentation.model import build_segmentation_net
-from domains.medical.segmentation.task import OrganSegmentationTask
-from domains.medical.segmentation.unetr import skip_blocks
 from foundation.errors import CheckpointError, ConfigError
 from foundation.models.vit import ViT, build_vit
 from foundation.tasks.checkpoint import save_task_model
+from foundation_domains.medical.segmentation.model import build_segmentation_net
+from foundation_domains.medical.segmentation.task import OrganSegmentationTask
+from foundation_domains.medical.segmentation.unetr import skip_blocks
 
 
 def _vit(depth: int = 2, patch: int = 16, in_chans: int = 1, reg_tokens: int = 0) -> ViT:

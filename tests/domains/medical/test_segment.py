@@ -12,12 +12,12 @@ import torch
 from med_testdata import lps_affine, oblique_affine, write_dicom_series, write_nifti
 from torch import nn
 
-from domains.medical.segmentation.infer import Segmenter, nearest_to_grid
-from domains.medical.segmentation.meta import SegmentationMeta
-from domains.medical.segmentation.segment import list_inputs, output_name
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.errors import DataError
+from foundation_domains.medical.segmentation.infer import Segmenter, nearest_to_grid
+from foundation_domains.medical.segmentation.meta import SegmentationMeta
+from foundation_domains.medical.segmentation.segment import list_inputs, output_name
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2}
 
@@ -44,9 +44,9 @@ def typed_meta(spacing=(2.0, 2.0, 2.0), **stored) -> SegmentationMeta:
 
 def make_checkpoint(path: Path, spacing=(2.0, 2.0, 2.0)) -> Path:
     """A real organ-segmentation model file (random weights): vit_tiny, patch 8, ROI 16^3."""
-    from domains.medical.segmentation.model import build_segmentation_net
     from foundation.models.vit import build_vit
     from foundation.tasks.checkpoint import save_task_model
+    from foundation_domains.medical.segmentation.model import build_segmentation_net
 
     torch.manual_seed(0)
     args = {"arch": "vit_tiny", "in_chans": 1, "spatial_dims": 3, "img_size": 16, "patch_size": 8}

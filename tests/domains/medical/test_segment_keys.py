@@ -15,9 +15,9 @@ import torch
 from med_testdata import lps_affine, write_nifti
 from test_segment import make_checkpoint
 
-from domains.medical.segmentation.segment import label_map_key
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE
 from foundation.cli import main
+from foundation_domains.medical.segmentation.segment import label_map_key
 
 SHAPE = (24, 24, 12)
 
@@ -120,7 +120,7 @@ def test_a_model_retrained_at_the_same_path_or_other_settings_are_not_taken_as_d
 def test_the_key_leaves_nibabel_and_monai_reading_the_labels_as_before(tmp_path, checkpoint, capsys):
     from monai.transforms import LoadImage
 
-    from domains.medical.segmentation.infer import Segmenter
+    from foundation_domains.medical.segmentation.infer import Segmenter
 
     out = tmp_path / "labels"
     volume = ct(tmp_path / "ct.nii.gz", 0)

@@ -14,11 +14,11 @@ from conftest import write_svs
 from PIL import Image
 from slide_bags import planted_cohort
 
-from domains.pathology.slide_classification.heatmap import BAR_WIDTH
-from domains.pathology.slide_classification.model import HeadConfig, MILHead
-from domains.pathology.slide_classification.tile_scores import tile_scores
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
+from foundation_domains.pathology.slide_classification.heatmap import BAR_WIDTH
+from foundation_domains.pathology.slide_classification.model import HeadConfig, MILHead
+from foundation_domains.pathology.slide_classification.tile_scores import tile_scores
 
 SMALL = [
     "task.options.hidden=16", "task.options.attention_dim=8", "task.options.folds=2", "train.steps=6",
@@ -170,7 +170,7 @@ def test_every_slide_done_is_exit_0(cohort: dict[str, Path], tmp_path: Path, cap
 
 
 def test_a_slide_list_path_names_the_feature_file_of_its_folder() -> None:
-    from domains.pathology.heatmap_command import _feature_ids
+    from foundation_domains.pathology.heatmap_command import _feature_ids
 
     # embed named a.svs and case1/a.svs "a" and "case1__a": the list's folder decides, not the bare stem
     names = ["case1/a.svs", "/data/slides/case1/a.svs", "a.svs", "case2/b.svs"]

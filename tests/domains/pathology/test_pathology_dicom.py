@@ -13,16 +13,16 @@ import torch
 from conftest import tissue_image, write_svs
 from dicom_wsi import write_dicom_wsi
 
-from domains.pathology import PathologyDomain
-from domains.pathology.feature_names import output_names
-from domains.pathology.slide import open_slide
-from domains.pathology.source import list_slides
 from foundation.batch import EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.config import load_config
 from foundation.errors import DataError
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.pathology import PathologyDomain
+from foundation_domains.pathology.feature_names import output_names
+from foundation_domains.pathology.slide import open_slide
+from foundation_domains.pathology.source import list_slides
 
 BOX = (256, 256, 768, 512)  # tissue rectangle in level-0 pixels of a 1024 x 768 slide
 ARGS = dict(

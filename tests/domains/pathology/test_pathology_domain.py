@@ -14,10 +14,6 @@ import torch
 from conftest import TISSUE, tissue_image, write_levels, write_ome, write_svs
 from PIL import Image
 
-from domains.pathology import PathologyDomain
-from domains.pathology.sample import SAMPLE_NAME
-from domains.pathology.slide import open_slide
-from domains.pathology.source import list_slides
 from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.config import load_config
@@ -25,6 +21,10 @@ from foundation.data.stream import collate_views
 from foundation.domain import get_domain, sample_cache_dir
 from foundation.errors import ConfigError, DataError
 from foundation.train.engine import resolve_augment_on, ssl_setup
+from foundation_domains.pathology import PathologyDomain
+from foundation_domains.pathology.sample import SAMPLE_NAME
+from foundation_domains.pathology.slide import open_slide
+from foundation_domains.pathology.source import list_slides
 
 SMALL = [
     "model.patch_size=8",
@@ -128,7 +128,7 @@ def test_broken_and_empty_slides_are_skipped_with_a_warning(
     whole = (slides / "case1" / "a.svs").read_bytes()
     (slides / "cut.svs").write_bytes(whole[: len(whole) // 3])  # a header, then regions that cannot be read
     source = PathologyDomain().sample_source(str(slides), cfg_with()).samples
-    with caplog.at_level(logging.WARNING, logger="domains.pathology.source"):
+    with caplog.at_level(logging.WARNING, logger="foundation_domains.pathology.source"):
         samples = [source.sample(i, torch.Generator().manual_seed(i)) for i in range(0, 400, 8)]
     assert {Path(s["path"]).name for s in samples} == {"a.svs", "b.ome.tif"}
     assert {p.name for p in source.broken} == {"corrupt.svs", "blank.tif", "cut.svs"}

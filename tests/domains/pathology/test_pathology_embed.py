@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import TISSUE, tissue_image, write_levels, write_ome, write_svs
 
-from domains.pathology.feature_names import output_names
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
 from foundation.train.distributed import DistInfo
+from foundation_domains.pathology.feature_names import output_names
 
 ARGS = dict(
     arch="vit_tiny",
@@ -139,7 +139,7 @@ def test_read_error_mid_slide_with_workers(
     slides: Path, backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     """Worker processes read the tiles; an error part-way through a slide skips it and leaves no partial."""
-    import domains.pathology.embed as embed_mod
+    import foundation_domains.pathology.embed as embed_mod
 
     real = embed_mod.read_tile
 
@@ -164,8 +164,8 @@ def test_slides_are_sharded_by_rank(
 ) -> None:
     """Under torchrun slide i goes to rank i % world_size, each rank writing its own summary; rank 0 writes
     the one merged over the ranks (their reports gathered)."""
-    import domains.pathology.embed as embed_mod
     import foundation.train.distributed as distributed
+    import foundation_domains.pathology.embed as embed_mod
 
     gathered: list = []
     info = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import write_svs
 
-from domains.pathology.embed import SlideEmbedder, existing_output, fingerprint_in_background
-from domains.pathology.source import PathologyOptions
 from foundation.batch.runner import Item
 from foundation.errors import OutputError
 from foundation.models.fingerprint import weights_fingerprint
 from foundation.models.vit import build_vit
+from foundation_domains.pathology.embed import SlideEmbedder, existing_output, fingerprint_in_background
+from foundation_domains.pathology.source import PathologyOptions
 
 ARGS = dict(arch="vit_tiny", in_chans=3, img_size=32, patch_size=16, reg_tokens=0)
 
@@ -65,3 +65,15 @@ def test_plan_waits_for_the_fingerprint_only_to_compare_with_an_existing_file(tm
         existing_output(_embedder(resolved, tmp_path), work[0], overwrite=True)
     assert existing_output(_embedder(resolved, tmp_path), work[1], overwrite=True) is None
     assert _embedder(resolved, tmp_path).key["backbone_fingerprint"] == "0123456789abcdef"
+
+
+def test_feature_key_of_a_backbone_without_statistics_uses_imagenet_s() -> None:
+    """A backbone that recorded no mean/std is normalised with the domain's defaults (ImageNet's), and the key
+    says so; the stateless domain has no class attributes to read them from."""
+    from foundation.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+    from foundation_domains.pathology.embed import feature_key
+
+    key = feature_key("fp", {}, PathologyOptions(), "cls")
+    assert key["mean"].tolist() == list(IMAGENET_MEAN) and key["std"].tolist() == list(IMAGENET_STD)
+    own = feature_key("fp", {"mean": [0.5] * 3, "std": [0.25] * 3}, PathologyOptions(), "cls")
+    assert own["mean"].tolist() == [0.5] * 3 and own["std"].tolist() == [0.25] * 3

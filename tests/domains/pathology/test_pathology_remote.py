@@ -17,15 +17,15 @@ import torch
 from conftest import write_generic, write_ome, write_svs
 from range_server import serve
 
-import domains.pathology.remote as remote
-from domains.pathology.feature_names import output_names
-from domains.pathology.slide import Slide, SlideCache, find_mpp
-from domains.pathology.source import PathologyOptions, SlideSampleSource, list_slides
+import foundation_domains.pathology.remote as remote
 from foundation.batch import EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.errors import DataError
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.pathology.feature_names import output_names
+from foundation_domains.pathology.slide import Slide, SlideCache, find_mpp
+from foundation_domains.pathology.source import PathologyOptions, SlideSampleSource, list_slides
 
 pytest.importorskip("tiffslide")
 pytest.importorskip("aiohttp")

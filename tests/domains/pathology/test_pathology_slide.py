@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from conftest import HEIGHT, TISSUE, WIDTH, pyramid, tissue_image, write_generic, write_levels, write_svs
 
-from domains.pathology.slide import Slide, SlideCache, find_mpp, open_slide
 from foundation.errors import DataError
+from foundation_domains.pathology.slide import Slide, SlideCache, find_mpp, open_slide
 
 PINK = np.array((225, 140, 185))
 
@@ -104,7 +104,10 @@ def test_mpp_fallback_chain_order() -> None:
 
 def test_objective_power_is_a_loud_last_resort(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_svs(tmp_path / "nompp.svs", mpp=None, appmag=20)
-    with caplog.at_level(logging.WARNING, logger="domains.pathology.slide"), open_slide(path) as slide:
+    with (
+        caplog.at_level(logging.WARNING, logger="foundation_domains.pathology.slide"),
+        open_slide(path) as slide,
+    ):
         assert slide.mpp == pytest.approx(0.5)
     assert "nompp.svs" in caplog.text and "objective power" in caplog.text
 

@@ -13,15 +13,15 @@ import pytest
 import torch
 from conftest import HEIGHT, WIDTH, tissue_image, write_svs
 
-from domains.pathology.regions import read_region, region_for
-from domains.pathology.slide import open_slide
-from domains.pathology.slide_list import choose_slides, read_slides_csv
-from domains.pathology.source import PathologyOptions
-from domains.pathology.tissue import TileRules, detect_tissue, tile_slide
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.config import load_config
 from foundation.errors import ConfigError, DataError
+from foundation_domains.pathology.regions import read_region, region_for
+from foundation_domains.pathology.slide import open_slide
+from foundation_domains.pathology.slide_list import choose_slides, read_slides_csv
+from foundation_domains.pathology.source import PathologyOptions
+from foundation_domains.pathology.tissue import TileRules, detect_tissue, tile_slide
 
 # the left half of the tissue rectangle, as QuPath exports an annotation (level-0 pixels, closed ring)
 LEFT = [[512, 512], [1024, 512], [1024, 1024], [512, 1024], [512, 512]]
@@ -269,7 +269,7 @@ def test_files_from_before_the_tiling_options_stay_complete(
 
 
 def test_pretraining_uses_the_slide_list_and_regions(two_slides: Path, tmp_path: Path) -> None:
-    from domains.pathology.domain import PathologyDomain
+    from foundation_domains.pathology.domain import PathologyDomain
 
     regions = tmp_path / "regions"
     regions.mkdir()
@@ -367,7 +367,7 @@ def test_region_files_in_qupaths_other_shapes(tmp_path: Path) -> None:
 
 
 def test_regions_of_a_slide_qupath_crops_to_its_bounds(svs: Path, tmp_path: Path) -> None:
-    from domains.pathology.regions import qupath_origin
+    from foundation_domains.pathology.regions import qupath_origin
 
     # QuPath opens a slide with OpenSlide bounds (MIRAX) cropped to them: its (0, 0) is our (bounds-x, bounds-y)
     bounds = {"openslide.bounds-x": "256", "openslide.bounds-y": "512"}
@@ -413,7 +413,7 @@ def test_slides_with_one_name_in_two_folders_need_their_own_regions(tmp_path: Pa
     assert code == EXIT_SOME_SKIPPED and [Path(s["slide"]).parent.name for s in report["slides"]] == ["x"]
     assert "y__s.geojson" in report["failed"][0]["error"]
     # pretraining looks for the same names
-    from domains.pathology.domain import PathologyDomain
+    from foundation_domains.pathology.domain import PathologyDomain
 
     overrides = [f"data.options.regions={regions}", "data.options.mpp=1.0", "data.options.tile_size=64"]
     source = (

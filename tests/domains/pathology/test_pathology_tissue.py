@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import HEIGHT, TISSUE, WIDTH, tissue_image
 
-from domains.pathology.slide import open_slide
-from domains.pathology.stain import HEDJitter, HEDJitterOnDevice, hed_to_rgb, rgb_to_hed
-from domains.pathology.tissue import detect_tissue, mask_for_tiles, plan_tiles, read_tile, write_qc
+from foundation_domains.pathology.slide import open_slide
+from foundation_domains.pathology.stain import HEDJitter, HEDJitterOnDevice, hed_to_rgb, rgb_to_hed
+from foundation_domains.pathology.tissue import detect_tissue, mask_for_tiles, plan_tiles, read_tile, write_qc
 
 
 def _inside(x: int, y: int, extent: int) -> bool:

@@ -16,13 +16,13 @@ import pytest
 from conftest import tissue_image, write_ome, write_svs
 from PIL import Image
 
-from domains.pathology.embed import slide_identity
-from domains.pathology.tissue import is_our_picture
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.export import export_backbone, load_backbone
 from foundation.models.fingerprint import weights_fingerprint
 from foundation.models.vit import build_vit
+from foundation_domains.pathology.embed import slide_identity
+from foundation_domains.pathology.tissue import is_our_picture
 
 ARGS = dict(
     arch="vit_tiny",
@@ -190,7 +190,7 @@ def test_a_write_that_hits_the_full_disk_leaves_no_temporary(
     slides: Path, backbone: Path, small_disk, monkeypatch, capsys
 ) -> None:
     """The free-space check passes, the write itself meets ENOSPC (the kernel's, on a real tmpfs)."""
-    import domains.pathology.feature_file as feature_file
+    import foundation_domains.pathology.feature_file as feature_file
 
     disk = small_disk(8)  # a feature file here is 13 KiB
     monkeypatch.setattr(feature_file, "_check_space", lambda path, size: None)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import TISSUE, write_svs
 
-from domains.pathology.slide import open_slide
-from domains.pathology.visualize import read_region_at
 from foundation.cli import main
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.pathology.slide import open_slide
+from foundation_domains.pathology.visualize import read_region_at
 
 
 @pytest.fixture(scope="module")

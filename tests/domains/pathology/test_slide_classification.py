@@ -11,12 +11,12 @@ import pytest
 import torch
 from slide_bags import planted_cohort, write_bag
 
-from domains.pathology.slide_classification.bags import read_bag
-from domains.pathology.slide_classification.inference import run_bag
-from domains.pathology.slide_classification.task import SlideClassificationTask
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.train import checkpoint as ckpt
+from foundation_domains.pathology.slide_classification.bags import read_bag
+from foundation_domains.pathology.slide_classification.inference import run_bag
+from foundation_domains.pathology.slide_classification.task import SlideClassificationTask
 
 SMALL = [
     "task.options.hidden=32", "task.options.attention_dim=16", "task.options.dropout=0.0", "task.options.folds=3",

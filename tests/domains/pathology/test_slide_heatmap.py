@@ -10,13 +10,13 @@ import pytest
 from conftest import TISSUE, write_svs
 from PIL import Image
 
-from domains.pathology.slide_classification.heatmap import (
+from foundation.errors import DataError, OutputError
+from foundation_domains.pathology.slide_classification.heatmap import (
     BAR_WIDTH,
     check_heatmap_dir,
     percentiles,
     write_heatmap,
 )
-from foundation.errors import DataError, OutputError
 
 
 def _feature_file(path: Path, coords: np.ndarray, side: int, slide: Path | None, size=(2048, 1536)) -> Path:
@@ -80,7 +80,7 @@ def test_heatmap_folder_holds_only_ours(tmp_path: Path) -> None:
 def test_overlapping_tiles_show_the_mean_of_their_scores() -> None:
     from matplotlib import colormaps
 
-    from domains.pathology.slide_classification.heatmap import heat_image
+    from foundation_domains.pathology.slide_classification.heatmap import heat_image
 
     # two 100-px tiles sharing 50 px on a 200 x 100 slide (drawn 1:1), scores 0 and 1
     image = heat_image(np.array([[0, 0], [50, 0]]), np.array([0.0, 1.0]), 100, (200, 100), None).astype(int)
@@ -91,7 +91,7 @@ def test_overlapping_tiles_show_the_mean_of_their_scores() -> None:
 
 
 def test_tile_side_of_feature_files_without_patch_size_level0(tmp_path: Path) -> None:
-    from domains.pathology.slide_classification.heatmap import tile_geometry
+    from foundation_domains.pathology.slide_classification.heatmap import tile_geometry
 
     coords = np.array([[0, 0], [512, 0], [1024, 512], [1536, 1024]])
 
@@ -131,7 +131,7 @@ def test_a_file_without_the_slide_size_is_drawn_on_the_whole_slide(tmp_path: Pat
     assert rgb.shape[:2] == (768, 1024 + BAR_WIDTH)
     hot = rgb[256 + 64, 384 + 64]  # tile 1 where it is; glass at the far corner
     assert hot[0] > hot[2] + 40 and (rgb[700, 1000] > 230).all()
-    from domains.pathology.slide_classification.heatmap import slide_thumbnail
+    from foundation_domains.pathology.slide_classification.heatmap import slide_thumbnail
 
     view = slide_thumbnail(slide)  # an SVS: QuPath shows it whole, from (0, 0)
     assert view.source == "slide" and view.size == (2048, 1536) and view.origin == (0, 0)

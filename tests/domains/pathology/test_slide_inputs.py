@@ -9,12 +9,12 @@ import pytest
 import torch
 from slide_bags import write_bag
 
-from domains.pathology.slide_classification.bags import read_bag, scan_features
-from domains.pathology.slide_classification.data import BagDataset, TrainSlide, collate_bags
-from domains.pathology.slide_classification.labels import SlideLabel, read_labels
-from domains.pathology.slide_classification.model import HeadConfig, MILHead
-from domains.pathology.slide_classification.splits import check_folds, fixed_split, kfold
 from foundation.errors import ConfigError, DataError
+from foundation_domains.pathology.slide_classification.bags import read_bag, scan_features
+from foundation_domains.pathology.slide_classification.data import BagDataset, TrainSlide, collate_bags
+from foundation_domains.pathology.slide_classification.labels import SlideLabel, read_labels
+from foundation_domains.pathology.slide_classification.model import HeadConfig, MILHead
+from foundation_domains.pathology.slide_classification.splits import check_folds, fixed_split, kfold
 
 
 def _csv(tmp_path: Path, text: str) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from domains.pathology.slide_classification.meta import SlideClassifierMeta
 from foundation.errors import CheckpointError
+from foundation_domains.pathology.slide_classification.meta import SlideClassifierMeta
 
 
 def stored_meta(**kw) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from domains.pathology.slide_classification.metrics import (
+from foundation_domains.pathology.slide_classification.metrics import (
     auroc,
     balanced_accuracy,
     binary_auroc,

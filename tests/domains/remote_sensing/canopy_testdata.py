@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from domains.remote_sensing.canopy.mapping import MapOptions
-from domains.remote_sensing.canopy.meta import CanopyMeta
+from foundation_domains.remote_sensing.canopy.mapping import MapOptions
+from foundation_domains.remote_sensing.canopy.meta import CanopyMeta
 
 TILE = 32
 
@@ -64,9 +64,9 @@ def no_temp_files(folder: Path) -> bool:
 
 def write_checkpoint(path: Path) -> Path:
     """A real (random-init, vit_tiny) canopy-height model for 4-band scenes, as finetune saves it."""
-    from domains.remote_sensing.canopy.model import build_canopy_net
     from foundation.models.vit import build_vit
     from foundation.tasks.checkpoint import save_task_model
+    from foundation_domains.remote_sensing.canopy.model import build_canopy_net
 
     torch.manual_seed(0)
     backbone_args = {"arch": "vit_tiny", "in_chans": 4, "img_size": TILE, "patch_size": 16}

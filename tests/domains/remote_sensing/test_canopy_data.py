@@ -13,7 +13,8 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from rs_testdata import write_raster
 
-from domains.remote_sensing.canopy.data import (
+from foundation.errors import ConfigError, DataError
+from foundation_domains.remote_sensing.canopy.data import (
     CanopyTileDataset,
     Normalization,
     Pair,
@@ -24,7 +25,6 @@ from domains.remote_sensing.canopy.data import (
     open_pair,
     read_pair,
 )
-from foundation.errors import ConfigError, DataError
 
 X0, Y0 = 300_000.0, 5_000_000.0  # write_raster's origin
 

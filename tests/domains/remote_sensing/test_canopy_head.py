@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domains.remote_sensing.canopy.head import HeadOptions, default_layers
-from domains.remote_sensing.canopy.model import CanopyNet, build_canopy_net
-from domains.remote_sensing.canopy.task import CanopyHeightTask
 from foundation.errors import CheckpointError, ConfigError
 from foundation.models.vit import ViT, build_vit
 from foundation.tasks.checkpoint import save_task_model
+from foundation_domains.remote_sensing.canopy.head import HeadOptions, default_layers
+from foundation_domains.remote_sensing.canopy.model import CanopyNet, build_canopy_net
+from foundation_domains.remote_sensing.canopy.task import CanopyHeightTask
 
 
 def _vit(depth: int = 3, patch: int = 8, regs: int = 0, chans: int = 4) -> ViT:

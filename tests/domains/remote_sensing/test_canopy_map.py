@@ -14,11 +14,11 @@ import torch
 from canopy_testdata import ConstantNet, FirstBand, meta_for, no_temp_files, opts, write_checkpoint
 from rs_testdata import random_bands, write_raster
 
-from domains.remote_sensing.canopy.cog import validate_cog
-from domains.remote_sensing.canopy.mapping import map_scene, map_scene_safely
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.errors import DataError, OutputError
+from foundation_domains.remote_sensing.canopy.cog import validate_cog
+from foundation_domains.remote_sensing.canopy.mapping import map_scene, map_scene_safely
 
 
 @pytest.mark.parametrize(

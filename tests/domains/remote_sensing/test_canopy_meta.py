@@ -8,12 +8,12 @@ import pytest
 import torch
 from canopy_testdata import meta_dict_for
 
-from domains.remote_sensing.canopy.meta import CanopyMeta
-from domains.remote_sensing.canopy.model import build_canopy_net
-from domains.remote_sensing.canopy.task import CanopyHeightTask
 from foundation.errors import CheckpointError
 from foundation.models.vit import build_vit
 from foundation.tasks.checkpoint import save_task_model
+from foundation_domains.remote_sensing.canopy.meta import CanopyMeta
+from foundation_domains.remote_sensing.canopy.model import build_canopy_net
+from foundation_domains.remote_sensing.canopy.task import CanopyHeightTask
 
 
 def test_round_trip_keeps_the_stored_dict() -> None:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from domains.remote_sensing.canopy.losses import (
+from foundation.errors import ConfigError
+from foundation_domains.remote_sensing.canopy.losses import (
     CanopyLoss,
     LossOptions,
     expected_height,
@@ -17,8 +18,7 @@ from domains.remote_sensing.canopy.losses import (
     masked_bins_loss,
     masked_regression_loss,
 )
-from domains.remote_sensing.canopy.metrics import CanopyMetrics, block_means, scalar_metrics
-from foundation.errors import ConfigError
+from foundation_domains.remote_sensing.canopy.metrics import CanopyMetrics, block_means, scalar_metrics
 
 NAN = float("nan")
 

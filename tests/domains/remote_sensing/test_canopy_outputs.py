@@ -18,10 +18,10 @@ import rasterio
 from canopy_testdata import ConstantNet, FirstBand, meta_for, opts, write_checkpoint
 from rs_testdata import random_bands, write_raster
 
-from domains.remote_sensing.canopy import cog
-from domains.remote_sensing.canopy.mapping import map_scene, map_scene_safely, report
 from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
+from foundation_domains.remote_sensing.canopy import cog
+from foundation_domains.remote_sensing.canopy.mapping import map_scene, map_scene_safely, report
 
 
 @pytest.fixture(scope="module")

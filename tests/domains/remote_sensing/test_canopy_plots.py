@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from domains.remote_sensing.canopy.metrics import DENSITY_CELLS, DENSITY_MAX, CanopyMetrics
-from domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
 from foundation.errors import OutputError
 from foundation.plotting import is_our_png
+from foundation_domains.remote_sensing.canopy.metrics import DENSITY_CELLS, DENSITY_MAX, CanopyMetrics
+from foundation_domains.remote_sensing.canopy.plots import check_error_plots, write_error_plots
 
 
 def test_density_counts_and_bin_spread() -> None:

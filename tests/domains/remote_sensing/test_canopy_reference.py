@@ -10,10 +10,10 @@ import pytest
 from canopy_testdata import ConstantNet, meta_for, opts, write_checkpoint
 from rs_testdata import random_bands, write_raster
 
-from domains.remote_sensing.canopy.mapping import map_scene
-from domains.remote_sensing.canopy.reference import compare, find_reference
 from foundation.cli import main
 from foundation.plotting import is_our_png
+from foundation_domains.remote_sensing.canopy.mapping import map_scene
+from foundation_domains.remote_sensing.canopy.reference import compare, find_reference
 
 
 def _scene_and_reference(root: Path, name: str = "a", size: int = 40) -> tuple[Path, Path]:

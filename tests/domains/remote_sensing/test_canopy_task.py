@@ -15,10 +15,10 @@ import yaml
 from affine import Affine
 from rs_testdata import write_raster
 
-from domains.remote_sensing.canopy.task import CanopyHeightTask
 from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.plotting import is_our_png
+from foundation_domains.remote_sensing.canopy.task import CanopyHeightTask
 
 RECIPE = """\
 seed: 0

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domains.remote_sensing.canopy.tiling import (
+from foundation.errors import ConfigError
+from foundation_domains.remote_sensing.canopy.tiling import (
     TileGrid,
     axis_starts,
     blend_tiles,
     predict_image,
     seam_ratio,
 )
-from foundation.errors import ConfigError
 
 
 class ConstantNet(torch.nn.Module):

@@ -14,14 +14,14 @@ import pytest
 import rasterio
 from rs_testdata import random_bands, write_raster
 
-from domains.remote_sensing import sampling
-from domains.remote_sensing.raster import scan_rasters, value_scale
-from domains.remote_sensing.sampling import RasterSampleSource
-from domains.remote_sensing.stats import BandStats
 from foundation.batch import EXIT_NOTHING_DONE, EXIT_SOME_SKIPPED
 from foundation.cli import main
 from foundation.data.seeding import generator_for
 from foundation.errors import DataError
+from foundation_domains.remote_sensing import sampling
+from foundation_domains.remote_sensing.raster import scan_rasters, value_scale
+from foundation_domains.remote_sensing.sampling import RasterSampleSource
+from foundation_domains.remote_sensing.stats import BandStats
 
 
 def truncated(path: Path, seed: int = 9, *, header_only: bool = False) -> Path:

@@ -11,12 +11,12 @@ import rasterio
 import torch
 from rs_testdata import WriteRaster, random_bands, write_raster
 
-from domains.remote_sensing import RemoteSensingDomain
-from domains.remote_sensing.options import RasterOptions
 from foundation.config import load_config
 from foundation.data.seeding import generator_for
 from foundation.domain import Domain, get_domain
 from foundation.errors import ConfigError, DataError
+from foundation_domains.remote_sensing import RemoteSensingDomain
+from foundation_domains.remote_sensing.options import RasterOptions
 
 
 def small_cfg(*extra: str):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from rs_testdata import random_bands, write_raster
 
-from domains.remote_sensing.json_outputs import MARKER_KEY
-from domains.remote_sensing.stats import STATS_KIND, BandStats
 from foundation.batch import EXIT_DONE, EXIT_NOTHING_DONE
 from foundation.cli import main
+from foundation_domains.remote_sensing.json_outputs import MARKER_KEY
+from foundation_domains.remote_sensing.stats import STATS_KIND, BandStats
 
 
 def scene(path: Path, seed: int = 0) -> Path:

@@ -13,8 +13,9 @@ from affine import Affine
 from rasterio.windows import Window
 from rs_testdata import WriteRaster, random_bands, write_raster
 
-from domains.remote_sensing.options import parse_bands
-from domains.remote_sensing.raster import (
+from foundation.errors import ConfigError, DataError
+from foundation_domains.remote_sensing.options import parse_bands
+from foundation_domains.remote_sensing.raster import (
     inspect_raster,
     list_rasters,
     open_raster,
@@ -22,7 +23,6 @@ from domains.remote_sensing.raster import (
     scan_rasters,
     value_scale,
 )
-from foundation.errors import ConfigError, DataError
 
 
 def read_all(path: Path, bands=None, nodata=None):
@@ -168,7 +168,7 @@ def test_value_scale_from_dtype(raster: WriteRaster) -> None:
 
 def test_no_crs_is_allowed_with_a_warning(raster: WriteRaster, caplog: pytest.LogCaptureFixture) -> None:
     path = raster("plain.tif", count=2, crs=None)
-    with caplog.at_level(logging.WARNING, logger="domains.remote_sensing.raster"):
+    with caplog.at_level(logging.WARNING, logger="foundation_domains.remote_sensing.raster"):
         info = inspect_raster(path)
     assert info.crs is None
     assert any("no CRS" in r.getMessage() and "plain.tif" in r.getMessage() for r in caplog.records)
@@ -188,7 +188,7 @@ def test_folder_skips_broken_file(raster: WriteRaster, tmp_path: Path, caplog) -
     raster("data/sub/b.tiff", seed=1)
     (tmp_path / "data" / "broken.tif").write_bytes(b"\x00" * 100)
     (tmp_path / "data" / "readme.txt").write_text("ignored")
-    with caplog.at_level(logging.WARNING, logger="domains.remote_sensing.raster"):
+    with caplog.at_level(logging.WARNING, logger="foundation_domains.remote_sensing.raster"):
         infos = scan_rasters(tmp_path / "data")
     assert [Path(i.path).name for i in infos] == ["a.tif", "b.tiff"]
     assert any("broken.tif" in r.getMessage() for r in caplog.records)

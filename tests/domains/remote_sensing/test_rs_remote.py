@@ -16,9 +16,11 @@ from range_server import serve
 from rasterio.windows import Window
 from rs_testdata import random_bands, write_raster
 
-import domains.remote_sensing.raster as raster
-import domains.remote_sensing.sampling as sampling
-from domains.remote_sensing.raster import (
+import foundation_domains.remote_sensing.raster as raster
+import foundation_domains.remote_sensing.sampling as sampling
+from foundation.batch import EXIT_SOME_SKIPPED
+from foundation.cli import main
+from foundation_domains.remote_sensing.raster import (
     UnreadableRasterError,
     find_rasters,
     list_rasters,
@@ -27,9 +29,7 @@ from domains.remote_sensing.raster import (
     read_pixels,
     scan_rasters,
 )
-from domains.remote_sensing.sampling import RasterSampleSource
-from foundation.batch import EXIT_SOME_SKIPPED
-from foundation.cli import main
+from foundation_domains.remote_sensing.sampling import RasterSampleSource
 
 WINDOWS = [Window(0, 0, 64, 64), Window(130, 200, 100, 90), Window(300, 500, 200, 100)]
 

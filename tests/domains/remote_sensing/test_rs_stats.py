@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from rs_testdata import WriteRaster, random_bands, write_raster
 
-from domains.remote_sensing.raster import scan_rasters, value_scale
-from domains.remote_sensing.stats import BandStats, compute_band_stats, grid_windows, plan_windows
 from foundation.batch import EXIT_NOTHING_DONE
 from foundation.cli import main
 from foundation.errors import DataError
+from foundation_domains.remote_sensing.raster import scan_rasters, value_scale
+from foundation_domains.remote_sensing.stats import BandStats, compute_band_stats, grid_windows, plan_windows
 
 
 def numpy_reference(arrays: list[np.ndarray], nodata: float, scale: float) -> np.ndarray:

@@ -11,11 +11,11 @@ import rasterio
 import torch
 from rs_testdata import WriteRaster
 
-from domains.remote_sensing.raster import inspect_raster
-from domains.remote_sensing.visualize import composite, read_scene_window
 from foundation.cli import main
 from foundation.export import export_backbone
 from foundation.models.vit import build_vit
+from foundation_domains.remote_sensing.raster import inspect_raster
+from foundation_domains.remote_sensing.visualize import composite, read_scene_window
 
 
 @pytest.fixture(scope="module")
