@@ -34,7 +34,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from foundation.config import CropsConfig, DataConfig
-from foundation.data.views import BLUR_P, BLUR_SIGMA, GRAY_P, JITTER, JITTER_P, SOLARIZE_P
+from foundation.data.views import BLUR_P, BLUR_SIGMA, GRAY_P, JITTER, JITTER_P, SOLARIZE_P, blur_sigma
 
 # DINOv2 blurs with torchvision's GaussianBlur(kernel_size=9, sigma=(0.1, 2.0)).
 BLUR_KERNEL = 9
@@ -86,7 +86,8 @@ class Photometric:
         jitter: (brightness, contrast, saturation, hue) amplitudes as torchvision's ColorJitter, or None.
         jitter_p: probability of the colour jitter (its four ops in a random order, as torchvision).
         gray_p: probability of converting to grayscale.
-        blur_p: probability of a Gaussian blur with sigma ~ U(0.1, 2.0).
+        blur_p: probability of a Gaussian blur with sigma ~ U(blur_sigma).
+        blur_sigma: its range in pixels (DINOv2's 0.1-2.0 at 224 px, scaled to the crop: ``views.blur_sigma``).
         solarize_p: probability of solarizing (inverting values >= 0.5).
     """
 
@@ -95,6 +96,7 @@ class Photometric:
     gray_p: float = 0.0
     blur_p: float = 0.0
     solarize_p: float = 0.0
+    blur_sigma: tuple[float, float] = BLUR_SIGMA
 
     def draw(self, u: np.ndarray) -> list[float]:
         """The 11 parameters of one crop from ``N_UNIFORMS`` uniforms: jitter factors (neutral when not
@@ -109,7 +111,8 @@ class Photometric:
                 -h + 2 * h * u[4],
             ]
         order = np.argsort(u[5:9]).tolist()  # a uniformly random permutation
-        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[11] if u[10] < self.blur_p else 0.0
+        low, high = self.blur_sigma
+        sigma = low + (high - low) * u[11] if u[10] < self.blur_p else 0.0
         return [*factors, *order, float(u[9] < self.gray_p), sigma, float(u[12] < self.solarize_p)]
 
 
@@ -299,10 +302,14 @@ class DeviceMultiCropViews:
         self.local_crop = CropRecipe(crops.local_scale, rot90)
         jitter = tuple(a * color_strength for a in JITTER) if color else None
         gray = GRAY_P if color else 0.0
-        self.global1 = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["global1"])
+        g_blur = blur_sigma(crops.global_size, "global")
+        self.global1 = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["global1"], blur_sigma=g_blur)
         second_solarize = SOLARIZE_P if solarize else 0.0
-        self.global2 = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["global2"], solarize_p=second_solarize)
-        self.local = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["local"])
+        self.global2 = Photometric(
+            jitter, gray_p=gray, blur_p=BLUR_P["global2"], solarize_p=second_solarize, blur_sigma=g_blur
+        )
+        local_blur = blur_sigma(crops.local_size, "local")
+        self.local = Photometric(jitter, gray_p=gray, blur_p=BLUR_P["local"], blur_sigma=local_blur)
         sizes = {"global_crops": crops.global_size, "local_crops": crops.local_size}
         self.device_transform = DeviceStage(sizes, mean, std, tile_ops=self.tile_ops)
 

@@ -21,9 +21,19 @@ from foundation.data.seeding import draw_seed
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue amplitudes
 JITTER_P = 0.8
 GRAY_P = 0.2
-BLUR_SIGMA = (0.1, 2.0)
+BLUR_SIGMA = (0.1, 2.0)  # pixels of DINOv2's 224 px global and 96 px local crops
 BLUR_P = {"global1": 1.0, "global2": 0.1, "local": 0.5}
+BLUR_REFERENCE = {"global": 224, "local": 96}
 SOLARIZE_P = 0.2  # second global crop only
+
+
+def blur_sigma(size: int, crop: str) -> tuple[float, float]:
+    """DINOv2's blur range for a ``crop`` ("global" or "local") of ``size`` px: the same blur relative to the crop's
+    width, never more than DINOv2's. Its 2 px at 224 px is 9 px at 32 px: it wipes out the strokes of a digit and
+    taught a 32 px model to drop the detail a linear probe reads (digits, 800 steps: linear top-1 0.833 with 2 px,
+    0.858 scaled)."""
+    scale = min(1.0, size / BLUR_REFERENCE[crop])
+    return BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
@@ -88,19 +98,23 @@ class MultiCropViews:
                 A.ToGray(p=GRAY_P),
             ]
 
-        def blur(p: float) -> A.GaussianBlur:
-            return A.GaussianBlur(sigma_limit=BLUR_SIGMA, p=p)
+        def blur(p: float, size: int, crop: str) -> A.GaussianBlur:
+            return A.GaussianBlur(sigma_limit=blur_sigma(size, crop), p=p)
 
         norm = _normalize(mean, std, max_pixel_value)
         g_size, l_size = crops.global_size, crops.local_size
         self.global1 = A.Compose(
-            geometric(g_size, crops.global_scale) + photometric + [blur(BLUR_P["global1"]), norm]
+            geometric(g_size, crops.global_scale)
+            + photometric
+            + [blur(BLUR_P["global1"], g_size, "global"), norm]
         )
-        second = [blur(BLUR_P["global2"])]
+        second = [blur(BLUR_P["global2"], g_size, "global")]
         second += [A.Solarize(threshold_range=(0.5, 0.5), p=SOLARIZE_P)] if solarize else []
         self.global2 = A.Compose(geometric(g_size, crops.global_scale) + photometric + second + [norm])
         self.local = A.Compose(
-            geometric(l_size, crops.local_scale) + photometric + [blur(BLUR_P["local"]), norm]
+            geometric(l_size, crops.local_scale)
+            + photometric
+            + [blur(BLUR_P["local"], l_size, "local"), norm]
         )
 
     def __call__(self, image: np.ndarray, generator: torch.Generator) -> dict[str, Any]:

@@ -183,3 +183,27 @@ def test_generator_drives_source_views_and_extras(folder: ImageFolder) -> None:
     g = generator_for(9, 2)
     transform(ImageSampleSource(folder, seed=0).sample(2, g)["image"], g)
     assert torch.equal(seen["state"], g.get_state())
+
+
+def test_blur_scales_with_the_crop_and_is_dinov2_s_at_its_sizes() -> None:
+    """DINOv2's 0.1-2.0 px at its 224 px global and 96 px local crops, the same relative blur at smaller crops
+    (never more than DINOv2's at larger ones), and the same range on the CPU and the device pipelines."""
+    from foundation.data.device_views import DeviceMultiCropViews
+    from foundation.data.views import blur_sigma
+
+    assert blur_sigma(224, "global") == pytest.approx((0.1, 2.0))
+    assert blur_sigma(96, "local") == pytest.approx((0.1, 2.0))
+    assert blur_sigma(518, "global") == pytest.approx((0.1, 2.0))
+    assert blur_sigma(32, "global") == pytest.approx((0.1 / 7, 2.0 / 7))
+    assert blur_sigma(16, "local") == pytest.approx((0.1 / 6, 2.0 / 6))
+    crops = CropsConfig(global_size=32, local_size=16, n_local=2)
+    cpu = MultiCropViews(crops, [0.5] * 3, [0.25] * 3)
+    sigma_of = {t.__class__.__name__: t for t in cpu.global1.transforms}["GaussianBlur"].sigma_limit
+    assert tuple(sigma_of) == pytest.approx(blur_sigma(32, "global"))
+    device = DeviceMultiCropViews(crops, [0.5] * 3, [0.25] * 3)
+    assert device.global1.blur_sigma == device.global2.blur_sigma == pytest.approx(blur_sigma(32, "global"))
+    assert device.local.blur_sigma == pytest.approx(blur_sigma(16, "local"))
+    rng = np.random.default_rng(0)
+    drawn = np.array([device.local.draw(row) for row in rng.random((2000, 64))])
+    blurred = drawn[drawn[:, 9] > 0, 9]
+    assert blurred.min() >= 0.1 / 6 and blurred.max() <= 2.0 / 6
