@@ -261,14 +261,21 @@ def finish(
     if summary_dir is not None and rank == 0:
         summary = write(summary_dir / SUMMARY, merged)
     barrier()  # the merged summary is on disk before any rank ends (torchrun stops the others when one ends)
-    error = _ending(merged, spec, summary_error, summary_dir)
+    error = _ending(merged, spec, summary_error, summary_dir, speak=rank == 0)
     status = EXIT_NOTHING_DONE if error is not None else merged.exit_status
     return BatchOutcome(merged, status, summary, error, rank == 0)
 
 
 def _ending(
-    merged: BatchReport, spec: BatchSpec, summary_error: OutputError | None, summary_dir: Path | None
+    merged: BatchReport,
+    spec: BatchSpec,
+    summary_error: OutputError | None,
+    summary_dir: Path | None,
+    *,
+    speak: bool = True,
 ) -> FoundationError | None:
+    """The command's error, if it ends with one; else the merged batch's stop and skips are logged (by the main
+    rank only: every rank holds the same merged report)."""
     skipped = merged.skipped
     if not skipped and summary_error is None:
         return None
@@ -281,7 +288,8 @@ def _ending(
         return summary_error
     if merged.done == 0:
         return DataError(message)
-    if merged.stopped:
+    if speak and merged.stopped:
         log.error("stopped: %s; %d %s(s) done, listed in %s", merged.stopped, merged.done, spec.unit, where)
-    log.warning("%s", message)
+    if speak:
+        log.warning("%s", message)
     return None
