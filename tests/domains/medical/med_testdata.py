@@ -84,3 +84,24 @@ def write_dicom_series(
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].astype(np.uint16)).tobytes()
         ds.save_as(folder / f"IM{name_index:04d}.dcm", enforce_file_format=True)
     return folder
+
+
+def three_class_seg_meta():
+    """A stored segmentation model's metadata: 16 voxel ROI, CT window, background / organ / an absent organ."""
+    from foundation_domains.medical.segmentation.meta import SegmentationMeta
+
+    return SegmentationMeta.from_dict(
+        {
+            "head": {},
+            "in_chans": 1,
+            "roi_size": [16, 16, 16],
+            "spacing": None,
+            "modality": "ct",
+            "window": [-175.0, 250.0],
+            "labels": {"background": 0, "organ": 1, "absent": 2},
+            "num_classes": 3,
+            "overlap": 0.5,
+            "sw_batch_size": 2,
+        },
+        "test-model.pt",
+    )

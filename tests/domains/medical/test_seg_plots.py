@@ -7,30 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from med_testdata import lps_affine, write_nifti
+from med_testdata import lps_affine, three_class_seg_meta, write_nifti
 from PIL import Image
 
 from foundation.errors import OutputError
 from foundation.plotting import is_our_png
-from foundation_domains.medical.segmentation.meta import SegmentationMeta
 from foundation_domains.medical.segmentation.plots import case_slice, check_plots_folder, write_plots
 from foundation_domains.medical.segmentation.task import DiceEvaluator
 
-META = SegmentationMeta.from_dict(
-    {
-        "head": {},
-        "in_chans": 1,
-        "roi_size": [16, 16, 16],
-        "spacing": None,
-        "modality": "ct",
-        "window": [-175.0, 250.0],
-        "labels": {"background": 0, "organ": 1, "absent": 2},
-        "num_classes": 3,
-        "overlap": 0.5,
-        "sw_batch_size": 2,
-    },
-    "test-model.pt",
-)
+META = three_class_seg_meta()
 
 
 def test_case_slice_through_the_organs() -> None:

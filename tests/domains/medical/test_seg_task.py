@@ -179,9 +179,8 @@ def test_evaluate_skips_broken_and_nan_volumes_scores_the_rest(trained, tmp_path
 
 
 def test_dice_on_volumes_smaller_than_the_roi(tmp_path):
-    from med_testdata import lps_affine, write_nifti
+    from med_testdata import lps_affine, three_class_seg_meta, write_nifti
 
-    from foundation_domains.medical.segmentation.meta import SegmentationMeta
     from foundation_domains.medical.segmentation.task import DiceEvaluator
 
     labels = np.zeros((10, 12, 6), np.uint8)
@@ -191,21 +190,7 @@ def test_dice_on_volumes_smaller_than_the_roi(tmp_path):
         "image": str(write_nifti(tmp_path / "img.nii.gz", hu, lps_affine())),
         "label": str(write_nifti(tmp_path / "lbl.nii.gz", labels, lps_affine())),
     }
-    meta = SegmentationMeta.from_dict(
-        {
-            "head": {},
-            "in_chans": 1,
-            "roi_size": [16, 16, 16],
-            "spacing": None,
-            "modality": "ct",
-            "window": [-175.0, 250.0],
-            "labels": {"background": 0, "organ": 1, "absent": 2},
-            "num_classes": 3,
-            "overlap": 0.5,
-            "sw_batch_size": 2,
-        },
-        "test-model.pt",
-    )
+    meta = three_class_seg_meta()
 
     def oracle(x: torch.Tensor) -> torch.Tensor:  # windowed intensity 1 -> organ, 0 -> background
         assert x.shape[2:] == (16, 16, 16)  # padded up to the ROI, cropped back afterwards
