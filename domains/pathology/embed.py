@@ -524,8 +524,10 @@ def embed_slides(backbone: torch.nn.Module, meta: dict[str, Any], args: argparse
             start=lambda item: _started(embedder, item),
             close=StartedSlide.close,
         )
-        items = [Item(i, str(s), s, out_dir / n) for i, (s, n) in enumerate(zip(slides, names, strict=True))]
-        run_items(items, steps, spec, rank=dist.rank, world_size=dist.world_size, report=report)
+        # streamed: a list file of 100,000 slides is never held as a list of items
+        items = (Item(i, str(s), s, out_dir / n) for i, (s, n) in enumerate(zip(slides, names, strict=True)))
+        share = len(range(dist.rank, len(slides), dist.world_size))
+        run_items(items, steps, spec, rank=dist.rank, world_size=dist.world_size, report=report, total=share)
         outcome = finish(
             report, spec, rank=dist.rank, world_size=dist.world_size, summary_dir=out_dir, out=str(out_dir),
             facts=lambda r: {"tiles": sum(x.facts.get("tiles", 0) for x in r.of(WRITTEN))},

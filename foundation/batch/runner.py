@@ -149,10 +149,12 @@ def run_items(
     rank: int = 0,
     world_size: int = 1,
     report: BatchReport | None = None,
+    total: int | None = None,
 ) -> BatchReport:
     """Make this rank's items in order, the next one begun while one runs; a broken item is skipped with its
     reason, a full disk stops the rest when ``spec.stop_on_disk_full`` (they are listed as not started). Errors
-    not in ``spec.skip_errors`` propagate (after the begun items are closed).
+    not in ``spec.skip_errors`` propagate (after the begun items are closed). ``total``: this rank's item count
+    for the progress bar when ``items`` is a stream (a sized collection is counted).
 
     Returns:
         This rank's report (``report``, when given, is extended: e.g. with inputs that gave no item).
@@ -161,7 +163,7 @@ def run_items(
 
     report = report if report is not None else BatchReport(ranks=(rank,))
     run = _Run(steps, spec, report)
-    total = _share_size(items, rank, world_size)
+    total = total if total is not None else _share_size(items, rank, world_size)
     show = spec.progress and rank == 0
     bar = tqdm(total=total, desc=spec.command, unit=spec.unit, disable=not show, dynamic_ncols=True)
     mine = my_items(items, rank, world_size)
