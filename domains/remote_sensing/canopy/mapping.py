@@ -155,9 +155,7 @@ def _done_before(
         OutputError, DataError: as :func:`existing_map` (a file that is not ours, one of ours made otherwise).
     """
     assert item.out is not None
-    if not existing_map(item.out, item.source, fingerprint, opts.overwrite):
-        return None
-    return map_scene(net, meta, item.source, item.out, opts, fingerprint=fingerprint)
+    return existing_scene_line(meta, item.source, item.out, opts, fingerprint)
 
 
 def scene_lines(merged: BatchReport) -> list[dict[str, Any]]:
@@ -322,18 +320,17 @@ def map_scene(
     import rasterio
 
     from foundation_domains.remote_sensing.canopy import cog
-    from foundation_domains.remote_sensing.canopy.reference import check_reference_plots, find_reference
+    from foundation_domains.remote_sensing.canopy.reference import find_reference
     from foundation_domains.remote_sensing.canopy.tiling import TileGrid, blend_tiles
-    from foundation_domains.remote_sensing.raster import gdal_env, is_remote, raster_name
+    from foundation_domains.remote_sensing.raster import gdal_env, raster_name
 
     fingerprint = fingerprint or model_fingerprint(net, meta)
+    done = existing_scene_line(meta, src, dst, opts, fingerprint)
+    if done is not None:
+        return done
     png = dst.with_suffix(".png")
     max_height = float(meta.max_height)
     reference = find_reference(src, opts.labels) if opts.quicklook else None
-    if reference is not None:
-        check_reference_plots(dst, [reference] if is_remote(src) else [src, reference])
-    if existing_map(dst, src, fingerprint, opts.overwrite):
-        return _with_reference(_existing(dst, src, png, opts, max_height), dst, reference)
     if opts.quicklook:
         check_quicklook(png, opts.overwrite)
     t0 = time.perf_counter()
@@ -405,6 +402,27 @@ def _with_reference(summary: dict[str, Any], dst: Path, reference: Path | None) 
     except DataError as e:  # the map is done; only its comparison could not be made
         log.warning("%s: no comparison with %s: %s", dst, reference, e)
         return {**summary, "reference": str(reference), "reference_error": str(e)}
+
+
+def existing_scene_line(
+    meta: CanopyMeta, src: Path, dst: Path, opts: MapOptions, fingerprint: str
+) -> dict[str, Any] | None:
+    """The JSON line of a scene this model already mapped (``"status": "exists"``; a missing quicklook asked for
+    is drawn, the reference plots compared again), None when ``dst`` is to be written.
+
+    Raises:
+        OutputError, DataError: as :func:`existing_map`; DataError for reference plots that clash with ``dst``.
+    """
+    from foundation_domains.remote_sensing.canopy.reference import check_reference_plots, find_reference
+    from foundation_domains.remote_sensing.raster import is_remote
+
+    reference = find_reference(src, opts.labels) if opts.quicklook else None
+    if reference is not None:
+        check_reference_plots(dst, [reference] if is_remote(src) else [src, reference])
+    if not existing_map(dst, src, fingerprint, opts.overwrite):
+        return None
+    png = dst.with_suffix(".png")
+    return _with_reference(_existing(dst, src, png, opts, float(meta.max_height)), dst, reference)
 
 
 def existing_map(dst: Path, src: Path, fingerprint: str, overwrite: bool) -> bool:
