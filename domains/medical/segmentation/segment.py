@@ -342,11 +342,10 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any], BatchOutc
         spec = BatchSpec(
             COMMAND, "input", progress=not args.quiet, entry_keys=lambda item: {"input": item.name}
         )
+        keys: dict[int, dict[str, Any]] = {}  # an input's key, examined once: checked, then stamped
         steps: Steps[Path, Item[Path]] = Steps(
-            run=lambda item, _: _segment_one(
-                segmenter, item.source, item.out, volume_key(segmenter, item.source)
-            ),
-            existing=lambda item: _existing(segmenter, item, args.overwrite),
+            run=lambda item, _: _segment_one(segmenter, item.source, item.out, keys.pop(item.index)),
+            existing=lambda item: _existing(segmenter, item, args.overwrite, keys),
         )
         items = [Item(i, str(v), v, out_dir / n) for i, (v, n) in enumerate(zip(volumes, names, strict=True))]
         run_items(items, steps, spec, rank=dist.rank, world_size=dist.world_size, report=report)
@@ -372,19 +371,25 @@ def segment_volumes(args: argparse.Namespace) -> tuple[dict[str, Any], BatchOutc
     return result, outcome
 
 
-def _existing(segmenter, item: Item[Path], overwrite: bool) -> dict[str, Any] | None:
+def _existing(
+    segmenter, item: Item[Path], overwrite: bool, keys: dict[int, dict[str, Any]]
+) -> dict[str, Any] | None:
     """The runner's ``existing`` step (:func:`prior_output`): ``{}`` for a label map of ours already made from
-    this input with this model, None to (re)make it.
+    this input with this model, None to (re)make it (its key kept in ``keys`` for the map to carry).
 
     Raises:
         DataError: the input cannot be examined, or the file there is not ours (never replaced) or was made
             otherwise and ``overwrite`` is off.
     """
     assert item.out is not None
-    action, reason = prior_output(item.out, volume_key(segmenter, item.source), overwrite)
+    key = volume_key(segmenter, item.source)
+    action, reason = prior_output(item.out, key, overwrite)
     if action == "skip":
         raise DataError(str(reason))
-    return {} if action == "done" else None
+    if action == "done":
+        return {}
+    keys[item.index] = key
+    return None
 
 
 def _segment_one(segmenter, path: Path, out: Path, key: dict[str, Any]) -> dict[str, Any]:
