@@ -45,7 +45,8 @@ TARGETS = {"alone": 0.95, "busy": 1.3, "pair": 1.0}
 
 
 def _env(mode: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    omp = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in omp}
     env.pop("FOUNDATION_THREADS", None)
     if mode == "libraries":
         env["FOUNDATION_THREADS"] = "off"

@@ -2,16 +2,18 @@
 
 PyTorch sizes its intra-op pool to every core of the machine and OpenMP threads spin while they wait for work.
 On a 2-core machine where another process (or our own data-loader workers) holds a core, the spinning threads
-fight for it and a step takes several times longer than its fair share. Three rules fix that:
+fight for it and a step takes several times longer than its fair share. Four rules fix that:
 
 * the pool is sized from the CPUs the process may use (``os.sched_getaffinity``, the cgroup CPU quota), less the
   loader workers that will run beside it;
-* OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE``, set in ``foundation/__init__.py`` before torch loads),
-  so an idle thread gives its core back;
+* an idle OpenMP thread spins briefly and then sleeps (``GOMP_SPINCOUNT=1000``, set in ``foundation/__init__.py``
+  before torch loads), so it gives its core back within microseconds rather than milliseconds;
+* the training loop, where the count is ours to choose, tries every CPU against that planned count on its own
+  steps and keeps the faster, again whenever steps slow down (``foundation/thread_tuner.py``);
 * loader workers run one torch thread and one OpenCV thread each.
 
-``--threads N`` or ``FOUNDATION_THREADS=N`` sets the intra-op pool; ``FOUNDATION_THREADS=off`` leaves every pool
-and OpenMP's wait policy as the libraries set them (for those who tune ``OMP_*`` themselves).
+``--threads N`` or ``FOUNDATION_THREADS=N`` sets the intra-op pool (no tuning); ``FOUNDATION_THREADS=off`` leaves
+every pool and OpenMP's waiting as the libraries set them (for those who tune ``OMP_*`` themselves).
 """
 
 from __future__ import annotations

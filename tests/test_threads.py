@@ -86,12 +86,17 @@ def test_bad_threads_option_is_one_error_line(capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "FOUNDATION_THREADS" in err[0]
 
 
-def test_openmp_waits_passively_unless_the_user_says_otherwise():
-    code = "import os, foundation; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "FOUNDATION_THREADS")}
+def test_openmp_spins_briefly_unless_the_user_says_otherwise():
+    code = "import os, foundation; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FOUNDATION_THREADS")
+    }
     run = lambda extra: subprocess.run(  # noqa: E731
         [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, check=True
     ).stdout.strip()
-    assert run({}) == "PASSIVE"
-    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert run({}) == "1000"
+    assert run({"GOMP_SPINCOUNT": "50"}) == "50"
+    assert run({"OMP_WAIT_POLICY": "PASSIVE"}) == "None"  # the user's policy decides the spinning
     assert run({"FOUNDATION_THREADS": "off"}) == "None"

@@ -56,8 +56,10 @@ def throughput(log_: RunLog) -> Section:
               Panel("gradient norm (before clipping)", tuple(log_.get("grad_norm")), log_y=True)]  # fmt: skip
     if not any(p.series for p in panels):
         return Section("throughput", "Throughput", _missing("throughput", ("img_s", "grad_norm")))
+    if log_.get("threads"):  # CPU runs: the count the thread tuner chose, step by step
+        panels.append(Panel("intra-op threads", tuple(log_.get("threads"))))
     png = line_plot("throughput", panels)
-    return Section("throughput", "Throughput", "Images per second on the main rank; gradient norm.",
+    return Section("throughput", "Throughput", "Images per second on the main rank; gradient norm; CPU threads.",
                    (Picture("throughput.png", "throughput and gradient norm over steps", png),))  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from foundation.models.factory import backbone_args, build_backbone
 from foundation.models.vit import ViT, build_vit_to_load
 from foundation.precision import autocast_dtype
 from foundation.ssl.registry import get_objective_factory
+from foundation.thread_tuner import ThreadTuner, tuner_for
 from foundation.threads import configure_threads, worker_threads
 from foundation.train import checkpoint as ckpt
 from foundation.train import dcp, parallel
@@ -208,6 +209,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.collapse = CollapseWatch(cfg.train.collapse_patience, cfg.train.stop_on_collapse)
         self.pictures: list[tuple[int, str, bytes]] = []  # (step, tag, PNG) made in a step, for TensorBoard
+        self.tuner: ThreadTuner | None = None  # made when training starts, from the thread plan
+        self.tuner_state: dict[str, Any] | None = None  # a resumed run's, for the tuner to continue
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -229,6 +232,7 @@ class Trainer:
             "export_prefix": self.objective.export_prefix,
             "normalization": {"mean": list(self.setup.mean), "std": list(self.setup.std)},
             "config": config_to_dict(self.cfg),
+            "thread_tuner": self.tuner.state_dict() if self.tuner is not None else None,
             **self.setup.checkpoint_meta,
         }
 
@@ -245,6 +249,7 @@ class Trainer:
         self.start_step = int(state["step"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         self.nonfinite_total = int(state["nonfinite_total"])
+        self.tuner_state = state.get("thread_tuner")  # absent in checkpoints written before the tuner
         if state["world_size"] == self.dist.world_size:
             ckpt.set_rng_state(state["rng"][self.dist.rank])
         else:
@@ -301,7 +306,6 @@ class Trainer:
             steps=tc.steps,
         )
         workers = self.cfg.data.num_workers
-        configure_threads(workers)
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -387,6 +391,25 @@ class Trainer:
             log.info("step %d: kNN top-1 %.4f", step + 1, values["knn/top1"])
         barrier()
 
+    def start_thread_tuner(self) -> None:
+        """Size the thread pools (before loader workers fork) and, where the count is ours to choose, start the
+        tuner that picks it from step times (continuing a resumed run's)."""
+        plan = configure_threads(self.cfg.data.num_workers)
+        steps_left = self.cfg.train.steps - self.start_step
+        self.tuner = tuner_for(
+            plan, steps_left, world_size=self.dist.world_size, device_type=self.device.type
+        )
+        if self.tuner is not None and self.tuner_state is not None:
+            self.tuner.load_state_dict(self.tuner_state)
+
+    def tune_threads(self, step: int, seconds: float) -> None:
+        switch = self.tuner.observe(step, seconds)
+        if switch is not None and self.dist.is_main:
+            timings = ", ".join(f"{n}: {s:.3f} s" for n, s in sorted(switch.seconds.items()))
+            log.info(
+                "step %d: %d intra-op threads from here (median step time %s)", step, switch.threads, timings
+            )
+
     def train(self) -> None:
         tc = self.cfg.train
         logger = MetricsLogger(
@@ -396,6 +419,7 @@ class Trainer:
             total_steps=tc.steps,
             quiet=self.quiet,
         )
+        self.start_thread_tuner()
         batches = self.batches()
         self.objective.train()
         tic = time.perf_counter()
@@ -408,7 +432,11 @@ class Trainer:
                         log.warning("SIGTERM: writing a checkpoint at step %d, then exiting", step)
                         self.save(step)
                         raise SystemExit(143)  # the background write is finished below
+                    started = time.perf_counter()
+                    threads = torch.get_num_threads()
                     metrics = self.train_step(step, batches)
+                    if self.tuner is not None:
+                        self.tune_threads(step, time.perf_counter() - started)
                     if metrics is None:
                         self.nonfinite_in_a_row += 1
                         self.nonfinite_total += 1
@@ -431,6 +459,7 @@ class Trainer:
                         metrics["lr"] = float(self.lr[step])
                         metrics["wd"] = float(self.wd[step])
                         metrics["img_s"] = tc.batch_size / max(now - tic, 1e-9)
+                        metrics["threads"] = threads
                         tic = now
                         event = self.collapse.update(step, metrics)
                         if event is not None:

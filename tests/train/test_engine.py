@@ -112,6 +112,22 @@ def test_resume_after_sigkill_is_exact(tiny_recipe, image_folder, tmp_path):
         torch.testing.assert_close(got_w[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_the_thread_count_is_tuned_logged_and_checkpointed(tiny_recipe, image_folder, tmp_path, monkeypatch):
+    for name in ("FOUNDATION_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("foundation.threads.available_cpus", lambda: 2)
+    run = _run_in_process(
+        tiny_recipe, image_folder, tmp_path / "run", "train.steps=20", "train.checkpoint_every=10"
+    )
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    threads = {r["step"]: r["threads"] for r in rows if "loss" in r}
+    assert threads[0] == 2 and threads[6] == 1  # the first trial: every CPU, then one thread
+    assert set(threads.values()) <= {1, 2}
+    state = torch.load(run / "checkpoints" / "step_00000010.pt", weights_only=True)["thread_tuner"]
+    assert (state["high"], state["low"], state["decided"]) == (2, 1, True)
+    assert state["current"] in (1, 2)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_writes_a_checkpoint_and_exits(workers, tiny_recipe, image_folder, tmp_path):
     # With workers, SIGTERM goes to the whole process group, as schedulers send it.
