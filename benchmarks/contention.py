@@ -8,9 +8,11 @@ machine noise hits both alike. Printed per command, as ratios:
 * ``alone``: the libraries' settings' wall time over ours, alone (target >= 0.95: no slower than before);
 * ``busy``: our wall time beside one process that keeps one core busy, over ours alone (target <= 1.3);
 * ``pair``: two copies started together, the wall time until both finish, over two run one after the other
-  (target <= 1.0).
+  (target <= 1.0);
+* ``late``: our wall time when the busy process starts halfway through, over ours alone (no target: it shows
+  whether a run that started alone gives the core back; ``pretrain``'s thread tuner should).
 
-The same two ratios with the libraries' settings are printed for comparison.
+The same ratios with the libraries' settings are printed for comparison.
 
     python benchmarks/contention.py                       # all four commands, about 15 minutes on 2 cores
     python benchmarks/contention.py --commands pretrain --steps 30 --repeats 3
@@ -140,12 +142,19 @@ class Runner:
             cmd, env=_env(mode), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
 
-    def wall(self, argv: list[str], mode: str, copies: int = 1, busy: bool = False) -> float:
-        spinner = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
+    def wall(
+        self, argv: list[str], mode: str, copies: int = 1, busy: bool = False, busy_after: float | None = None
+    ) -> float:
+        """Wall time of ``copies`` runs started together; ``busy``: one spinning process from the start, or from
+        ``busy_after`` seconds into the run."""
+        spinner = subprocess.Popen([sys.executable, "-c", BUSY]) if busy and busy_after is None else None
         try:
-            time.sleep(0.2 if busy else 0.0)
+            time.sleep(0.2 if spinner else 0.0)
             t = time.perf_counter()
             procs = [self.start(argv, mode) for _ in range(copies)]
+            if busy_after is not None:
+                time.sleep(busy_after)
+                spinner = subprocess.Popen([sys.executable, "-c", BUSY])
             for p in procs:
                 _, err = p.communicate()
                 if p.returncode != 0:
@@ -158,11 +167,18 @@ class Runner:
 
 
 def measure(runner: Runner, argv: list[str], repeats: int) -> dict[str, float]:
-    """Median wall times of the five cases per mode, interleaved (A B A B ...) over the repeats."""
+    """Median wall times of the four cases per mode, interleaved (A B A B ...) over the repeats. ``late``: the
+    busy process starts halfway through the first run alone (a machine that gets busy mid-run), not a target."""
+    halfway = runner.wall(argv, "ours") / 2
     cases = {
         (mode, case): kwargs
         for mode in ("ours", "libraries")
-        for case, kwargs in (("alone", {}), ("busy", {"busy": True}), ("pair", {"copies": 2}))
+        for case, kwargs in (
+            ("alone", {}),
+            ("busy", {"busy": True}),
+            ("late", {"busy": True, "busy_after": halfway}),
+            ("pair", {"copies": 2}),
+        )
     }
     times: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
     for _ in range(repeats):
@@ -173,8 +189,10 @@ def measure(runner: Runner, argv: list[str], repeats: int) -> dict[str, float]:
         "alone": med["libraries_alone_s"] / med["ours_alone_s"],
         "busy": med["ours_busy_s"] / med["ours_alone_s"],
         "pair": med["ours_pair_s"] / (2 * med["ours_alone_s"]),
+        "late": med["ours_late_s"] / med["ours_alone_s"],
         "libraries_busy": med["libraries_busy_s"] / med["libraries_alone_s"],
         "libraries_pair": med["libraries_pair_s"] / (2 * med["libraries_alone_s"]),
+        "libraries_late": med["libraries_late_s"] / med["libraries_alone_s"],
     }
     result = {k: round(v, 3) for k, v in result.items()}
     result.update({k: round(v, 2) for k, v in med.items()})

@@ -459,7 +459,8 @@ class Trainer:
                         metrics["lr"] = float(self.lr[step])
                         metrics["wd"] = float(self.wd[step])
                         metrics["img_s"] = tc.batch_size / max(now - tic, 1e-9)
-                        metrics["threads"] = threads
+                        if self.device.type == "cpu":
+                            metrics["threads"] = threads  # the count this step ran with (the tuner's choice)
                         tic = now
                         event = self.collapse.update(step, metrics)
                         if event is not None:
