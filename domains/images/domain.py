@@ -18,6 +18,7 @@ from foundation.data.image_folder import (
 from foundation.data.spec import DataSpec
 from foundation.data.views import ImageViews, MAEView, MultiCropViews
 from foundation.domain import DataSource, ViewTransform
+from foundation.errors import ConfigError
 from foundation_domains.images.sample import make_sample_images
 
 if TYPE_CHECKING:
@@ -26,7 +27,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ImagesOptions:
-    """The images domain reads no ``data.options``: any key given is refused by name."""
+    """``data.options`` of the images domain (any other key is refused by name).
+
+    ``color_jitter`` scales DINOv2's colour-jitter amplitudes (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1
+    at 1.0, DINOv2's own); 0 turns the jitter and the random grayscale off, for data whose grey level or contrast
+    tells the classes apart (lightly's ``cj_strength``).
+    """
+
+    color_jitter: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.color_jitter, (int, float)) and not 0 <= self.color_jitter <= 2:
+            raise ConfigError(
+                f"data.options.color_jitter={self.color_jitter!r} must be in [0, 2] (1 = DINOv2's)"
+            )
 
 
 RGB = DataSpec(3, 2, IMAGENET_MEAN, IMAGENET_STD, ("red", "green", "blue"))
@@ -49,7 +63,10 @@ class ImagesDomain:
         crops = cfg.data.crops
         if cfg.ssl.method == "mae":
             return ImageViews(MAEView(crops.global_size, spec.mean, spec.std))
-        return ImageViews(MultiCropViews(crops, spec.mean, spec.std))
+        jitter = cfg.data.typed_options.color_jitter if cfg.data.typed_options is not None else 1.0
+        return ImageViews(
+            MultiCropViews(crops, spec.mean, spec.std, color=jitter > 0, color_strength=jitter or 1.0)
+        )
 
     def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None) -> ImageFolderDataset:
         # the backbone's statistics when they are RGB's; other channel counts are refused by the caller

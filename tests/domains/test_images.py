@@ -287,3 +287,23 @@ def test_unknown_data_options_are_refused_by_name(flat: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"data.options.foo is not an option of the images domain"):
         load_config(None, [f"data.path={flat}", "data.options.foo=1"])  # refused when the config loads
+
+
+def _photometric(cfg) -> list[str]:
+    views = ImagesDomain().ssl_transform(cfg, ImagesDomain.default_spec).views
+    return [type(t).__name__ for t in views.global1.transforms]
+
+
+def test_color_jitter_option_scales_or_turns_off_the_jitter(flat: Path) -> None:
+    from albumentations import ColorJitter
+
+    from foundation.errors import ConfigError
+
+    assert "ColorJitter" in _photometric(small_cfg()) and "ToGray" in _photometric(small_cfg())
+    half = ImagesDomain().ssl_transform(small_cfg("data.options.color_jitter=0.5"), ImagesDomain.default_spec)
+    (jitter,) = [t for t in half.views.global1.transforms if isinstance(t, ColorJitter)]
+    assert jitter.brightness == pytest.approx((0.8, 1.2))  # DINOv2's 0.4, halved
+    off = _photometric(small_cfg("data.options.color_jitter=0"))
+    assert "ColorJitter" not in off and "ToGray" not in off and "GaussianBlur" in off
+    with pytest.raises(ConfigError, match=r"data.options.color_jitter=3"):
+        small_cfg("data.options.color_jitter=3")
