@@ -14,7 +14,7 @@ machine noise hits both alike. Printed per command, as ratios:
 
 The same ratios with the libraries' settings are printed for comparison.
 
-    python benchmarks/contention.py                       # all four commands, about 15 minutes on 2 cores
+    python benchmarks/contention.py                       # all four commands, about 20 minutes on 2 cores
     python benchmarks/contention.py --commands pretrain --steps 30 --repeats 3
 """
 
