@@ -29,9 +29,8 @@ class TunerSettings:
     window: int = 3  # timed steps per trial; a median of three ignores one slow step
     recheck_every: int = 50  # steps at ``low`` between trials of ``high``
     slower: float = 1.3  # a window this much slower than the count's best starts a trial of the other count
-    prefer_low: float = (
-        0.05  # ``high`` must be this much faster to be kept: fewer threads are kinder to others
-    )
+    # ``high`` must be this much faster to be kept: fewer threads are kinder to the machine's other processes
+    prefer_low: float = 0.05
     min_steps: int = 20  # shorter runs keep the planned count: trials would cost more than they find
 
 
