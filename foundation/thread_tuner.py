@@ -59,9 +59,7 @@ class ThreadTuner:
         set_threads: Callable[[int], None],
         settings: TunerSettings | None = None,
     ) -> None:
-        if low >= high:
-            low = max(1, high // 2)
-        self.high, self.low = high, low
+        self.high, self.low = high, low = self.counts(high, low)
         self.settings = s = settings or TunerSettings()
         self._set = set_threads
         # the trial in progress: (count, timed) per remaining step; the first trial compares both counts
@@ -76,6 +74,11 @@ class ThreadTuner:
         self.decided = False
         self.applied: int | None = None
         self.apply()
+
+    @staticmethod
+    def counts(high: int, low: int) -> tuple[int, int]:
+        """The two counts tried: ``low`` becomes half of ``high`` when the plan leaves every CPU."""
+        return high, low if low < high else max(1, high // 2)
 
     @property
     def next_threads(self) -> int:
@@ -160,14 +163,30 @@ class ThreadTuner:
         return True
 
 
-def tuner_for(plan: ThreadPlan, steps_left: int, *, world_size: int, device_type: str) -> ThreadTuner | None:
+def tuner_for(
+    plan: ThreadPlan,
+    steps_left: int,
+    *,
+    world_size: int,
+    device_type: str,
+    state: dict[str, Any] | None = None,
+) -> ThreadTuner | None:
     """A tuner when the count is ours to choose: automatic sizing, a CPU run of one process, more than one CPU,
-    and enough steps left for trials to pay off; None keeps the planned count."""
+    and enough steps left for trials to pay off, or a resumed run's ``state`` to continue however few steps are
+    left (its uninterrupted twin kept tuning); None keeps the planned count."""
     settings = TunerSettings()
     if plan.reason != "auto" or plan.intra_op is None or plan.cpus < 2:
         return None
-    if world_size != 1 or device_type != "cpu" or steps_left < settings.min_steps:
+    if world_size != 1 or device_type != "cpu":
+        return None
+    resumed = state is not None and (state.get("high"), state.get("low")) == ThreadTuner.counts(
+        plan.cpus, plan.intra_op
+    )
+    if not resumed and steps_left < settings.min_steps:
         return None
     import torch
 
-    return ThreadTuner(plan.cpus, plan.intra_op, torch.set_num_threads, settings)
+    tuner = ThreadTuner(plan.cpus, plan.intra_op, torch.set_num_threads, settings)
+    if resumed:
+        tuner.load_state_dict(state)
+    return tuner

@@ -123,11 +123,11 @@ def plan(intra_op: int | None = 1, cpus: int = 2, reason: str = "auto") -> Threa
         ({}, plan(1, 1), False),  # one CPU: nothing to choose
         ({"world_size": 2}, plan(), False),  # ranks share the CPUs by the plan
         ({"device_type": "cuda"}, plan(), False),
-        (
-            {"steps_left": TunerSettings().min_steps - 1},
-            plan(),
-            False,
-        ),  # trials would cost more than they find
+        # trials would cost more than they find
+        ({"steps_left": TunerSettings().min_steps - 1}, plan(), False),
+        # a resumed run continues its tuner however few steps are left: its uninterrupted twin kept tuning
+        ({"steps_left": 5, "state": ThreadTuner(2, 1, lambda n: None).state_dict()}, plan(), True),
+        ({"steps_left": 5, "state": ThreadTuner(8, 6, lambda n: None).state_dict()}, plan(), False),
     ],
 )
 def test_a_tuner_only_where_the_count_is_ours_to_choose(kwargs, plan_, made, monkeypatch):

@@ -397,10 +397,12 @@ class Trainer:
         plan = configure_threads(self.cfg.data.num_workers)
         steps_left = self.cfg.train.steps - self.start_step
         self.tuner = tuner_for(
-            plan, steps_left, world_size=self.dist.world_size, device_type=self.device.type
+            plan,
+            steps_left,
+            world_size=self.dist.world_size,
+            device_type=self.device.type,
+            state=self.tuner_state,
         )
-        if self.tuner is not None and self.tuner_state is not None:
-            self.tuner.load_state_dict(self.tuner_state)
 
     def tune_threads(self, step: int, seconds: float) -> None:
         switch = self.tuner.observe(step, seconds)
