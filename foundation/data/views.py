@@ -61,7 +61,8 @@ class MultiCropViews:
         color: colour jitter (0.8) and grayscale (0.2); only for 3-channel RGB.
         solarize: solarize the second global crop with p=0.2 (off for pathology).
         rot90: add vertical flips and 90-degree rotations (slides and rasters have no "up").
-        color_strength: scales the jitter amplitudes (pathology uses weaker jitter).
+        color_strength: scales the jitter amplitudes (pathology uses weaker jitter); 0 turns jitter and grayscale
+            off, as ``color=False`` does.
         pre: domain transforms applied once to the whole sample before cropping (e.g. HED stain jitter).
         max_pixel_value: 255 for uint8 images, 1.0 for float images already in [0, 1].
     """
@@ -91,7 +92,7 @@ class MultiCropViews:
             return ops
 
         photometric: list[A.BasicTransform] = []
-        if color:
+        if color and color_strength > 0:
             s = color_strength
             photometric = [
                 A.ColorJitter(*(a * s for a in JITTER), p=JITTER_P),
