@@ -1,9 +1,9 @@
 """Learning checks on real images shipped in an installed package (scikit-learn's handwritten digits):
 a short pretraining must beat the same architecture at random initialisation, by a margin that is not noise.
 
-The DINOv2 check runs the shipped small recipe for 300 steps: about 3 minutes on 2 CPU cores. The MAE check needs ~1,000 steps (on digits MAE sits on
-a loss plateau, its features no better than random ones, for its first ~400 steps): about 3.5 minutes on 2
-cores, the slowest test of the suite and the one that shows MAE learns.
+Both run the shipped small recipes with their own settings, shortened (their schedules follow the step count):
+DINOv2 for 300 steps (about 2 minutes on 2 CPU cores), MAE for 1,000 (about 3 minutes; on digits MAE sits on a
+loss plateau, its features no better than random ones, for its first few hundred steps).
 """
 
 from __future__ import annotations
@@ -24,29 +24,7 @@ from foundation.train.engine import pretrain
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 SMALL_DINOV2 = RECIPES / "images" / "small_dinov2.yaml"
-
-# 16 px with 4 px patches: 16 tokens (4 visible), so a step is cheap. No LayerScale (as in MAE): with it the
-# random-init CLS is almost constant and the comparison would measure the probe, not the features.
-DIGITS_MAE = """\
-seed: 0
-model: {arch: vit_tiny, patch_size: 4, img_size: 16, layerscale_init: null}
-ssl: {method: mae, mask_ratio: 0.75, decoder_dim: 128, decoder_depth: 2, decoder_heads: 4, norm_pix_loss: true}
-data:
-  num_workers: 0
-  crops: {global_size: 16}
-optim:
-  lr: 1.0e-3
-  lr_scaling: none
-  min_lr: 0.0
-  warmup_steps: 50
-  weight_decay: 0.05
-  weight_decay_end: 0.05
-  betas: [0.9, 0.95]
-  layer_decay: 1.0
-  clip_grad: null
-  freeze_last_layer_steps: 0
-train: {steps: STEPS, batch_size: 64, checkpoint_every: 100000, log_every: 50}
-"""
+SMALL_MAE = RECIPES / "images" / "small_mae.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +81,18 @@ def test_dinov2_pretraining_beats_random_init(digits, tmp_path, capsys):
 
 
 def test_mae_pretraining_beats_random_init(digits, tmp_path, capsys):
-    recipe = tmp_path / "digits_mae.yaml"
-    recipe.write_text(DIGITS_MAE.replace("STEPS", "1000"))
+    """The shipped small MAE recipe as it is, shortened to 1,000 steps: the loss leaves MAE's plateau and kNN beats
+    the same ViT at random init by a margin far outside run-to-run spread."""
     torch.set_num_threads(2)
-    cfg = load_config(recipe, [f"data.path={digits / 'train'}"])
+    cfg = load_config(SMALL_MAE, [f"data.path={digits / 'train'}", "train.steps=1000", "data.num_workers=0"])
     pretrain(cfg, tmp_path / "run", DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # norm_pix_loss: predicting each patch's mean scores ~1.0; off the plateau (~0.76) the loss is ~0.5
+    # norm_pix_loss: predicting each patch's mean scores ~1.0; off the plateau the loss is ~0.5
     assert losses[-1] < 0.6, losses[-5:]
-    trained = _evaluate("linear", tmp_path / "run", digits, capsys, "--pooling", "cls")
-    random = _evaluate("linear", tmp_path / "run", digits, capsys, "--pooling", "cls", "--random-init")
-    print(f"linear probe top-1 (CLS): pretrained {trained:.3f}, random init {random:.3f}")
-    # Measured on 2 threads: 0.867 against 0.839 for this random init (random-init seeds 0-3: 0.828-0.853). Not a
-    # wide margin: the same seed on other thread counts gave 0.825-0.881 (see the fixture above), so this
-    # catches an objective that stops learning, not a drift of a point or two.
-    assert trained > random + 0.02, (trained, random)
+    trained = _knn(tmp_path / "run", digits, capsys)
+    random = _knn(tmp_path / "run", digits, capsys, "--random-init")
+    print(f"kNN top-1: pretrained {trained:.3f}, random init {random:.3f}")
+    # measured 0.672 vs 0.486 (0.653 in an earlier run on another thread schedule). kNN, not the linear probe: a
+    # random ViT's CLS is already a strong linear feature of digits (0.864), and single 1,000-step runs moved the
+    # linear gain by several points across thread schedules (0.825-0.881).
+    assert trained > random + 0.08, (trained, random)
