@@ -135,7 +135,9 @@ def load_backbone(path: str | Path) -> tuple[ViT, dict[str, Any]]:
     return model, meta
 
 
-def random_like(meta: dict[str, Any]) -> ViT:
-    """An untrained backbone of the same architecture (the ``--random-init`` baseline)."""
-    torch.manual_seed(0)
-    return build_vit(**meta["backbone_args"])
+def random_like(meta: dict[str, Any], seed: int = 0) -> ViT:
+    """An untrained backbone of the same architecture (the ``--random-init`` baseline), initialised from ``seed``
+    on a forked RNG: the same seed gives the same twin, and the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_vit(**meta["backbone_args"])

@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from foundation.batch.embedder import BatchEmbedder
 from foundation.config import load_config
 from foundation.data.spec import DataSpec
@@ -121,7 +119,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     backbone, meta = load_backbone(args.backbone)
     source = resolve_backbone_source(args.backbone)
     if args.random_init:
-        backbone = random_like(meta)
+        backbone = random_like(meta, seed=args.seed)
     size = args.img_size or meta["backbone_args"]["img_size"]
     train_set = _eval_dataset(args.domain, args.data, meta, size)
     val_set = _eval_dataset(args.domain, args.val_data, meta, size)
@@ -149,8 +147,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         key = feature_cache_key(stamp, str(Path(path).resolve()), str(size), args.pooling, str(args.seed))
         return cached_features(Path(args.cache_dir), key, compute)
 
-    if args.random_init:
-        torch.manual_seed(args.seed)
     train_f, train_l, _ = features(train_set, args.data)
     val_f, val_l, _ = features(val_set, args.val_data)
     val_l = remap_labels(list(train_set.classes), list(val_set.classes), val_l, args.val_data)

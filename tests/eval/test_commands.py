@@ -53,6 +53,26 @@ def test_evaluate_random_init_uses_same_architecture(tiny_run, image_folder, cap
     assert _json_line(capsys)["random_init"] is True
 
 
+def test_random_init_twin_follows_seed_and_leaves_the_callers_rng(tiny_run, image_folder, capsys, tmp_path):
+    """``--seed`` picks the random-init twin (it was documented so, yet every seed built seed 0's network): one
+    twin per seed in the feature cache, the same seed twice reuses it, and building it does not reseed the caller."""
+    from foundation.export import load_backbone, random_like
+
+    _, meta = load_backbone(tiny_run)
+    state = torch.random.get_rng_state()
+    first, again, other = (random_like(meta, seed).state_dict() for seed in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["cls_token"], other["cls_token"])
+    cache = tmp_path / "cache"
+    for seed in ("0", "1", "0"):
+        args = ["evaluate", "knn", "--backbone", str(tiny_run), "--random-init", "--seed", seed, "--quiet"]
+        args += ["--data", str(image_folder), "--val-data", str(image_folder), "--cache-dir", str(cache)]
+        assert main(args) == 0
+        _json_line(capsys)
+    assert len(list(cache.glob("*.h5"))) == 2
+
+
 def test_random_init_features_are_cached_per_architecture(tiny_run, image_folder, capsys, tmp_path):
     """A random twin is named by its own weights in the feature cache: another architecture never reads the
     first one's features (the key was "random" + data + size for every backbone)."""
