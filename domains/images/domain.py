@@ -63,8 +63,8 @@ class ImagesDomain:
         crops = cfg.data.crops
         if cfg.ssl.method == "mae":
             return ImageViews(MAEView(crops.global_size, spec.mean, spec.std))
-        jitter = cfg.data.typed_options.color_jitter if cfg.data.typed_options is not None else 1.0
-        return ImageViews(MultiCropViews(crops, spec.mean, spec.std, color_strength=jitter))
+        options: ImagesOptions = cfg.data.typed_options  # typed when the config loaded
+        return ImageViews(MultiCropViews(crops, spec.mean, spec.std, color_strength=options.color_jitter))
 
     def eval_dataset(self, path: str, cfg: Config, spec: DataSpec | None = None) -> ImageFolderDataset:
         # the backbone's statistics when they are RGB's; other channel counts are refused by the caller
