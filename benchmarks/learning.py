@@ -30,6 +30,7 @@ own library and read back before use; only the train split is pretrained on:
     python benchmarks/learning.py --recipes images/tiny --datasets digits --steps 150
     python benchmarks/learning.py --recipes images --datasets digits ssl.centering=sinkhorn_knopp   # overrides
     python benchmarks/learning.py --recipes images-mae --datasets digits --seeds 0 1 2   # mean and worst gain
+    python benchmarks/learning.py --recipes images --datasets digits --pooling cls+mean   # DINOv2's avgpool probe
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from PIL import Image
 
 from foundation.cli import main as cli
 from foundation.config import Config, load_config
+from foundation.eval.features import POOLINGS
 from foundation.train.distributed import DistInfo
 from foundation.train.engine import pretrain
 
@@ -310,9 +312,11 @@ def loss_summary(run: Path, cfg: Config) -> dict:
             "teacher_entropy_last": round(last.get("teacher_entropy", float("nan")), 3)}  # fmt: skip
 
 
-def run_one(recipe: str, dataset: str, png: Path, work: Path, overrides: list[str], seed: int) -> dict:
+def run_one(
+    recipe: str, dataset: str, png: Path, work: Path, overrides: list[str], seed: int, pooling: str = "cls"
+) -> dict:
     """Pretrain ``recipe`` with ``seed`` on the train split of ``dataset`` in its domain's format, then probe it
-    and its random-init twin of the same seed."""
+    and its random-init twin of the same seed on the ``pooling`` feature."""
     overrides = [f"seed={seed}", *overrides]
     cfg = load_config(recipe, overrides)
     data = domain_data(png, cfg)
@@ -323,10 +327,11 @@ def run_one(recipe: str, dataset: str, png: Path, work: Path, overrides: list[st
     pretrain(cfg, run, DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)
     wall = time.perf_counter() - start
     result = {"recipe": recipe, "domain": cfg.domain, "dataset": dataset, "method": cfg.ssl.method, "seed": seed,
-              "steps": cfg.train.steps, "pretrain_seconds": round(wall, 1), **loss_summary(run, cfg)}  # fmt: skip
+              "steps": cfg.train.steps, "pooling": pooling, "pretrain_seconds": round(wall, 1), **loss_summary(run, cfg)}  # fmt: skip
+    probe = ("--seed", str(seed), "--pooling", pooling)
     for protocol in ("knn", "linear"):
-        trained = evaluate(protocol, run, cfg.domain, data, "--seed", str(seed))
-        random = evaluate(protocol, run, cfg.domain, data, "--seed", str(seed), "--random-init")
+        trained = evaluate(protocol, run, cfg.domain, data, *probe)
+        random = evaluate(protocol, run, cfg.domain, data, *probe, "--random-init")
         result |= {f"{protocol}_pretrained": round(trained, 3), f"{protocol}_random": round(random, 3),
                    f"{protocol}_gain": round(trained - random, 3)}  # fmt: skip
     result["total_seconds"] = round(time.perf_counter() - start, 1)
@@ -337,7 +342,7 @@ def seed_summary(results: list[dict]) -> dict:
     """Mean of several seeds' rows of one recipe and dataset, with the smallest gain of each probe: a single run
     moves by a few points (thread schedule, seed), so a claimed gain should hold for the worst seed too."""
     first = results[0]
-    summary = {k: first[k] for k in ("recipe", "domain", "dataset", "method", "steps")}
+    summary = {k: first[k] for k in ("recipe", "domain", "dataset", "method", "steps", "pooling")}
     summary["seed"] = "mean"
     numbers = [k for k, v in first.items() if isinstance(v, float) and k not in summary]
     summary |= {k: round(sum(r[k] for r in results) / len(results), 3) for k in numbers}
@@ -375,6 +380,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="pretrain (and build the random twin) once per seed; several add a mean row")  # fmt: skip
+    ap.add_argument("--pooling", default="cls", choices=list(POOLINGS),
+                    help="the probes' feature: CLS, or CLS + mean patch token (DINOv2's linear protocol's avgpool)")  # fmt: skip
     ap.add_argument(
         "overrides", nargs="*", help="config overrides for every recipe, e.g. ssl.koleo_loss_weight=0.5"
     )
@@ -394,7 +401,7 @@ def main() -> None:
         for recipe in recipes:
             rows = []
             for seed in a.seeds:
-                rows.append(run_one(recipe, dataset, png, work, overrides, seed))
+                rows.append(run_one(recipe, dataset, png, work, overrides, seed, a.pooling))
                 print(json.dumps({"benchmark": "learning", **rows[-1]}))
                 sys.stdout.flush()
             if len(rows) > 1:
