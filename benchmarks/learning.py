@@ -327,7 +327,8 @@ def run_one(
     pretrain(cfg, run, DistInfo(0, 1, 0, torch.device("cpu")), quiet=True)
     wall = time.perf_counter() - start
     result = {"recipe": recipe, "domain": cfg.domain, "dataset": dataset, "method": cfg.ssl.method, "seed": seed,
-              "steps": cfg.train.steps, "pooling": pooling, "pretrain_seconds": round(wall, 1), **loss_summary(run, cfg)}  # fmt: skip
+              "steps": cfg.train.steps, "pooling": pooling, "pretrain_seconds": round(wall, 1),
+              **loss_summary(run, cfg)}  # fmt: skip
     probe = ("--seed", str(seed), "--pooling", pooling)
     for protocol in ("knn", "linear"):
         trained = evaluate(protocol, run, cfg.domain, data, *probe)
@@ -381,7 +382,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="pretrain (and build the random twin) once per seed; several add a mean row")  # fmt: skip
     ap.add_argument("--pooling", default="cls", choices=list(POOLINGS),
-                    help="the probes' feature: CLS, or CLS + mean patch token (DINOv2's linear protocol's avgpool)")  # fmt: skip
+                    help="the probes' feature: CLS, or CLS + mean patch token (DINOv2's linear avgpool)")  # fmt: skip
     ap.add_argument(
         "overrides", nargs="*", help="config overrides for every recipe, e.g. ssl.koleo_loss_weight=0.5"
     )
