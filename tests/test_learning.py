@@ -2,7 +2,7 @@
 a short pretraining must beat the same architecture at random initialisation, by a margin that is not noise.
 
 Both run the shipped small recipes with their own settings, shortened (their schedules follow the step count):
-DINOv2 for 300 steps (about 1.5 minutes on 2 idle CPU cores), MAE for 1,000 (a few minutes; on digits MAE sits on a
+DINOv2 for 300 steps (about 1.5 minutes on 2 idle CPU cores), MAE for 1,000 (about 4 minutes; on digits MAE sits on a
 loss plateau, its features no better than random ones, for its first few hundred steps).
 """
 
