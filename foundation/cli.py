@@ -221,6 +221,12 @@ def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, help="evaluation image size; default: the backbone's")
     p.add_argument("--cache-dir", help="feature cache folder (linear probe); default: none for knn")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init and the probe")
+    p.add_argument(
+        "--shots",
+        type=int,
+        help="low-shot: fit the probe on N labelled images a class (seeded draws; mean, std and every draw)",
+    )
+    p.add_argument("--draws", type=int, default=5, help="draws of --shots, seeded --seed + d (5)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from foundation.batch.embedder import BatchEmbedder
 from foundation.config import load_config
 from foundation.data.spec import DataSpec
@@ -17,6 +19,7 @@ from foundation.eval.embed import embed_dataset
 from foundation.eval.features import cached_features, extract_features, feature_cache_key, remap_labels
 from foundation.eval.knn import knn_evaluate
 from foundation.eval.linear import linear_probe
+from foundation.eval.low_shot import low_shot
 from foundation.export import load_backbone, random_like, resolve_backbone_source
 from foundation.models.fingerprint import weights_fingerprint
 from foundation.precision import autocast_dtype
@@ -153,12 +156,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     num_classes = len(train_set.classes)
     if num_classes < 2:
         raise DataError(f"{args.data}: needs at least two classes (class sub-folders) for evaluation")
-    if args.protocol == "knn":
-        result = knn_evaluate(
-            train_f, train_l, val_f, val_l, num_classes, k=args.k, temperature=args.temperature
-        )
+
+    def probe(train_idx: Tensor | None, seed: int) -> dict[str, Any]:
+        f, labels = (train_f, train_l) if train_idx is None else (train_f[train_idx], train_l[train_idx])
+        if args.protocol == "knn":
+            return knn_evaluate(f, labels, val_f, val_l, num_classes, k=args.k, temperature=args.temperature)
+        return linear_probe(f, labels, val_f, val_l, num_classes, seed=seed)
+
+    shots = getattr(args, "shots", None)
+    if shots is None:
+        result = probe(None, args.seed)
     else:
-        result = linear_probe(train_f, train_l, val_f, val_l, num_classes, seed=args.seed)
+        result = low_shot(probe, train_l, shots, getattr(args, "draws", 5), args.seed)
     return {
         "protocol": args.protocol,
         **result,

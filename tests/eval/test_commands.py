@@ -47,6 +47,23 @@ def test_evaluate_prints_one_json_line(protocol, tiny_run, image_folder, capsys,
         assert len(list((tmp_path / "cache").glob("*.h5"))) == 1
 
 
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_evaluate_low_shot_averages_seeded_draws(protocol, tiny_run, image_folder, capsys, tmp_path):
+    base = ["evaluate", protocol, "--backbone", str(tiny_run), "--data", str(image_folder), "--quiet"]
+    base += ["--val-data", str(image_folder), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*base, "--shots", "2", "--draws", "3"]) == 0
+    result = _json_line(capsys)
+    assert (result["shots"], result["draws"], len(result["top1_draws"])) == (2, 3, 3)
+    assert result["top1"] == pytest.approx(sum(result["top1_draws"]) / 3)
+    # one draw of every image a class has (8) is the plain probe
+    assert main([*base, "--shots", "8", "--draws", "1"]) == 0
+    every = _json_line(capsys)
+    assert main(base) == 0
+    assert every["top1"] == _json_line(capsys)["top1"] and every["smallest_class"] == 8
+    assert main([*base, "--shots", "0"]) == 1
+    assert "shots=0" in capsys.readouterr().err
+
+
 def test_evaluate_random_init_uses_same_architecture(tiny_run, image_folder, capsys):
     args = ["evaluate", "knn", "--backbone", str(tiny_run), "--random-init", "--data", str(image_folder)]
     assert main([*args, "--val-data", str(image_folder), "--quiet"]) == 0
