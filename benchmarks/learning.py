@@ -32,6 +32,7 @@ own library and read back before use; only the train split is pretrained on:
     python benchmarks/learning.py --recipes images --datasets digits ssl.centering=sinkhorn_knopp   # overrides
     python benchmarks/learning.py --recipes images-mae --datasets digits --seeds 0 1 2   # mean and worst gain
     python benchmarks/learning.py --recipes images --datasets digits --pooling cls+mean   # DINOv2's avgpool probe
+    python benchmarks/learning.py --recipes medical --datasets textures8 --shots 10 20    # + linear on 10, 20 labels
 """
 
 from __future__ import annotations
@@ -335,10 +336,18 @@ def loss_summary(run: Path, cfg: Config) -> dict:
 
 
 def run_one(
-    recipe: str, dataset: str, png: Path, work: Path, overrides: list[str], seed: int, pooling: str = "cls"
+    recipe: str,
+    dataset: str,
+    png: Path,
+    work: Path,
+    overrides: list[str],
+    seed: int,
+    pooling: str = "cls",
+    shots: tuple[int, ...] = (),
 ) -> dict:
     """Pretrain ``recipe`` with ``seed`` on the train split of ``dataset`` in its domain's format, then probe it
-    and its random-init twin of the same seed on the ``pooling`` feature."""
+    and its random-init twin of the same seed on the ``pooling`` feature: kNN and linear on every label, and
+    linear on each of ``shots`` labels a class (mean of 5 seeded draws, the same for both)."""
     overrides = [f"seed={seed}", *overrides]
     cfg = load_config(recipe, overrides)
     data = domain_data(png, cfg)
@@ -357,6 +366,11 @@ def run_one(
         random = evaluate(protocol, run, cfg.domain, data, *probe, "--random-init")
         result |= {f"{protocol}_pretrained": round(trained, 3), f"{protocol}_random": round(random, 3),
                    f"{protocol}_gain": round(trained - random, 3)}  # fmt: skip
+    for n in shots:
+        trained = evaluate("linear", run, cfg.domain, data, *probe, "--shots", str(n))
+        random = evaluate("linear", run, cfg.domain, data, *probe, "--shots", str(n), "--random-init")
+        result |= {f"linear_{n}shot_pretrained": round(trained, 3), f"linear_{n}shot_random": round(random, 3),
+                   f"linear_{n}shot_gain": round(trained - random, 3)}  # fmt: skip
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -380,7 +394,9 @@ def table(results: list[dict]) -> str:
         f"{'recipe':44} {'dataset':9} {'seed':>4} {'steps':>5}  {'kNN pre/rand (gain)':21}  "
         f"{'linear pre/rand (gain)':21}"
     )
-    lines = [f"{head}  {'pixels kNN/lin':14} {'loss / ln K':13} {'pretrain s':>10} {'total s':>8}"]
+    lines = [
+        f"{head}  {'pixels kNN/lin':14} {'loss / ln K':13} {'pretrain s':>10} {'total s':>8}  linear low-shot gain"
+    ]
     for r in results:
         probes = [
             f"{r[p + '_pretrained']:.3f}/{r[p + '_random']:.3f} ({r[p + '_gain']:+.3f})"
@@ -390,8 +406,9 @@ def table(results: list[dict]) -> str:
             f"{r['dino_last']:.3f} / {r['ln_k']:.3f}" if "dino_last" in r else f"{r['loss_last']:.3f} (MAE)"
         )
         pixels = f"{r['knn_pixels']:.3f}/{r['linear_pixels']:.3f}"
+        low_shot = " ".join(f"{k.split('_')[1]} {v:+.3f}" for k, v in r.items() if k.endswith("shot_gain"))
         lines.append(f"{r['recipe']:44} {r['dataset']:9} {r['seed']:>4} {r['steps']:>5}  {probes[0]:21}  {probes[1]:21}  "
-                     f"{pixels:14} {loss:13} {r['pretrain_seconds']:>10.1f} {r['total_seconds']:>8.1f}")  # fmt: skip
+                     f"{pixels:14} {loss:13} {r['pretrain_seconds']:>10.1f} {r['total_seconds']:>8.1f}  {low_shot}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -407,6 +424,8 @@ def main() -> None:
                     help="pretrain (and build the random twin) once per seed; several add a mean row")  # fmt: skip
     ap.add_argument("--pooling", default="cls", choices=list(POOLINGS),
                     help="the probes' feature: CLS, or CLS + mean patch token (DINOv2's linear avgpool)")  # fmt: skip
+    ap.add_argument("--shots", type=int, nargs="+", default=[],
+                    help="also a linear probe on N labels a class (5 seeded draws), e.g. --shots 10 20")  # fmt: skip
     ap.add_argument(
         "overrides", nargs="*", help="config overrides for every recipe, e.g. ssl.koleo_loss_weight=0.5"
     )
@@ -427,7 +446,9 @@ def main() -> None:
         for recipe in recipes:
             rows = []
             for seed in a.seeds:
-                rows.append(run_one(recipe, dataset, png, work, overrides, seed, a.pooling) | pixels)
+                rows.append(
+                    run_one(recipe, dataset, png, work, overrides, seed, a.pooling, tuple(a.shots)) | pixels
+                )
                 print(json.dumps({"benchmark": "learning", **rows[-1]}))
                 sys.stdout.flush()
             if len(rows) > 1:
