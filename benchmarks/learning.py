@@ -360,7 +360,8 @@ def run_one(
     result = {"recipe": recipe, "domain": cfg.domain, "dataset": dataset, "method": cfg.ssl.method, "seed": seed,
               "steps": cfg.train.steps, "pooling": pooling, "pretrain_seconds": round(wall, 1),
               **loss_summary(run, cfg)}  # fmt: skip
-    probe = ("--seed", str(seed), "--pooling", pooling)
+    # one feature extraction per backbone and split, shared by the full and the low-shot probes
+    probe = ("--seed", str(seed), "--pooling", pooling, "--cache-dir", str(run / "probe_features"))
     for protocol in ("knn", "linear"):
         trained = evaluate(protocol, run, cfg.domain, data, *probe)
         random = evaluate(protocol, run, cfg.domain, data, *probe, "--random-init")

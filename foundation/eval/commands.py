@@ -163,11 +163,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             return knn_evaluate(f, labels, val_f, val_l, num_classes, k=args.k, temperature=args.temperature)
         return linear_probe(f, labels, val_f, val_l, num_classes, seed=seed)
 
-    shots = getattr(args, "shots", None)
-    if shots is None:
+    if args.shots is None:
         result = probe(None, args.seed)
     else:
-        result = low_shot(probe, train_l, shots, getattr(args, "draws", 5), args.seed)
+        result = low_shot(probe, train_l, args.shots, args.draws, args.seed)
     return {
         "protocol": args.protocol,
         **result,

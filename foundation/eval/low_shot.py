@@ -7,7 +7,7 @@ points). The probe itself is unchanged: only its training set shrinks.
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -51,11 +51,9 @@ def low_shot(probe: Probe, labels: Tensor, shots: int, draws: int, seed: int) ->
     if draws < 1:
         raise ConfigError(f"draws={draws!r} must be >= 1")
     scores = [probe(few_shot_indices(labels, shots, seed + d), seed + d)["top1"] for d in range(draws)]
-    mean = sum(scores) / draws
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / (draws - 1)) if draws > 1 else 0.0
     return {
-        "top1": mean,
-        "top1_std": std,
+        "top1": statistics.fmean(scores),
+        "top1_std": statistics.stdev(scores) if draws > 1 else 0.0,
         "top1_draws": scores,
         "shots": shots,
         "draws": draws,
